@@ -1,0 +1,3 @@
+from ift.cli import main
+
+raise SystemExit(main())

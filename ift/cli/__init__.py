@@ -1,0 +1,40 @@
+"""The `ift` command. Each command group lives in its own module and registers its parser here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ift.errors import IftError
+
+# Order = order in `ift --help`.
+COMMANDS = ["train", "eval", "templates", "data", "validate", "estimate", "merge", "push", "env"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ift",
+        description="Instruction fine-tuning: templates, splits, training, evaluation and Hub publishing.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"ift.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except IftError as err:
+        for line in err.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

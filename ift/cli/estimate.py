@@ -1,0 +1,9 @@
+"""`ift estimate` (under construction)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("estimate", help="(under construction)")
