@@ -1,0 +1,448 @@
+"""The recipe: one YAML file read into one validated, frozen `Recipe` that flows through every step.
+
+Every mistake (syntax, unknown key, wrong type, out-of-range value, missing key, contradictory
+settings) is found before any model or data loads, and all of them are reported together.
+Key names follow what TRL / Axolotl / LLaMA-Factory users already know where those tools agree.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterable, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ift.errors import IftError, IftErrors
+
+SPLITS = ("train", "validation", "test")
+# Keys that hold secrets: refused in recipes, so a resolved recipe written to a run folder never leaks one.
+SECRET_KEYS = {"token", "hf_token", "api_key", "password", "secret"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = None  # Hub id or local folder
+    gguf_file: str | None = None  # a .gguf path, a file in name_or_path, or pkg:<package>/<file>
+    tokenizer: str | None = None  # defaults to name_or_path; with init=scratch and none, one is trained
+    revision: str | None = None
+    kind: Literal["auto", "causal", "seq2seq"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    config: str | dict[str, Any] | None = None  # init=scratch: a config path/Hub id, or inline sizes
+    vocab_size: int = Field(8000, ge=256, le=1_000_000)  # tokenizer trained for init=scratch
+    cache_dir: str | None = None  # GGUF conversions; default ~/.cache/ift
+
+
+class AdapterConfig(_Section):
+    method: Literal["none", "lora", "qlora"] = "none"
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = "auto"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    # QLoRA (bitsandbytes) settings
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class SplitNames(_Section):
+    """Which split of the source feeds each of ours; null means carve it from train."""
+
+    train: str | None = "train"
+    validation: str | None = "validation"
+    test: str | None = "test"
+
+
+class SourceConfig(_Section):
+    path: str  # local file/folder (json, jsonl, csv, parquet, save_to_disk) or a Hub dataset id
+    name: str | None = None  # how reports name it; default from the path
+    config: str | None = None  # Hub config (subset)
+    revision: str | None = None
+    splits: SplitNames = SplitNames()
+    columns: dict[str, str] = {}  # renames: old -> new
+    templates: list[str] = []  # template refs; empty = raw text (loss on every token)
+    template_mode: Literal["sample", "all"] = "sample"  # one random template per row (T0) or every one
+    eval_template: str | None = None  # fix one template for validation/test
+    text_column: str = "text"  # raw-text sources only
+    weight: float | None = Field(None, gt=0)
+    max_rows: int | None = Field(None, ge=1)  # cap (FLAN-style examples-proportional mixing)
+
+
+class MixtureConfig(_Section):
+    strategy: Literal["weighted", "proportional"] = "proportional"
+    total: int | None = Field(None, ge=1)  # rows of the training mixture (weighted)
+    cap: int | None = Field(None, ge=1)  # per-source cap (proportional)
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    templates_dir: list[str] = []
+    validation_size: float = Field(0.1, ge=0)  # < 1: fraction of train; >= 1: row count
+    test_size: float = Field(0.1, ge=0)
+    stratify_by: str | None = None
+    seed: int = 42
+    mixture: MixtureConfig = MixtureConfig()
+    max_length: int = Field(1024, ge=8)
+    truncation: Literal["left", "right", "drop"] = "left"  # what to do with an over-long prompt
+    train_on_prompt: bool = False
+    chat_template: bool = False
+    packing: bool = False
+    group_by_length: bool = False
+    leak_check: bool = True
+    num_proc: int = Field(1, ge=1)
+
+
+class TrainingConfig(_Section):
+    output_dir: str
+    seed: int = 42
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)  # None: at the end of each epoch
+    save_steps: int | None = Field(None, ge=1)  # None: at the end of each epoch
+    save_total_limit: int = Field(2, ge=1)
+    metric_for_best_model: str = "loss"
+    greater_is_better: bool | None = None  # None: lower is better for loss, higher otherwise
+    early_stopping_patience: int | None = Field(None, ge=1)
+    resume: Union[bool, str] = False  # false, true/"auto" (latest checkpoint), or a checkpoint path
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = ["tensorboard"]
+    dataloader_num_workers: int = Field(0, ge=0)
+
+
+class EvaluationConfig(_Section):
+    metrics: list[Literal["loss", "accuracy", "rouge"]] = ["loss", "accuracy"]
+    accuracy_mode: Literal["auto", "rank", "generate"] = "auto"  # auto: rank where rows have choices
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)  # cap on validation rows during training
+    test: bool = True  # evaluate the test split when training ends
+    compare_base: bool = False  # also evaluate the untuned base model on test
+    rouge_use_stemmer: bool = True
+
+
+class HubConfig(_Section):
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+    merge: bool = False  # push a merged model instead of the adapter
+    revision: str | None = None
+    commit_message: str | None = None
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
+    hub: HubConfig = HubConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        problems = _contradictions(self)
+        if problems:
+            raise _Contradictions(problems)
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (defaults filled in). Recipes cannot hold secrets, so none are written."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+
+class _Contradictions(ValueError):
+    def __init__(self, problems: list[tuple[str, str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(p[1] for p in problems))
+
+
+def _bitsandbytes_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
+    """Settings that are each valid but cannot go together: (key path, what, fix)."""
+    out: list[tuple[str, str, str]] = []
+    m, a, d, t, e, h = r.model, r.adapter, r.data, r.training, r.evaluation, r.hub
+    if m.init == "pretrained" and not m.name_or_path and not m.gguf_file:
+        out.append(("model.name_or_path", "no model given",
+                    "set model.name_or_path to a Hub id or local folder (or model.gguf_file, or model.init: scratch)"))
+    if m.init == "scratch" and m.config is None:
+        out.append(("model.config", "init: scratch needs a model config",
+                    "set model.config to a config path/Hub id or inline sizes such as {model_type: llama, hidden_size: 64}"))
+    if m.init == "scratch" and m.gguf_file:
+        out.append(("model.gguf_file", "a GGUF file holds pretrained weights but model.init is scratch",
+                    "remove model.gguf_file or set model.init: pretrained"))
+    if a.method == "qlora":
+        if m.init == "scratch":
+            out.append(("adapter.method", "QLoRA quantizes pretrained weights; a scratch model has none worth freezing",
+                        "use adapter.method: none (full training) for init: scratch"))
+        if not _bitsandbytes_available():
+            out.append(("adapter.method", "QLoRA needs 4-bit layers from bitsandbytes, which is not installed",
+                        "pip install 'ift[qlora]' (bitsandbytes >= 0.45), or use adapter.method: lora"))
+        if m.dtype == "float32" and a.compute_dtype != "float32":
+            pass  # allowed: compute dtype governs the 4-bit matmuls
+    if m.kind == "seq2seq" and d.chat_template:
+        out.append(("data.chat_template", "chat templates wrap decoder-only conversations; a seq2seq model has none",
+                    "set data.chat_template: false for seq2seq models"))
+    if d.packing and m.kind == "seq2seq":
+        out.append(("data.packing", "packing concatenates decoder-only sequences; it does not apply to seq2seq",
+                    "set data.packing: false"))
+    if t.warmup_steps and t.warmup_ratio:
+        out.append(("training.warmup_steps", "both warmup_steps and warmup_ratio are set",
+                    "keep one of training.warmup_steps / training.warmup_ratio"))
+    if t.mixed_precision == "fp16" and m.dtype == "bfloat16":
+        out.append(("training.mixed_precision", "fp16 autocast over bfloat16 weights",
+                    "use training.mixed_precision: bf16 or model.dtype: float32"))
+    metric = t.metric_for_best_model.removeprefix("validation.")
+    known = {"loss"} | ({"accuracy"} if "accuracy" in e.metrics else set()) | (
+        {"rouge1", "rouge2", "rougeL", "rougeLsum"} if "rouge" in e.metrics else set())
+    if metric not in known:
+        out.append(("training.metric_for_best_model", f"'{t.metric_for_best_model}' is not among the computed metrics",
+                    f"use one of {sorted(known)} or add it to evaluation.metrics"))
+    if t.early_stopping_patience and "loss" not in e.metrics and metric == "loss":
+        out.append(("training.early_stopping_patience", "early stopping on loss but loss is not evaluated",
+                    "add loss to evaluation.metrics"))
+    if isinstance(t.resume, str) and t.resume != "auto" and not Path(t.resume).exists():
+        out.append(("training.resume", f"checkpoint '{t.resume}' does not exist",
+                    "give an existing checkpoint folder, or resume: auto for the latest in output_dir"))
+    if h.push and not h.repo_id:
+        out.append(("hub.repo_id", "hub.push is true but no repo id is given",
+                    "set hub.repo_id: your-name/model-name"))
+    if h.merge and a.method == "none":
+        out.append(("hub.merge", "merge folds an adapter into the base, but adapter.method is none",
+                    "remove hub.merge (a full fine-tune is pushed as is)"))
+    weights = [s.weight for s in d.sources]
+    if d.mixture.strategy == "weighted" and len(d.sources) > 1 and any(w is None for w in weights):
+        out.append(("data.sources", "mixture strategy 'weighted' needs a weight on every source",
+                    "give each source a weight (e.g. 0.51 / 0.49) or use data.mixture.strategy: proportional"))
+    names = [s.name or Path(s.path).stem for s in d.sources]
+    for n in {n for n in names if names.count(n) > 1}:
+        out.append(("data.sources", f"two sources are both named '{n}'", "give them distinct `name`s"))
+    for i, s in enumerate(d.sources):
+        if s.eval_template and s.eval_template not in s.templates and not s.templates:
+            out.append((f"data.sources.{i}.eval_template", "eval_template set on a raw-text source",
+                        "remove it, or give the source templates"))
+        if d.stratify_by and not s.templates:
+            pass  # stratification uses the raw column; raw-text sources just have none
+    if d.validation_size >= 1 and d.validation_size != int(d.validation_size):
+        out.append(("data.validation_size", "a size >= 1 is a row count and must be whole",
+                    "use a fraction below 1 (e.g. 0.1) or a whole count (e.g. 200)"))
+    if d.test_size >= 1 and d.test_size != int(d.test_size):
+        out.append(("data.test_size", "a size >= 1 is a row count and must be whole",
+                    "use a fraction below 1 (e.g. 0.1) or a whole count (e.g. 200)"))
+    if d.validation_size < 1 and d.test_size < 1 and d.validation_size + d.test_size >= 1:
+        out.append(("data.validation_size", "validation_size + test_size leave no training rows",
+                    "make their sum below 1"))
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise IftErrors listing every problem at once."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    errors: list[IftError] = []
+    for item in overrides:
+        try:
+            _apply_override(raw, item)
+        except IftError as err:
+            errors.append(err)
+    errors += _secret_errors(raw, path)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        errors += _translate(exc, path, raw)
+        raise IftErrors(errors) from None
+    if errors:
+        raise IftErrors(errors)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise IftError(f"recipe file not found: {path}", None, "check the path (recipes live in recipes/*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise IftError(f"YAML syntax error: {problem}", where,
+                       "fix the indentation or quoting there (tabs are not allowed; quote values containing ': ')") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IftError(f"cannot read recipe: {exc}", str(path), "check the file's permissions and encoding (UTF-8)") from None
+    if data is None:
+        raise IftError("the recipe is empty", str(path), "start from recipes/tiny.yaml")
+    if not isinstance(data, dict):
+        raise IftError("a recipe must be a mapping of sections (model, data, training, ...)", str(path),
+                       "start from recipes/tiny.yaml")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise IftError(f"override '{item}' has no '='", "command line", "write overrides as key.path=value")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    keys, value = parse_override(item)
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, key, keys[: depth + 1])
+            continue
+        if key not in node or node[key] is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, (dict, list)):
+            raise IftError(f"cannot set '{'.'.join(keys)}': '{'.'.join(keys[:depth + 1])}' is not a section",
+                           "command line", "override a leaf key such as training.learning_rate=1e-4")
+    last = keys[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else None
+        if idx is None or idx >= len(node):
+            raise IftError(f"no list item '{last}' in '{'.'.join(keys[:-1])}'", "command line",
+                           f"use an index from 0 to {len(node) - 1}")
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, key: str, path: list[str]) -> Any:
+    if not key.isdigit() or int(key) >= len(node):
+        raise IftError(f"no list item '{key}' in '{'.'.join(path[:-1])}'", "command line",
+                       f"use an index from 0 to {len(node) - 1}")
+    return node[int(key)]
+
+
+def _secret_errors(raw: Any, path: Path, prefix: str = "") -> list[IftError]:
+    """Report (and drop) secret-looking keys anywhere in the recipe."""
+    found: list[IftError] = []
+    if isinstance(raw, dict):
+        for key, value in list(raw.items()):
+            where = f"{prefix}{key}"
+            if str(key).lower() in SECRET_KEYS:
+                del raw[key]  # reported here; not again as an unknown key
+                found.append(IftError("secrets do not belong in recipes (they are copied into run folders)",
+                                      f"{path}: {where}",
+                                      "remove it; ift reads the Hub token from HF_TOKEN or `hf auth login`"))
+            else:
+                found += _secret_errors(value, path, where + ".")
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            found += _secret_errors(value, path, f"{prefix}{i}.")
+    return found
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (for 'did you mean' suggestions)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found:
+            return found
+    return None
+
+
+def _translate(exc: ValidationError, path: Path, raw: dict[str, Any]) -> list[IftError]:
+    """pydantic errors -> one `error:` line each: what, file + key path, fix."""
+    out: list[IftError] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        key = ".".join(str(p) for p in loc)
+        kind = err["type"]
+        where = f"{path}: {key}" if key else str(path)
+        if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), _Contradictions):
+            for k, what, fix in err["ctx"]["error"].problems:
+                out.append(IftError(what, f"{path}: {k}", fix))
+            continue
+        if kind == "extra_forbidden":
+            owner = _model_at(loc)
+            options = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), options, n=1, cutoff=0.5)
+            fix = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(options)}"
+            out.append(IftError(f"unknown key '{loc[-1]}'", where, fix))
+        elif kind == "missing":
+            out.append(IftError(f"missing required key '{loc[-1]}'", where, _missing_fix(key)))
+        elif kind in ("literal_error",):
+            expected = err.get("ctx", {}).get("expected", "")
+            out.append(IftError(f"invalid value {err.get('input')!r}", where, f"use one of {expected}"))
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short"):
+            out.append(IftError(f"value {err.get('input')!r} is out of range: {err['msg'].lower()}", where,
+                                "change it to a value in range"))
+        else:
+            # type errors: a union yields one message per alternative; keep the first per key
+            if key in seen:
+                continue
+            out.append(IftError(f"wrong type: {err['msg'].lower()} (got {err.get('input')!r})", where,
+                                "change the value's type"))
+        seen.add(key)
+    return out
+
+
+def _missing_fix(key: str) -> str:
+    examples = {
+        "model": "add a model section, e.g. model: {name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct}",
+        "data": "add a data section with at least one source: data: {sources: [{path: data/finance_news}]}",
+        "training": "add a training section with output_dir: training: {output_dir: runs/my-run}",
+        "training.output_dir": "add training.output_dir: runs/my-run",
+        "data.sources": "add data.sources: [{path: ...}]",
+    }
+    if key in examples:
+        return examples[key]
+    if key.endswith(".path"):
+        return "give the source a path: a local file/folder or a Hub dataset id"
+    return f"add {key}"
