@@ -102,6 +102,7 @@ class DataConfig(_Section):
 
 class TrainingConfig(_Section):
     output_dir: str
+    overwrite_output_dir: bool = False  # otherwise a folder holding a run is only continued (--resume)
     seed: int = 42
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
