@@ -15,14 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def check(recipe_path: str, overrides: list[str]) -> list[IftError]:
-    from ift.data import check_sources
     from ift.recipe import load_recipe
-    from ift.templates import TemplateLibrary
 
     try:
         recipe = load_recipe(recipe_path, overrides)
     except IftError as err:
         return [err] if not isinstance(err, IftErrors) else err.errors
+    # imported only now: recipe mistakes are reported without loading the data stack
+    from ift.data import check_sources
+    from ift.templates import TemplateLibrary
+
     library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
     return check_sources(recipe.data, library)
 
