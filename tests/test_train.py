@@ -250,8 +250,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     two = toy_recipe(tmp_path / "two", per_device_train_batch_size=4, **common)
     p1 = subprocess.run([sys.executable, "-m", "ift", "train", str(one)], cwd=REPO, capture_output=True, text=True)
     assert p1.returncode == 0, p1.stderr[-3000:]
-    p2 = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # Accelerate runs several CPU processes (gloo) through torchrun when told to use the CPU
+    p2 = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                          "--mixed_precision", "no", "--dynamo_backend", "no", "ift/train.py", str(two)],
-                        cwd=REPO, capture_output=True, text=True, timeout=900)
+                        cwd=REPO, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert_same_weights(final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run"), atol=1e-5)
