@@ -1,0 +1,529 @@
+"""The model card: RUN_DIR/README.md built with huggingface_hub's `ModelCard` / `ModelCardData`.
+
+Metadata (base_model, library_name, pipeline_tag, tags, datasets, license, model-index with validation
+and test results for the fine-tuned and the base model) parses back with `ModelCard.load(path).data`.
+The body says what was trained on which data with which templates, compares base and fine-tuned,
+shows the curves, holds the resolved recipe and tells how to load the weights.
+
+Everything comes from the run folder (recipe.yaml, metrics.json, data_report.json, predictions/,
+plots/, final/) and the recipe; the body is plain text, never a Jinja template, so template text
+copied into it is shown, not executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ift.errors import IftError
+from ift.recipe import SPLITS, Recipe
+
+if TYPE_CHECKING:
+    from ift.templates import TemplateLibrary
+
+# The base vs fine-tuned table (the brief's headline metrics) and every metric put in model-index.
+TABLE_METRICS = ("accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum")
+INDEX_METRICS = ("loss", "accuracy", "accuracy_norm", "rouge1", "rouge2", "rougeL", "rougeLsum")
+METRIC_NAMES = {
+    "loss": "Loss", "accuracy": "Accuracy", "accuracy_norm": "Accuracy (length-normalised)",
+    "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
+}
+DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
+MISSING = "—"
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
+
+
+def write_model_card(run_dir: Path, recipe: Recipe, *, library: TemplateLibrary | None = None, merged: bool = False,
+                     repo_id: str | None = None, path: Path | None = None) -> Path:
+    """Write the card (default RUN_DIR/README.md) atomically and return its path.
+
+    merged: describe the merged model (library transformers) instead of the adapter in final/.
+    repo_id: the Hub repository the card is for (defaults to recipe.hub.repo_id); used in the snippets.
+    """
+    card = build_model_card(run_dir, recipe, library=library, merged=merged, repo_id=repo_id)
+    path = Path(path) if path is not None else Path(run_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(str(card))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_model_card(run_dir: Path, recipe: Recipe, *, library: TemplateLibrary | None = None, merged: bool = False,
+                     repo_id: str | None = None):
+    """The ModelCard object (metadata + Markdown body) for a run folder."""
+    from huggingface_hub import ModelCard
+
+    facts = _Facts.gather(Path(run_dir), recipe, library, merged, repo_id or recipe.hub.repo_id)
+    data = _card_data(facts)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(facts)}")
+
+
+# ---------------------------------------------------------------- what the card is about
+
+
+@dataclass
+class _Facts:
+    """Everything the card states, read once from the run folder and the recipe."""
+
+    run_dir: Path
+    recipe: Recipe
+    merged: bool  # describes the merged model rather than final/
+    adapter: bool  # the weights are a peft adapter
+    repo_id: str | None
+    name: str
+    kind: str  # causal | seq2seq
+    method: str  # lora | qlora | full
+    base: str  # how the body names the base model
+    base_hub_id: str | None
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    sources: list[dict[str, Any]]
+    leaks_removed: int | None
+    templates: list[dict[str, Any]]
+    example: str | None  # a test prompt for the usage snippet
+    license: str | None
+    has_loss_plot: bool
+    other_plots: list[str] = field(default_factory=list)
+
+    @classmethod
+    def gather(cls, run_dir: Path, recipe: Recipe, library: Any | None, merged: bool,
+               repo_id: str | None) -> "_Facts":
+        metrics = _read_json(run_dir / "metrics.json")
+        report = _data_report(run_dir)
+        leaks = report.get("leaks") if isinstance(report.get("leaks"), dict) else {}
+        final = run_dir / "final"
+        adapter = recipe.adapter.method != "none" and not merged
+        return cls(
+            run_dir=run_dir, recipe=recipe, merged=merged, adapter=adapter, repo_id=repo_id,
+            name=(repo_id or "").split("/")[-1] or run_dir.resolve().name,
+            kind=_model_kind(final, recipe),
+            method={"none": "full"}.get(recipe.adapter.method, recipe.adapter.method),
+            base=_base_label(recipe), base_hub_id=_hub_model_id(recipe),
+            metrics=metrics, history=metrics.get("history") or [],
+            sources=_sources(recipe, report), leaks_removed=leaks.get("train"),
+            templates=_templates(recipe, library),
+            example=_example_prompt(run_dir),
+            license=_base_license(recipe),
+            has_loss_plot=(run_dir / "plots" / "loss.png").exists(),
+            other_plots=sorted(p.name for p in (run_dir / "plots").glob("*.png") if p.name != "loss.png"),
+        )
+
+    @property
+    def task(self) -> str:
+        return "text2text-generation" if self.kind == "seq2seq" else "text-generation"
+
+    @property
+    def auto_class(self) -> str:
+        return "AutoModelForSeq2SeqLM" if self.kind == "seq2seq" else "AutoModelForCausalLM"
+
+    @property
+    def load_id(self) -> str:
+        return self.repo_id or "your-name/your-model"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IftError(f"cannot read {path.name}: {exc}", str(path),
+                       "restore the file or rerun the step that writes it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _model_kind(final: Path, recipe: Recipe) -> str:
+    """causal or seq2seq: forced in the recipe, else what final/ says (peft task type or config)."""
+    if recipe.model.kind != "auto":
+        return recipe.model.kind
+    task = _read_json(final / "adapter_config.json").get("task_type", "")
+    if task:
+        return "seq2seq" if "SEQ_2_SEQ" in str(task).upper() else "causal"
+    config = _read_json(final / "config.json")
+    return "seq2seq" if config.get("is_encoder_decoder") else "causal"
+
+
+def looks_like_hub_id(text: str | None, suffixes: frozenset[str] | set[str] = frozenset()) -> bool:
+    """A Hub repo id rather than a local path: valid id syntax, not on disk, no file suffix."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not text or text.startswith((".", "/", "~", "pkg:")) or Path(text).exists():
+        return False
+    if Path(text).suffix.lower() in suffixes:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_model_id(recipe: Recipe) -> str | None:
+    m = recipe.model
+    return m.name_or_path if m.init == "pretrained" and looks_like_hub_id(m.name_or_path, {".gguf"}) else None
+
+
+def _base_label(recipe: Recipe) -> str:
+    m = recipe.model
+    if m.init == "scratch":
+        return "a model initialised from scratch (random weights)"
+    if m.gguf_file:
+        where = f"{m.name_or_path}/" if m.name_or_path else ""
+        return f"{where}{m.gguf_file} (GGUF, dequantised to full precision)"
+    return m.name_or_path or "unknown"
+
+
+def _base_license(recipe: Recipe) -> str | None:
+    """The base model's license when its local folder has a card that says so."""
+    from huggingface_hub import ModelCard
+
+    path = recipe.model.name_or_path
+    readme = Path(path) / "README.md" if path else None
+    if readme is None or not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.license
+    except Exception:  # a malformed base card must not stop ours
+        return None
+
+
+def _sources(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = _rows_per_source(report)
+    out = []
+    for s in recipe.data.sources:
+        name = s.name or Path(s.path).stem
+        out.append({"name": name, "path": s.path, "config": s.config, "weight": s.weight,
+                    "hub": looks_like_hub_id(s.path, DATA_SUFFIXES), "rows": rows.get(name, {}),
+                    "templates": list(s.templates), "eval_template": s.eval_template})
+    return out
+
+
+def _data_report(run_dir: Path) -> dict[str, Any]:
+    """ift.data's split report, as training saves it: data_report.json = {"splits": <report>, "tokens": ...}."""
+    saved = _read_json(run_dir / "data_report.json")
+    inner = saved.get("splits")
+    return inner if isinstance(inner, dict) and isinstance(inner.get("splits"), dict) else saved
+
+
+def _rows_per_source(report: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{source: {split: rows}} from the split report ({"splits": {split: {"sources": {name: {"rows"}}}}})."""
+    found: dict[str, dict[str, int]] = {}
+    splits = report.get("splits")
+    for split, entry in (splits.items() if isinstance(splits, dict) else ()):
+        per_source = entry.get("sources") if isinstance(entry, dict) else None
+        for name, info in (per_source.items() if isinstance(per_source, dict) else ()):
+            rows = info.get("rows") if isinstance(info, dict) else None
+            if isinstance(rows, int) and not isinstance(rows, bool):
+                found.setdefault(name, {})[split] = rows
+    return found
+
+
+def _templates(recipe: Recipe, library: Any | None) -> list[dict[str, Any]]:
+    """Every template the recipe uses, with its Jinja text and answer choices (or why they are missing)."""
+    refs: list[tuple[str, str]] = []
+    for s in recipe.data.sources:
+        name = s.name or Path(s.path).stem
+        for ref in [*s.templates, *([s.eval_template] if s.eval_template else [])]:
+            if (name, ref) not in refs:
+                refs.append((name, ref))
+    if not refs:
+        return []
+    problem = None
+    if library is None:
+        try:
+            from ift.templates import TemplateLibrary
+
+            library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
+        except IftError as err:
+            problem = err.what
+    out = []
+    for source, ref in refs:
+        entry: dict[str, Any] = {"source": source, "ref": ref, "jinja": None, "choices": None,
+                                 "original_task": None, "problem": problem}
+        if library is not None:
+            try:
+                tpl = library.get(ref)
+                entry.update(ref=getattr(tpl, "ref", ref), jinja=tpl.jinja,
+                             choices=getattr(tpl, "answer_choices_jinja", None),
+                             original_task=getattr(getattr(tpl, "metadata", None), "original_task", None))
+            except IftError as err:
+                entry["problem"] = err.what
+        out.append(entry)
+    return out
+
+
+def _example_prompt(run_dir: Path) -> str | None:
+    """The first test prompt (what a user's input should look like), if predictions were saved."""
+    for split in ("test", "validation"):
+        path = run_dir / "predictions" / f"{split}.jsonl"
+        if not path.exists():
+            continue
+        try:
+            with path.open(encoding="utf-8") as fh:
+                first = json.loads(fh.readline() or "{}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        prompt = first.get("prompt") if isinstance(first, dict) else None
+        if isinstance(prompt, str) and prompt.strip():
+            return prompt if len(prompt) <= 600 else prompt[:600] + "…"
+    return None
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _card_data(f: _Facts):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    datasets = [s["path"] for s in f.sources if s["hub"]]
+    tags = ["ift", "instruction-tuning", f.method, *(["merged"] if f.merged else [])]
+    tags += [_tag(s["name"]) for s in f.sources]
+    return ModelCardData(
+        model_name=f.name,
+        base_model=f.base_hub_id,
+        library_name="peft" if f.adapter else "transformers",
+        pipeline_tag=f.task,
+        tags=[t for t in tags if t],
+        datasets=datasets or None,
+        license=f.license,
+        eval_results=_eval_results(f, EvalResult) or None,
+    )
+
+
+def _tag(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _eval_results(f: _Facts, EvalResult) -> list:
+    hub = [s["path"] for s in f.sources if s["hub"]]
+    names = [s["name"] for s in f.sources]
+    dataset_type = hub[0] if len(hub) == 1 and len(f.sources) == 1 else "+".join(names)
+    dataset_name = " + ".join(names)
+    runs = [("validation", f.metrics.get("validation"), ""), ("test", f.metrics.get("test"), "")]
+    runs.append(("test", (f.metrics.get("base") or {}).get("test"), ", base model before fine-tuning"))
+    out = []
+    for split, values, suffix in runs:
+        if not isinstance(values, dict):
+            continue
+        for metric in INDEX_METRICS:
+            value = _number(values.get(metric))
+            if value is None:
+                continue
+            out.append(EvalResult(
+                task_type=f.task, dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                metric_type=metric, metric_value=round(value, 4),
+                metric_name=f"{METRIC_NAMES[metric]}, {split}{suffix}",
+            ))
+    return out
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# ---------------------------------------------------------------- body
+
+
+def _body(f: _Facts) -> str:
+    parts = [f"# {f.name}\n", _summary(f), _base_section(f), _data_section(f), _templates_section(f),
+             _results_section(f), _curves_section(f), _recipe_section(f), _use_section(f), _load_section(f)]
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def _summary(f: _Facts) -> str:
+    a, t = f.recipe.adapter, f.recipe.training
+    if f.merged:
+        what = (f"a standalone model: a {METHOD_NAMES[a.method]} adapter (r={a.r}, alpha={a.alpha:g}) merged into "
+                "the full-precision base weights")
+    elif f.adapter:
+        quant = f", base quantised to 4-bit {a.quant_type}" if a.method == "qlora" else ""
+        what = f"a {METHOD_NAMES[a.method]} adapter (r={a.r}, alpha={a.alpha:g}, dropout {a.dropout:g}{quant})"
+    else:
+        what = "a fully fine-tuned model (every weight trained)"
+    steps = max((int(h.get("step", 0)) for h in f.history if isinstance(h, dict)), default=0)
+    length = f"{steps} optimizer steps" if steps else (
+        f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs")
+    batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    names = ", ".join(f"`{s['name']}`" for s in f.sources)
+    return (f"This is {what} of **{f.base}**, instruction-tuned with `ift` on {names} "
+            f"for {length} (learning rate {t.learning_rate:g}, {t.lr_scheduler_type} schedule, "
+            f"batch {batch} per device including accumulation, seed {t.seed}).\n")
+
+
+def _base_section(f: _Facts) -> str:
+    m = f.recipe.model
+    link = f"[{f.base_hub_id}](https://huggingface.co/{f.base_hub_id})" if f.base_hub_id else f"`{f.base}`"
+    lines = ["## Base model\n", f"- {link} ({'encoder-decoder' if f.kind == 'seq2seq' else 'decoder-only'}, "
+             f"{f.task})"]
+    if m.revision:
+        lines.append(f"- revision `{m.revision}`")
+    return "\n".join(lines) + "\n"
+
+
+def _data_section(f: _Facts) -> str:
+    d = f.recipe.data
+    lines = ["## Training data\n", "| source | path | train | validation | test |", "|---|---|---:|---:|---:|"]
+    for s in f.sources:
+        path = f"[{s['path']}](https://huggingface.co/datasets/{s['path']})" if s["hub"] else f"`{s['path']}`"
+        if s["config"]:
+            path += f" (`{s['config']}`)"
+        counts = [str(s["rows"][k]) if k in s["rows"] else MISSING for k in SPLITS]
+        lines.append(f"| {s['name']} | {path} | " + " | ".join(counts) + " |")
+    if len(f.sources) > 1:
+        totals = [str(sum(s["rows"][k] for s in f.sources)) if all(k in s["rows"] for s in f.sources) else MISSING
+                  for k in SPLITS]
+        lines.append("| **total** | | " + " | ".join(totals) + " |")
+    leaks = "not checked"
+    if d.leak_check:
+        n = f.leaks_removed
+        leaks = "removed from training" + (f" ({n})" if isinstance(n, int) and not isinstance(n, bool) else "")
+    notes = [f"Splits carved from train where a source lacks them: validation {d.validation_size:g}, "
+             f"test {d.test_size:g} (seed {d.seed}); examples present in two splits were {leaks}."]
+    if len(f.sources) > 1:
+        weights = ", ".join(f"{s['name']} {s['weight']:g}" for s in f.sources if s["weight"] is not None)
+        notes.append(f"Mixture: {d.mixture.strategy}" + (f" ({weights})" if weights else "") + ".")
+    notes.append(f"Sequences up to {d.max_length} tokens; "
+                 + ("loss on every token." if d.train_on_prompt else "loss on the completion only (prompt masked)."))
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def _templates_section(f: _Facts) -> str:
+    if not f.templates:
+        return "## Prompt templates\n\nNo templates: the sources were used as raw text.\n"
+    lines = ["## Prompt templates\n",
+             "Rows were turned into prompt/completion pairs with these promptsource-format templates "
+             "(`|||` separates the prompt from the target):\n"]
+    for t in f.templates:
+        title = f"### `{t['ref']}` (source `{t['source']}`"
+        title += ", original task)" if t["original_task"] else ")"
+        lines.append(title + "\n")
+        if t["jinja"] is None:
+            lines.append(f"Template text unavailable here ({t['problem'] or 'not found'}).\n")
+            continue
+        lines.append(_fenced(t["jinja"], "jinja"))
+        if t["choices"]:
+            lines.append(f"Answer choices: {_inline(t['choices'])}\n")
+    return "\n".join(lines)
+
+
+def _results_section(f: _Facts) -> str:
+    test, val = f.metrics.get("test") or {}, f.metrics.get("validation") or {}
+    base = (f.metrics.get("base") or {}).get("test") or {}
+    if not (test or val or base):
+        return "## Results\n\nNo evaluation results were recorded for this run.\n"
+    lines = ["## Results\n", "All scores on a 0–1 scale. Accuracy ranks the answer choices by log-likelihood "
+             "where a template has them, else compares the greedy generation; ROUGE is the mean F-measure.\n",
+             "| metric | base model (test) | fine-tuned (test) | change | fine-tuned (validation) |",
+             "|---|---:|---:|---:|---:|"]
+    for metric in TABLE_METRICS:
+        b, t, v = _number(base.get(metric)), _number(test.get(metric)), _number(val.get(metric))
+        change = f"{t - b:+.3f}" if b is not None and t is not None else MISSING
+        lines.append(f"| {METRIC_NAMES[metric]} | {_fmt(b)} | {_fmt(t)} | {change} | {_fmt(v)} |")
+    lines.append("")
+    for key, label in (("by_source", "source"), ("by_template", "template")):
+        table = _breakdown(test.get(key), label)
+        if table:
+            lines += [f"Fine-tuned, test split, by {label}:\n", table]
+    best = f.metrics.get("best")
+    if isinstance(best, dict) and best.get("step") is not None:
+        lines.append(f"The weights are those of the best validation checkpoint (step {best['step']}, "
+                     f"{f.recipe.training.metric_for_best_model} {_fmt(_number(best.get('value')))}).\n")
+    return "\n".join(lines)
+
+
+def _breakdown(groups: Any, label: str) -> str | None:
+    if not isinstance(groups, dict) or not groups:
+        return None
+    rows = {k: v for k, v in groups.items() if isinstance(v, dict)}
+    metrics = [m for m in ("accuracy", *TABLE_METRICS[1:]) if any(_number(v.get(m)) is not None for v in rows.values())]
+    if not metrics:
+        return None
+    lines = [f"| {label} | rows | " + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for name, values in rows.items():
+        n = values.get("n")
+        lines.append(f"| {name} | {n if isinstance(n, int) else MISSING} | "
+                     + " | ".join(_fmt(_number(values.get(m))) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.3f}"
+
+
+def _curves_section(f: _Facts) -> str:
+    if not f.has_loss_plot:
+        return ""
+    lines = ["## Training curves\n", "![training and validation loss](plots/loss.png)\n"]
+    lines += [f"![{Path(name).stem.replace('_', ' ')}](plots/{name})\n" for name in f.other_plots]
+    return "\n".join(lines)
+
+
+def _recipe_section(f: _Facts) -> str:
+    return ("## Training recipe\n\nThe resolved recipe (every default filled in); save it as recipe.yaml and "
+            "rerun the training with `ift train recipe.yaml`.\n\n<details>\n<summary>recipe.yaml</summary>\n\n"
+            + _fenced(f.recipe.to_yaml().rstrip("\n"), "yaml") + "\n</details>\n")
+
+
+def _use_section(f: _Facts) -> str:
+    names = ", ".join(s["name"] for s in f.sources)
+    return ("## Intended use and limitations\n\n"
+            f"Intended for research and prototyping on tasks like those of its training data ({names}), "
+            "prompted the way the templates above prompt. It was evaluated only on the held-out splits "
+            "reported here; scores on other data, other phrasings or other languages may be much lower. "
+            f"It inherits the limitations and biases of its base model ({f.base}) and of its training data, "
+            "can produce fluent but wrong output, and should not be used for decisions with legal, "
+            "financial or medical consequences without human review.\n")
+
+
+def _load_section(f: _Facts) -> str:
+    prompt = repr(f.example or "Your prompt, written like the templates above.")
+    decode = ("outputs[0]" if f.kind == "seq2seq" else "outputs[0][inputs['input_ids'].shape[1]:]")
+    generate = (f"inputs = tokenizer({prompt}, return_tensors=\"pt\")\n"
+                "outputs = model.generate(**inputs, max_new_tokens=64)\n"
+                f"print(tokenizer.decode({decode}, skip_special_tokens=True))")
+    lines = ["## How to use\n"]
+    if f.adapter:
+        peft_class = "AutoPeftModelForSeq2SeqLM" if f.kind == "seq2seq" else "AutoPeftModelForCausalLM"
+        lines.append("This repository holds the adapter only; peft loads its base model automatically:\n")
+        lines.append(_fenced(f"from peft import {peft_class}\nfrom transformers import AutoTokenizer\n\n"
+                             f"model = {peft_class}.from_pretrained(\"{f.load_id}\")\n"
+                             f"tokenizer = AutoTokenizer.from_pretrained(\"{f.load_id}\")\n" + generate, "python"))
+        lines.append("If the adapter's `base_model_name_or_path` is not on the Hub (a local or GGUF base), load the "
+                     "base yourself and apply the adapter with `PeftModel.from_pretrained(base, "
+                     f"\"{f.load_id}\")`.\n")
+        lines.append("Merged into the base (a standalone model, no peft needed at inference): "
+                     "`model = model.merge_and_unload()`, or `ift merge RUN_DIR` (the base is loaded in full "
+                     "precision, never 4-bit) and `ift push RUN_DIR --merge`, then load it with "
+                     f"`{f.auto_class}.from_pretrained(...)`.\n")
+    else:
+        lines.append("A standalone model (no peft needed):\n")
+        lines.append(_fenced(f"from transformers import {f.auto_class}, AutoTokenizer\n\n"
+                             f"model = {f.auto_class}.from_pretrained(\"{f.load_id}\")\n"
+                             f"tokenizer = AutoTokenizer.from_pretrained(\"{f.load_id}\")\n" + generate, "python"))
+    return "\n".join(lines)
+
+
+def _fenced(text: str, lang: str) -> str:
+    """A code block whose fence is longer than any backtick run inside (template text is arbitrary)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}\n"
+
+
+def _inline(text: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    tick = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{tick}{pad}{text}{pad}{tick}"
