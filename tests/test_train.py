@@ -27,7 +27,7 @@ templates:
   11111111-0000-0000-0000-000000000001: !Template
     id: 11111111-0000-0000-0000-000000000001
     name: word_class
-    jinja: "Word: {{word}}\\nIs it an animal or a tool? ||| {{answer_choices[label]}}"
+    jinja: "Words: {{word}}\\nIs there an animal or a tool? ||| {{answer_choices[label]}}"
     answer_choices: tool ||| animal
     metadata: !TemplateMetadata
       original_task: true
@@ -41,14 +41,29 @@ ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear
 TOOLS = ["hammer", "saw", "drill", "wrench", "chisel", "pliers", "spade", "rake", "axe", "file", "clamp", "level"]
 
 
-def write_toy(tmp: Path, n_train: int = 48) -> tuple[Path, Path]:
+FILLER = ["red", "big", "old", "new", "small", "blue", "green", "quick", "slow", "warm", "cold", "dark",
+          "light", "soft", "hard", "loud", "calm", "wet", "dry", "young"]
+
+
+def write_toy(tmp: Path, n_train: int = 96) -> tuple[Path, Path]:
+    """A learnable task with no row repeated across splits: which class of key word hides among fillers."""
     data = tmp / "toy"
     data.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    words = [(w, 1) for w in ANIMALS] + [(w, 0) for w in TOOLS]
+    keys = [(w, 1) for w in ANIMALS] + [(w, 0) for w in TOOLS]
+    seen: set[str] = set()
 
     def rows(n):
-        return [{"word": w, "label": y} for w, y in (rng.choice(words) for _ in range(n))]
+        out = []
+        while len(out) < n:
+            key, label = rng.choice(keys)
+            words = rng.sample(FILLER, 3)
+            words.insert(rng.randrange(4), key)
+            text = " ".join(words)
+            if text not in seen:
+                seen.add(text)
+                out.append({"word": text, "label": label})
+        return out
 
     for split, n in (("train", n_train), ("validation", 24), ("test", 24)):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
@@ -56,6 +71,17 @@ def write_toy(tmp: Path, n_train: int = 48) -> tuple[Path, Path]:
     templates.mkdir(parents=True, exist_ok=True)
     (templates / "templates.yaml").write_text(TEMPLATES)
     return data, tmp / "templates"
+
+
+def tiny_base(tmp: Path) -> Path:
+    """A 'pretrained' tiny Llama on disk, for adapters (LoRA needs a base worth keeping)."""
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    folder = tmp / "base"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def toy_recipe(tmp: Path, *, kind: str = "llama", adapter: str = "none", **training) -> Path:
@@ -66,8 +92,11 @@ def toy_recipe(tmp: Path, *, kind: str = "llama", adapter: str = "none", **train
     if kind == "t5":
         config = {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2,
                   "num_decoder_layers": 2, "num_heads": 4}
+    model = {"init": "scratch", "config": config, "vocab_size": 300, "dtype": "float32"}
+    if adapter != "none":
+        model = {"name_or_path": str(tiny_base(tmp)), "dtype": "float32"}
     recipe = {
-        "model": {"init": "scratch", "config": config, "vocab_size": 300, "dtype": "float32"},
+        "model": model,
         "adapter": {"method": adapter, "r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"sources": [{"name": "toy", "path": str(data), "templates": ["toy/word_class"]}],
                  "templates_dir": [str(templates)], "max_length": 64, "seed": 1},
@@ -112,7 +141,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 
 
 def test_full_finetune_learns_and_saves_a_loadable_model(tmp_path):
-    recipe = toy_recipe(tmp_path, max_steps=40, eval_steps=20, save_steps=20)
+    recipe = toy_recipe(tmp_path, max_steps=80, eval_steps=40, save_steps=40)
     run = run_train(recipe)
     metrics = json.loads((run / "metrics.json").read_text())
     losses = [h["train_loss"] for h in metrics["history"] if "train_loss" in h]
