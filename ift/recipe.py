@@ -202,6 +202,9 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if m.init == "scratch" and m.gguf_file:
         out.append(("model.gguf_file", "a GGUF file holds pretrained weights but model.init is scratch",
                     "remove model.gguf_file or set model.init: pretrained"))
+    if a.method == "lora" and m.init == "scratch":
+        out.append(("adapter.method", "LoRA trains a small adapter on top of pretrained weights; a scratch model has none",
+                    "use adapter.method: none (full training) for init: scratch"))
     if a.method == "qlora":
         if m.init == "scratch":
             out.append(("adapter.method", "QLoRA quantizes pretrained weights; a scratch model has none worth freezing",
