@@ -281,8 +281,6 @@ def _scheduler(optimizer, kind: str, warmup: int, total: int):
 
 def _validate(accelerator, loss_model, val_dl, kind, recipe: Recipe, rows, tokenizer) -> dict:
     """Validation loss over every validation token, plus accuracy / ROUGE from ift.evaluation."""
-    import torch
-
     from ift.evaluation import evaluate
 
     metrics: dict = {}
@@ -294,7 +292,6 @@ def _validate(accelerator, loss_model, val_dl, kind, recipe: Recipe, rows, token
         scores, _ = evaluate(model, tokenizer, kind, rows, ev, chat_template=recipe.data.chat_template,
                              accelerator=accelerator, limit=ev.max_eval_samples, desc="validation")
         metrics.update(scores)
-    del torch
     return metrics
 
 
