@@ -88,8 +88,8 @@ def encode_pairs(
             # a tokenizer that appends EOS itself would put it in the middle otherwise
             if p and eos is not None and p[-1] == eos and not special:
                 p = p[:-1]
-        if chat_template and eos is not None and c and c[-1] == eos:
-            pass  # the template closed the turn with EOS already
+        if chat_template and eos is not None and eos in c:
+            pass  # the template closed the turn with EOS already (maybe followed by "\n", as ChatML does)
         elif add_eos and eos is not None and (not c or c[-1] != eos):
             c = c + [eos]
         if not add_eos and c and eos is not None and c[-1] == eos and not chat_template:

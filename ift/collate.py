@@ -1,0 +1,165 @@
+"""Batches for training and evaluation: padding, packing, and a sampler whose order is a function of (seed, epoch).
+
+Dynamic padding pads each batch to its own longest row (right side; labels -100 on padding).
+Packing (causal models) concatenates a batch's examples into one row with position ids that restart
+at every example and no attention mask: transformers' padding-free convention (as
+`DataCollatorWithFlattening`). Models detect the example boundaries from the position ids and keep
+attention inside each example, with sdpa, eager and flash attention alike, as long as no KV cache
+is passed (call the model with `use_cache=False` when training, which `ift.loss` does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ift.errors import IftError
+
+IGNORE = -100
+FEATURES = ("input_ids", "attention_mask", "labels")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else int(math.ceil(n / multiple) * multiple)
+
+
+class Collator:
+    """features (dicts with input_ids, labels, attention_mask) -> a batch of tensors."""
+
+    def __init__(self, tokenizer: Any, kind: str, packing: bool = False, pad_to_multiple_of: int | None = None):
+        if packing and kind != "causal":
+            raise IftError("packing concatenates decoder-only sequences; it does not apply to seq2seq",
+                           "data.packing", "set data.packing: false")
+        self.kind, self.packing, self.multiple = kind, packing, pad_to_multiple_of
+        self.pad_id = _pad_id(tokenizer)
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self._packed(features)
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [list(f["labels"]) if f.get("labels") is not None else list(f["input_ids"]) for f in features]
+        width = _round_up(max(len(x) for x in ids), self.multiple)
+        batch = {
+            "input_ids": _pad(ids, width, self.pad_id),
+            "attention_mask": _pad([[1] * len(x) for x in ids], width, 0),
+        }
+        if self.kind == "seq2seq":
+            batch["labels"] = _pad(labels, _round_up(max(len(x) for x in labels), self.multiple), IGNORE)
+        else:
+            batch["labels"] = _pad(labels, width, IGNORE)
+        return batch
+
+    def _packed(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            x = list(f["input_ids"])
+            y = list(f["labels"]) if f.get("labels") is not None else list(x)
+            ids += x
+            # the first token of an example must not be predicted from the previous example's last one
+            labels += [IGNORE] + y[1:]
+            positions += range(len(x))
+        extra = _round_up(len(ids), self.multiple) - len(ids)
+        if extra:  # padding forms its own pseudo-example: positions restart, no loss
+            ids += [self.pad_id] * extra
+            labels += [IGNORE] * extra
+            positions += range(extra)
+        return {"input_ids": torch.tensor([ids], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long)}
+
+
+def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    """One generator per (seed, epoch): the same order on every run, machine and resume."""
+    mixed = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator()
+    g.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+    return g
+
+
+def length_grouped_indices(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                           mega_batch_mult: int | None = None) -> list[int]:
+    """HF's LengthGroupedSampler order: random permutation, megabatches of `mult * batch_size` sorted
+    by length (longest first), and the longest example of all in the first batch (OOM shows early)."""
+    n = len(lengths)
+    if mega_batch_mult is None:
+        mega_batch_mult = max(min(n // (batch_size * 4), 50), 1)
+    indices = torch.randperm(n, generator=generator).tolist()
+    size = mega_batch_mult * batch_size
+    megabatches = [sorted(indices[i: i + size], key=lambda j: lengths[j], reverse=True) for i in range(0, n, size)]
+    if not megabatches:
+        return []
+    longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for mb in megabatches for i in mb]
+
+
+class SeededSampler(Sampler[int]):
+    """A shuffled (optionally length-grouped) order that depends only on (seed, epoch).
+
+    Accelerate calls `set_epoch` on the dataloader before every pass, so a resumed run that skips
+    the batches it already saw continues with exactly the batches an uninterrupted run would see.
+    """
+
+    def __init__(self, n: int, seed: int, batch_size: int = 1, lengths: Sequence[int] | None = None):
+        self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = _generator(self.seed, self.epoch)
+        if self.lengths is not None:
+            return iter(length_grouped_indices(self.lengths, self.batch_size, g))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _model_columns(ds: Any) -> Any:
+    keep = [c for c in FEATURES if c in ds.column_names]
+    return ds.select_columns(keep) if hasattr(ds, "select_columns") else ds
+
+
+def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int, group_by_length: bool = False,
+                     num_workers: int = 0) -> DataLoader:
+    """Shuffled batches, deterministic per (seed, epoch); length-grouped on request (needs `length`)."""
+    lengths = None
+    if group_by_length:
+        if "length" not in ds.column_names:
+            raise IftError("group_by_length needs the `length` column that ift.data.tokenize adds",
+                           "data.group_by_length", "tokenize the splits with ift.data.tokenize first")
+        lengths = ds.with_format("arrow")["length"].to_numpy().tolist()
+    sampler = SeededSampler(len(ds), seed, batch_size, lengths)
+    return DataLoader(_model_columns(ds), batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0)
+
+
+def eval_dataloader(ds: Any, batch_size: int, collator: Collator) -> DataLoader:
+    """Batches in the split's own order (predictions line up with rows)."""
+    return DataLoader(_model_columns(ds), batch_size=batch_size, shuffle=False, collate_fn=collator)

@@ -1,0 +1,1198 @@
+"""The recipe's data section -> honest train/validation/test splits of prompt/completion pairs -> tokens.
+
+    sources (local files/folders or Hub ids) ─ load, rename columns
+      └ keep the source's own splits; carve missing ones from train (seeded, optionally stratified)
+        └ render templates per row (one drawn at random, or every one) ─ raw text when none
+          └ leak check: a (prompt, completion) pair also in validation/test leaves the training side
+            └ training mixture (weighted to a total, or examples-proportional with caps)
+              └ tokenize: prompt tokens masked with -100, targets never cut silently
+
+Every expensive step is a `datasets` map or select with a fingerprint computed here from its inputs
+(parent fingerprint, settings, templates, tokenizer, this code), so a second identical run reuses the
+Arrow cache files instead of recomputing. Carving happens on raw rows, before templating, so the
+template expansions of one row never straddle two splits.
+Collation and dataloaders live in `ift.collate` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+
+from ift.collate import Collator, eval_dataloader, train_dataloader
+from ift.encoding import encode_pairs
+from ift.errors import IftError, IftErrors
+from ift.recipe import SPLITS, DataConfig, SourceConfig
+
+__all__ = ["PreparedData", "build_splits", "check_sources", "tokenize", "Collator", "train_dataloader",
+           "eval_dataloader", "describe", "preview_rows", "mixture_counts", "carve_indices"]
+
+IGNORE = -100
+COLUMNS = ("prompt", "completion", "choices", "source", "template")  # of every prepared split
+# `truncated` codes written by tokenize(): how a row got into the tokenized split
+INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW = 0, 1, 2, 3
+
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
+    "test": "test", "testing": "test",
+}
+BATCH = 1000
+CACHE_SUBDIR = "ift-prepared"
+
+
+@dataclass
+class PreparedData:
+    """Templated splits (`prompt`, `completion`, `choices`, `source`, `template`) and what was done."""
+
+    splits: Any  # datasets.DatasetDict with "train", "validation", "test"
+    report: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- identity
+
+
+def _code_version() -> str:
+    """Prepared data depends on this code and the template/encoding code: edits invalidate caches."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.blake2b(digest_size=8)
+    for name in ("data.py", "templates.py", "encoding.py"):
+        path = here / name
+        if path.exists():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+CODE_VERSION = _code_version()
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode("utf-8", "surrogatepass"))
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def _stable_int(text: str) -> int:
+    """A seed component from a string, the same on every machine (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+
+
+def _pair_hash(prompt: str, completion: str) -> int:
+    digest = hashlib.blake2b(f"{prompt}\x00{completion}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def source_name(src: SourceConfig) -> str:
+    """How reports and the `source` column name a source (the recipe checks these are distinct)."""
+    return src.name or Path(src.path.rstrip("/\\")).stem or src.path
+
+
+def _cache_file(step: str, fingerprint: str) -> str:
+    import datasets
+
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / CACHE_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{step}-{fingerprint}.arrow")
+
+
+# ------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class _Source:
+    index: int
+    cfg: SourceConfig
+    name: str
+    raw: dict[str, Any]  # the source's own splits (columns renamed)
+    origin: str  # "file", "folder", "save_to_disk" or "hub"
+    ignored_files: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"data.sources.{self.index}"
+
+    def columns(self) -> list[str]:
+        return sorted({c for ds in self.raw.values() for c in ds.column_names})
+
+
+def _looks_local(path: str) -> bool:
+    """A path we should find on disk (so a missing one is a missing file, not a Hub id)."""
+    p = Path(path).expanduser()
+    if p.exists() or path.startswith((".", "/", "~", "\\")) or p.suffix.lower() in FORMATS or p.is_absolute():
+        return True
+    first = Path(path).parts[0] if Path(path).parts else ""
+    return len(Path(path).parts) > 2 or (len(Path(path).parts) == 2 and Path(first).is_dir())
+
+
+def _split_of(file: Path) -> str | None:
+    """Which split a file holds, from its name: train.jsonl, dev.csv, test-00000-of-00001.parquet ..."""
+    stem = file.name.split(".")[0].lower()
+    for sep in ("-", "_"):
+        stem = stem.split(sep)[0] if stem.split(sep)[0] in SPLIT_ALIASES else stem
+    return SPLIT_ALIASES.get(stem)
+
+
+def _folder_files(folder: Path, key: str) -> tuple[str, dict[str, list[str]], list[str]]:
+    """(builder, {split: files}, ignored files) for a folder of data files."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
+    if not files:
+        others = sorted(f.name for f in folder.iterdir() if not f.name.startswith("."))[:8]
+        raise IftError(f"no data files in folder {folder}", f"{key}.path",
+                       f"put .jsonl/.json/.csv/.parquet/.txt files there (found: {', '.join(others) or 'nothing'}), "
+                       "or point to a folder written by Dataset.save_to_disk")
+    builders = {FORMATS[f.suffix.lower()] for f in files}
+    if len(builders) > 1:
+        raise IftError(f"folder {folder} mixes formats ({', '.join(sorted(builders))})", f"{key}.path",
+                       "keep one format per folder, or point the source at a single file")
+    by_split: dict[str, list[str]] = {}
+    unnamed = []
+    for f in files:
+        split = _split_of(f)
+        if split is None:
+            unnamed.append(str(f))
+        else:
+            by_split.setdefault(split, []).append(str(f))
+    if not by_split:  # e.g. all.jsonl: one pool, carved into splits later
+        return builders.pop(), {"train": unnamed}, []
+    return builders.pop(), by_split, unnamed
+
+
+def _load_local(src: SourceConfig, key: str) -> tuple[Any, str, list[str]]:
+    import datasets
+
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        raise IftError(f"data file or folder not found: {src.path}", f"{key}.path",
+                       f"check the path (relative paths start from {Path.cwd()}), or give a Hub dataset id")
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # noqa: BLE001 - any failure to read a saved dataset is the user's folder
+            raise IftError(f"cannot read save_to_disk folder {src.path}: {err}", f"{key}.path",
+                           "re-save it with Dataset.save_to_disk / DatasetDict.save_to_disk") from None
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({"train": loaded})
+        return loaded, "save_to_disk", []
+    if path.is_dir():
+        builder, data_files, ignored = _folder_files(path, key)
+        origin = "folder"
+    else:
+        builder = FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise IftError(f"unknown data format '{path.suffix or path.name}'", f"{key}.path",
+                           "use .jsonl, .json, .csv, .parquet or .txt files, or a Dataset.save_to_disk folder")
+        data_files, ignored, origin = {"train": [str(path)]}, [], "file"
+    loaded = {}
+    for split, files in data_files.items():
+        # one split at a time: splits may have different columns (DialogSum's test has summary1..3)
+        try:
+            loaded[split] = datasets.load_dataset(builder, data_files={split: files}, split=split)
+        except Exception as err:  # noqa: BLE001 - parse errors surface as many exception types
+            cause = err.__cause__ or err
+            raise IftError(f"cannot read {', '.join(files)} as {builder}: {type(cause).__name__}: "
+                           f"{str(cause)[:300]}", f"{key}.path", f"check that every file is valid {builder} "
+                           "(one JSON object per line for .jsonl; a header row for .csv)") from None
+    return datasets.DatasetDict(loaded), origin, ignored
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the Hub? (A quick probe: datasets itself retries for ~25 s.)"""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_error(src: SourceConfig, key: str, detail: str = "") -> IftError:
+    return IftError(
+        f"the Hugging Face Hub is not reachable, so dataset '{src.path}' cannot be loaded{detail}",
+        f"{key}.path",
+        "check your network (or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache), or download "
+        "the data and point the source at a local .jsonl/.csv/.parquet file or save_to_disk folder",
+    )
+
+
+def _load_hub(src: SourceConfig, key: str) -> Any:
+    import datasets
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise _hub_error(src, key)
+    try:
+        return datasets.load_dataset(src.path, name=src.config, revision=src.revision)
+    except ConnectionError as err:
+        raise _hub_error(src, key, f" ({str(err)[:200]})") from None
+    except Exception as err:  # noqa: BLE001 - not found, bad config, gated ...
+        raise IftError(f"cannot load Hub dataset '{src.path}'"
+                       + (f" (config '{src.config}')" if src.config else "") + f": {str(err)[:300]}",
+                       f"{key}.path", "check the dataset id, data.sources.N.config and revision; or use a local path"
+                       ) from None
+
+
+def _load_source(index: int, src: SourceConfig) -> _Source:
+    key = f"data.sources.{index}"
+    if _looks_local(src.path):
+        loaded, origin, ignored = _load_local(src, key)
+    else:
+        loaded, origin, ignored = _load_hub(src, key), "hub", []
+    raw = dict(loaded.items())
+    source = _Source(index, src, source_name(src), raw, origin, ignored)
+    _rename(source)
+    return source
+
+
+def _rename(source: _Source) -> None:
+    renames = source.cfg.columns
+    if not renames:
+        return
+    missing = [old for old in renames if not any(old in ds.column_names for ds in source.raw.values())]
+    if missing:
+        raise IftError(f"column '{missing[0]}' to rename is not in the source", f"{source.key}.columns",
+                       f"columns are: {', '.join(source.columns())}")
+    for split, ds in source.raw.items():
+        mapping = {old: new for old, new in renames.items() if old in ds.column_names and old != new}
+        clash = [new for old, new in mapping.items() if new in ds.column_names and new not in mapping]
+        if clash:
+            # e.g. DialogSum validation has summary1..3: renaming summary1 -> summary where a `summary`
+            # already exists would be ambiguous; name the problem instead of guessing.
+            raise IftError(f"renaming to '{clash[0]}' clashes with an existing column in split '{split}'",
+                           f"{source.key}.columns", "rename the existing column too, or pick another name")
+        if mapping:
+            source.raw[split] = ds.rename_columns(mapping)
+
+
+# ------------------------------------------------------------------------------------- splits
+
+
+def _explicit_splits(cfg: SourceConfig) -> set[str]:
+    return set(cfg.splits.model_fields_set) if "splits" in cfg.model_fields_set else set()
+
+
+def _assign(source: _Source) -> dict[str, Any | None]:
+    """Our split -> the source's dataset (None: carve it from train)."""
+    explicit = _explicit_splits(source.cfg)
+    out: dict[str, Any | None] = {}
+    for ours in SPLITS:
+        theirs = getattr(source.cfg.splits, ours)
+        if theirs is None:
+            out[ours] = None
+        elif theirs in source.raw:
+            out[ours] = source.raw[theirs]
+        elif ours in explicit or ours == "train":
+            fix = (f"name one of its splits ({', '.join(source.raw)})"
+                   + ("" if ours == "train" else f", or set {source.key}.splits.{ours}: null to carve it from train"))
+            raise IftError(f"split '{theirs}' is not in source '{source.name}' (it has: {', '.join(source.raw)})",
+                           f"{source.key}.splits.{ours}", fix)
+        else:
+            out[ours] = None  # the default name is absent: carve
+    if out["train"] is None:
+        raise IftError(f"source '{source.name}' has no training split", f"{source.key}.splits.train",
+                       f"name the split holding training rows (it has: {', '.join(source.raw)})")
+    return out
+
+
+def _size(value: float, n: int) -> int:
+    if value >= 1:
+        return int(value)
+    return max(1, int(round(value * n))) if value > 0 else 0  # a fraction asked for rows: at least one
+
+
+def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
+    """Split `total` over classes in proportion to `counts` (largest remainder), never above a count."""
+    if total <= 0 or counts.sum() == 0:
+        return np.zeros_like(counts)
+    exact = counts * (total / counts.sum())
+    out = np.minimum(np.floor(exact).astype(int), counts)
+    order = np.argsort(-(exact - out), kind="stable")
+    for i in order:
+        if out.sum() >= total:
+            break
+        if out[i] < counts[i]:
+            out[i] += 1
+    return out
+
+
+def carve_indices(n: int, sizes: dict[str, int], rng: np.random.Generator,
+                  labels: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+    """Row indices for the carved splits and what is left for train; stratified when labels are given.
+
+    Indices within each split are sorted (source order), so selection is cache-friendly; the random
+    part is which rows go where.
+    """
+    need = [s for s in ("validation", "test") if sizes.get(s, 0) > 0]
+    if labels is None:
+        perm = rng.permutation(n)
+        out, start = {}, 0
+        for split in need:
+            out[split] = np.sort(perm[start:start + sizes[split]])
+            start += sizes[split]
+        out["train"] = np.sort(perm[start:])
+        return out
+    keys = np.array([str(v) for v in labels], dtype=object)
+    classes = sorted(set(keys.tolist()))
+    members = [rng.permutation(np.flatnonzero(keys == c)) for c in classes]
+    counts = np.array([len(m) for m in members])
+    taken = np.zeros_like(counts)
+    picked: dict[str, list[np.ndarray]] = {s: [] for s in need}
+    for split in need:
+        quota = _allocate(counts - taken, sizes[split])
+        for c, m in enumerate(members):
+            picked[split].append(m[taken[c]:taken[c] + quota[c]])
+        taken += quota
+    out = {s: np.sort(np.concatenate(parts)) if parts else np.array([], dtype=int) for s, parts in picked.items()}
+    out["train"] = np.sort(np.concatenate([m[taken[c]:] for c, m in enumerate(members)]))
+    return out
+
+
+def _check_stratify(data: DataConfig, sources: list[_Source], assignments: list[dict[str, Any | None]]) -> None:
+    """stratify_by must name a column of at least one source that carves a split (in a mixture,
+    sources without it are carved at random: label columns differ between datasets)."""
+    if not data.stratify_by:
+        return
+    carving = [(s, a["train"]) for s, a in zip(sources, assignments) if a["validation"] is None or a["test"] is None]
+    if carving and not any(data.stratify_by in train.column_names for _, train in carving):
+        source, train = carving[0]
+        raise IftError(f"stratify column '{data.stratify_by}' is not in source '{source.name}'", "data.stratify_by",
+                       f"columns are: {', '.join(train.column_names)}; rename one with "
+                       f"{source.key}.columns: {{old_name: {data.stratify_by}}}, or remove stratify_by")
+
+
+def _carve(source: _Source, assigned: dict[str, Any | None], data: DataConfig, report: dict) -> dict[str, Any]:
+    train = assigned["train"]
+    n = len(train)
+    sizes = {"validation": _size(data.validation_size, n) if assigned["validation"] is None else 0,
+             "test": _size(data.test_size, n) if assigned["test"] is None else 0}
+    carved = {s: k for s, k in sizes.items() if k > 0}
+    info = {"own": [s for s in SPLITS if assigned[s] is not None], "carved": carved, "stratified_by": None}
+    report[source.name] = info
+    if not carved:
+        return _no_missing(dict(assigned), train)
+    if sum(carved.values()) >= n:
+        raise IftError(f"source '{source.name}' has {n} training rows: too few to carve "
+                       + " and ".join(f"{k} {s}" for s, k in carved.items()) + " rows and keep any for training",
+                       "data.validation_size / data.test_size", "use smaller sizes, or give the source its own splits")
+    labels = None
+    if data.stratify_by:
+        if data.stratify_by in train.column_names:
+            labels = train.with_format("arrow")[data.stratify_by].to_pylist()
+            info["stratified_by"] = data.stratify_by
+        else:  # another source has the column (checked before): this one is carved at random, and says so
+            info["not_stratified"] = f"no column '{data.stratify_by}'"
+    rng = np.random.default_rng([data.seed, _stable_int(source.name)])
+    picked = carve_indices(n, carved, rng, labels)
+    out = dict(assigned)
+    for split, idx in picked.items():
+        fp = _fingerprint("carve", train._fingerprint, split, idx)
+        out[split] = train.select(idx, new_fingerprint=fp)
+    return _no_missing(out, train)
+
+
+def _no_missing(splits: dict[str, Any | None], train: Any) -> dict[str, Any]:
+    """A split sized 0 (validation_size: 0) is an empty dataset with the source's columns."""
+    return {s: ds if ds is not None else train.select([], new_fingerprint=_fingerprint("empty", train._fingerprint))
+            for s, ds in splits.items()}
+
+
+# ------------------------------------------------------------------------------------- templates
+
+
+def _features() -> Any:
+    import datasets
+
+    return datasets.Features({
+        "prompt": datasets.Value("string"), "completion": datasets.Value("string"),
+        "choices": datasets.List(datasets.Value("string")), "source": datasets.Value("string"),
+        "template": datasets.Value("string"), "_pair": datasets.Value("int64"),
+    })
+
+
+def _resolve_templates(data: DataConfig, library: Any) -> tuple[list[list[Any]], list[Any], list[IftError]]:
+    """Template objects per source (and the fixed evaluation template), every bad ref reported."""
+    per_source, eval_fixed, errors = [], [], []
+    for i, src in enumerate(data.sources):
+        found = []
+        for j, ref in enumerate(src.templates):
+            try:
+                found.append(library.get(ref))
+            except IftError as err:
+                errors.append(IftError(err.what, f"data.sources.{i}.templates.{j}", err.fix))
+        fixed = None
+        if src.eval_template:
+            try:
+                fixed = library.get(src.eval_template)
+            except IftError as err:
+                errors.append(IftError(err.what, f"data.sources.{i}.eval_template", err.fix))
+        per_source.append(found)
+        eval_fixed.append(fixed)
+    return per_source, eval_fixed, errors
+
+
+def _template_identity(tpl: Any) -> tuple:
+    return (getattr(tpl, "ref", tpl.name), tpl.id, getattr(tpl, "jinja", ""),
+            getattr(tpl, "answer_choices_jinja", None))
+
+
+def _check_columns(source: _Source, templates: list[Any], columns: Sequence[str], split: str | None = None,
+                   key_field: str = "templates") -> list[IftError]:
+    errors = []
+    cols = set(columns)
+    where = f"split '{split}' of source '{source.name}'" if split else f"source '{source.name}'"
+    if not templates:
+        if source.cfg.text_column not in cols:
+            errors.append(IftError(
+                f"raw-text {where} has no column '{source.cfg.text_column}'",
+                f"{source.key}.text_column", f"columns are: {', '.join(sorted(cols))}; set text_column to one "
+                "of them, or give the source templates"))
+        return errors
+    for tpl in templates:
+        missing = sorted(tpl.variables() - cols)
+        if missing:
+            errors.append(IftError(
+                f"template '{getattr(tpl, 'ref', tpl.name)}' uses {', '.join(repr(m) for m in missing)}, "
+                f"not among the columns of {where}",
+                f"{source.key}.{key_field}", f"columns are: {', '.join(sorted(cols))}; rename one with "
+                f"{source.key}.columns: {{old_name: {missing[0]}}}, or choose another template"
+                + (f" (or set {source.key}.splits.{split}: null to carve {split} from train)"
+                   if split and split != "train" else "")))
+    return errors
+
+
+class _Renderer:
+    """datasets.map function: raw rows -> prompt/completion/choices/source/template/_pair rows."""
+
+    def __init__(self, source: str, templates: list[Any], picks: np.ndarray | None, text_column: str, seed: tuple):
+        self.source, self.templates, self.picks = source, templates, picks
+        self.text_column, self.seed = text_column, seed
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        from ift.templates import render_row
+
+        out: dict[str, list] = {k: [] for k in ("prompt", "completion", "choices", "source", "template", "_pair")}
+        columns = list(batch)
+        if not self.templates:
+            for text in batch[self.text_column]:
+                if text is None or not str(text).strip():
+                    continue  # nothing to learn from: skipped (counted from the row totals)
+                self._add(out, "", str(text), [], "")
+            return out
+        # `choice`/`random` inside templates draw from this rng: seeded per batch, so reruns match
+        rng = random.Random(f"{self.seed}-{indices[0] if indices else 0}")
+        for pos, index in enumerate(indices):
+            row = {c: batch[c][pos] for c in columns}
+            chosen = self.templates if self.picks is None else [self.templates[self.picks[index]]]
+            for tpl in chosen:
+                pair = render_row(tpl, row, index, rng=rng, truncate=False)
+                if pair is None:
+                    continue  # the template does not apply to this row (promptsource convention)
+                choices = tpl.answer_choices(row, rng=rng) or []
+                self._add(out, pair[0], pair[1], choices, tpl.ref)
+        return out
+
+    def _add(self, out: dict[str, list], prompt: str, completion: str, choices: list[str], template: str) -> None:
+        out["prompt"].append(prompt)
+        out["completion"].append(completion)
+        out["choices"].append(list(choices))
+        out["source"].append(self.source)
+        out["template"].append(template)
+        out["_pair"].append(_pair_hash(prompt, completion))
+
+
+def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: DataConfig) -> tuple[Any, dict]:
+    """Render one split; also returns how many rows each template was expected to produce."""
+    cfg = source.cfg
+    mode = "all" if cfg.template_mode == "all" and len(templates) > 1 else "sample"
+    picks = None
+    expected: dict[str, int] = {}
+    if templates and mode == "sample":
+        rng = np.random.default_rng([data.seed, _stable_int(source.name), SPLITS.index(split)])
+        picks = rng.integers(0, len(templates), size=len(ds))
+        counts = np.bincount(picks, minlength=len(templates))
+        for tpl, count in zip(templates, counts):
+            expected[tpl.ref] = expected.get(tpl.ref, 0) + int(count)
+    elif templates:
+        expected = {tpl.ref: len(ds) for tpl in templates}
+    else:
+        expected = {"": len(ds)}
+    seed = (data.seed, source.name, split)
+    fp = _fingerprint("render", ds._fingerprint, seed, mode, [_template_identity(t) for t in templates],
+                      cfg.text_column if not templates else None, CODE_VERSION)
+    fn = _Renderer(source.name, templates, picks, cfg.text_column, seed)
+    if not len(ds):  # datasets skips the function on empty input and keeps no columns
+        import datasets
+
+        empty = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
+        return empty, expected
+    try:
+        out = ds.map(fn, batched=True, batch_size=BATCH, with_indices=True, remove_columns=ds.column_names,
+                     features=_features(), new_fingerprint=fp, cache_file_name=_cache_file("render", fp),
+                     desc=f"templating {source.name}/{split}")
+    except IftError as err:
+        raise IftError(err.what, f"{source.key} ({source.name}), split {split}: {err.where}", err.fix) from None
+    return out, expected
+
+
+# ------------------------------------------------------------------------------------- leaks and mixture
+
+
+def _column_np(ds: Any, column: str) -> np.ndarray:
+    table = ds.with_format("arrow")[:] if len(ds) else None
+    if table is None:
+        return np.array([], dtype=np.int64)
+    return table.column(column).to_numpy()
+
+
+def _drop_rows(ds: Any, mask: np.ndarray, why: str) -> Any:
+    if not mask.any():
+        return ds
+    keep = np.flatnonzero(~mask)
+    return ds.select(keep, new_fingerprint=_fingerprint(why, ds._fingerprint, keep))
+
+
+def _remove_leaks(rendered: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Pairs in validation or test leave train; pairs in test leave validation. Counts per source."""
+    hashes = {name: {s: _column_np(ds, "_pair") for s, ds in splits.items()} for name, splits in rendered.items()}
+    in_test = np.concatenate([h["test"] for h in hashes.values()])
+    in_eval = np.concatenate([in_test, *[h["validation"] for h in hashes.values()]])
+    removed: dict[str, dict[str, int]] = {}
+    for name, splits in rendered.items():
+        train_mask = np.isin(hashes[name]["train"], in_eval)
+        val_mask = np.isin(hashes[name]["validation"], in_test)
+        splits["train"] = _drop_rows(splits["train"], train_mask, "leak-train")
+        splits["validation"] = _drop_rows(splits["validation"], val_mask, "leak-validation")
+        removed[name] = {"train": int(train_mask.sum()), "validation": int(val_mask.sum())}
+    return removed
+
+
+def mixture_counts(available: dict[str, int], weights: dict[str, float] | None, total: int | None,
+                   caps: dict[str, int | None]) -> dict[str, int]:
+    """Rows to take from each source for the training mixture.
+
+    weighted: `total` rows split by the normalised weights (largest remainder); without a total, the
+    largest total that needs no source repeated. proportional: every row, up to each source's cap.
+    """
+    capped = {n: min(a, caps.get(n) or a) for n, a in available.items()}
+    if weights is None:
+        return capped
+    wsum = sum(weights.values())
+    share = {n: w / wsum for n, w in weights.items()}
+    if total is None:
+        total = int(min(capped[n] / share[n] for n in capped if share[n] > 0))
+    names = list(available)
+    exact = np.array([total * share[n] for n in names])
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
+def _sample(ds: Any, k: int, rng: np.random.Generator, name: str) -> Any:
+    """k rows: a random subset, or whole repeats plus a random remainder when k exceeds the rows."""
+    n = len(ds)
+    if k == n:
+        return ds
+    repeats, rest = divmod(k, n)
+    idx = np.concatenate([np.tile(np.arange(n), repeats), np.sort(rng.choice(n, size=rest, replace=False))])
+    return ds.select(idx, new_fingerprint=_fingerprint("mix", ds._fingerprint, name, k, idx))
+
+
+def _mix(trains: dict[str, Any], data: DataConfig) -> tuple[Any, dict]:
+    import datasets
+
+    mix = data.mixture
+    caps = {source_name(s): s.max_rows or (mix.cap if mix.strategy == "proportional" else None) for s in data.sources}
+    weights = None
+    if mix.strategy == "weighted":
+        weights = {source_name(s): (s.weight if s.weight is not None else 1.0) for s in data.sources}
+    available = {n: len(ds) for n, ds in trains.items()}
+    counts = mixture_counts(available, weights, mix.total, caps)
+    parts = []
+    for name, ds in trains.items():
+        rng = np.random.default_rng([data.seed, _stable_int(name), 7])
+        if counts[name] > 0 and len(ds) > 0:
+            parts.append(_sample(ds, counts[name], rng, name))
+    train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    total = max(sum(counts.values()), 1)
+    wsum = sum(weights.values()) if weights else None
+    report = {"strategy": mix.strategy, "total": sum(counts.values()), "sources": {
+        n: {"available": available[n], "rows": counts[n], "row_share": round(counts[n] / total, 4),
+            "weight": round(weights[n] / wsum, 4) if weights else None,
+            "repeated": round(counts[n] / available[n], 3) if available[n] and counts[n] > available[n] else None}
+        for n in trains}}
+    return train, report
+
+
+# ------------------------------------------------------------------------------------- build_splits
+
+
+def build_splits(data: DataConfig, library: Any) -> PreparedData:
+    """Load, carve, template, leak-check and mix the recipe's sources into train/validation/test."""
+    import datasets
+
+    per_source, eval_fixed, errors = _resolve_templates(data, library)
+    if errors:
+        raise IftErrors(errors)
+    sources = [_load_source(i, src) for i, src in enumerate(data.sources)]
+    report: dict[str, Any] = {"sources": {}, "splits": {s: {"rows": 0, "sources": {}} for s in SPLITS}}
+    carve_report: dict[str, Any] = {}
+    rendered: dict[str, dict[str, Any]] = {}
+    assignments = [_assign(source) for source in sources]
+    _check_stratify(data, sources, assignments)
+    for source, templates, fixed, assigned in zip(sources, per_source, eval_fixed, assignments):
+        errors = []
+        for split, ds in assigned.items():  # a source's own splits may differ (SST-2's test has no label)
+            if ds is not None:
+                fixed_here = fixed is not None and split != "train"
+                errors += _check_columns(source, [fixed] if fixed_here else templates, ds.column_names, split,
+                                         "eval_template" if fixed_here else "templates")
+        if errors:
+            raise IftErrors(errors)
+        splits = _carve(source, assigned, data, carve_report)
+        rendered[source.name] = {}
+        for split in SPLITS:
+            use = [fixed] if (fixed is not None and split != "train") else templates
+            ds, expected = _render(splits[split], source, split, use, data)
+            rendered[source.name][split] = ds
+            report["splits"][split]["sources"][source.name] = {
+                "rows_in": len(splits[split]), "expected": expected,
+                "rendered": {tpl: k for (_, tpl), k in _template_counts(ds).items()}}
+        report["sources"][source.name] = {
+            "path": source.cfg.path, "origin": source.origin, "columns": source.columns(),
+            "templates": [t.ref for t in templates], "eval_template": fixed.ref if fixed is not None else None,
+            "template_mode": source.cfg.template_mode if templates else "raw text",
+            **carve_report[source.name], **({"ignored_files": source.ignored_files} if source.ignored_files else {}),
+        }
+    leaks = _remove_leaks(rendered) if data.leak_check else {n: {"train": 0, "validation": 0} for n in rendered}
+    report["leaks"] = {"checked": data.leak_check, "removed": leaks,
+                       "train": sum(v["train"] for v in leaks.values()),
+                       "validation": sum(v["validation"] for v in leaks.values())}
+    _check_not_empty(rendered, report, sources)
+    train, report["mixture"] = _mix({n: s["train"] for n, s in rendered.items()}, data)
+    final = {"train": train}
+    for split in ("validation", "test"):
+        parts = [s[split] for s in rendered.values() if len(s[split])]
+        final[split] = datasets.concatenate_datasets(parts) if len(parts) > 1 else (
+            parts[0] if parts else rendered[sources[0].name][split])
+    dd = datasets.DatasetDict({s: final[s].remove_columns("_pair") for s in SPLITS})
+    _summarise(dd, report)
+    return PreparedData(dd, report)
+
+
+def _check_not_empty(rendered: dict[str, dict[str, Any]], report: dict, sources: list[_Source]) -> None:
+    for source in sources:
+        for split in SPLITS:
+            ds = rendered[source.name][split]
+            info = report["splits"][split]["sources"][source.name]
+            if len(ds) or (info["rows_in"] == 0 and split != "train" and _requested_zero(report, source, split)):
+                continue
+            why = (f"{info['rows_in']} rows before templating" if info["rows_in"] == 0 else
+                   f"all {info['rows_in']} rows were skipped by the templates or removed as leaks")
+            raise IftError(f"split '{split}' of source '{source.name}' is empty ({why})",
+                           f"{source.key}", "check the templates apply to this data (`ift templates validate REF "
+                           "--data PATH`), the split sizes, and the source's rows")
+
+
+def _requested_zero(report: dict, source: _Source, split: str) -> bool:
+    """validation_size/test_size 0 asks for no such split: empty is intended, not an error."""
+    info = report["sources"][source.name]
+    return split not in info["own"] and split not in info["carved"]
+
+
+def _template_counts(ds: Any) -> Counter:
+    table = _table(ds)
+    if table is None:
+        return Counter()
+    return Counter(zip(table.column("source").to_pylist(), table.column("template").to_pylist()))
+
+
+def _summarise(dd: Any, report: dict) -> None:
+    """Per split and source: final rows and templates used, rows the templates skipped, leaks removed."""
+    for split in SPLITS:
+        entry = report["splits"][split]
+        entry["rows"] = len(dd[split])
+        final = _template_counts(dd[split])
+        for name, info in entry["sources"].items():
+            expected, rendered = info.pop("expected"), info.pop("rendered")
+            used = {tpl or "(raw text)": k for (src, tpl), k in sorted(final.items()) if src == name}
+            info["rows"] = sum(used.values())
+            info["templates"] = used
+            info["skipped"] = {tpl or "(raw text)": e - rendered.get(tpl, 0)
+                               for tpl, e in expected.items() if e - rendered.get(tpl, 0)}
+            info["leaks_removed"] = report["leaks"]["removed"][name].get(split, 0)
+
+
+# ------------------------------------------------------------------------------------- check_sources
+
+
+def check_sources(data: DataConfig, library: Any) -> list[IftError]:
+    """Cheap checks for `ift validate`: paths and formats, Hub reachability, template refs, named
+    splits, and that the columns the templates read exist in each split used (first rows only)."""
+    per_source, eval_fixed, errors = _resolve_templates(data, library)
+    stratify_seen: list[tuple[str, list[str]]] = []
+    for i, src in enumerate(data.sources):
+        key = f"data.sources.{i}"
+        try:
+            by_split = _peek(src, key)
+        except IftError as err:
+            errors.append(err)
+            continue
+        if by_split is None:
+            continue  # a Hub dataset whose columns we cannot see without downloading it
+        probe = _Source(i, src, source_name(src), {}, "")
+        every = sorted({c for cols in by_split.values() for c in cols})
+        errors += [IftError(f"column '{old}' to rename is not in the source", f"{key}.columns",
+                            f"columns are: {', '.join(every)}") for old in src.columns if old not in every]
+        explicit = _explicit_splits(src)
+        for ours in SPLITS:
+            theirs = getattr(src.splits, ours)
+            if theirs is None:
+                continue
+            if theirs not in by_split:
+                if ours in explicit or ours == "train":
+                    errors.append(IftError(f"split '{theirs}' is not in source '{probe.name}' (it has: "
+                                           f"{', '.join(by_split)})", f"{key}.splits.{ours}",
+                                           "name one of its splits, or null to carve it from train"))
+                continue
+            renamed = [src.columns.get(c, c) for c in by_split[theirs]]
+            fixed_here = eval_fixed[i] is not None and ours != "train"
+            errors += _check_columns(probe, [eval_fixed[i]] if fixed_here else per_source[i], renamed, ours,
+                                     "eval_template" if fixed_here else "templates")
+            if ours == "train" and data.stratify_by:
+                stratify_seen.append((probe.name, renamed))
+    if stratify_seen and not any(data.stratify_by in cols for _, cols in stratify_seen):
+        name, columns = stratify_seen[0]
+        errors.append(IftError(f"stratify column '{data.stratify_by}' is not in source '{name}'", "data.stratify_by",
+                               f"columns are: {', '.join(columns)}"))
+    unique: dict[str, IftError] = {}
+    for err in errors:  # a template checked against several splits fails the same way once
+        unique.setdefault(err.line(), err)
+    return list(unique.values())
+
+
+def _peek(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
+    """{split: columns} from each split's first rows; None when only the Hub could say."""
+    if not _looks_local(src.path):
+        from huggingface_hub import constants
+
+        if not constants.HF_HUB_OFFLINE and not hub_reachable():
+            raise _hub_error(src, key)
+        return _peek_hub(src, key)
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        raise IftError(f"data file or folder not found: {src.path}", f"{key}.path",
+                       f"check the path (relative paths start from {Path.cwd()}), or give a Hub dataset id")
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return {s: _saved_columns(path / s, key) for s in splits}
+    if path.is_dir() and (path / "state.json").exists():
+        return {"train": _saved_columns(path, key)}
+    if path.is_dir():
+        _, by_split, _ = _folder_files(path, key)
+        return {s: _file_columns(Path(files[0]), key) for s, files in by_split.items()}
+    if path.suffix.lower() not in FORMATS:
+        raise IftError(f"unknown data format '{path.suffix or path.name}'", f"{key}.path",
+                       "use .jsonl, .json, .csv, .parquet or .txt files, or a Dataset.save_to_disk folder")
+    return {"train": _file_columns(path, key)}
+
+
+def _saved_columns(folder: Path, key: str) -> list[str]:
+    try:
+        info = json.loads((folder / "dataset_info.json").read_text())
+        return list(info.get("features") or {})
+    except (OSError, ValueError) as err:
+        raise IftError(f"cannot read {folder / 'dataset_info.json'}: {err}", f"{key}.path",
+                       "re-save the dataset with save_to_disk") from None
+
+
+def _file_columns(path: Path, key: str) -> list[str]:
+    """Column names from the first rows of one file."""
+    import csv
+
+    fmt = FORMATS[path.suffix.lower()]
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        if fmt == "text":
+            return ["text"]
+        with path.open(encoding="utf-8", newline="") as handle:
+            if fmt == "csv":
+                return next(csv.reader(handle))
+            head = handle.read(1 << 16).lstrip()
+        if head.startswith("["):
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            return sorted({k for r in rows[:20] for k in r})
+        rows = [json.loads(line) for line in head.splitlines()[:20] if line.strip() and line.rstrip().endswith("}")]
+        if not rows:
+            raise ValueError("no JSON object on the first lines")
+        return sorted({k for r in rows for k in r})
+    except (OSError, UnicodeDecodeError, ValueError, StopIteration) as err:
+        raise IftError(f"cannot read {path} as {fmt}: {err}", f"{key}.path",
+                       f"check that it is valid {fmt} (one JSON object per line for .jsonl; a header row for .csv)"
+                       ) from None
+
+
+def _peek_hub(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(src.path, name=src.config, revision=src.revision)
+    except ConnectionError:
+        raise _hub_error(src, key) from None
+    except Exception as err:  # noqa: BLE001
+        raise IftError(f"cannot find Hub dataset '{src.path}': {str(err)[:300]}", f"{key}.path",
+                       "check the dataset id, config and revision; or use a local path") from None
+    features, splits = builder.info.features, builder.info.splits
+    if not features or not splits:
+        return None
+    return {s: list(features) for s in splits}
+
+
+# ------------------------------------------------------------------------------------- tokenization
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What decides the token ids: vocabulary, merges, normaliser, special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+        if '"truncation":null,"padding":null' not in body[:200]:  # call-time state, not identity
+            spec = json.loads(body)
+            spec["truncation"] = spec["padding"] = None
+            body = json.dumps(spec, sort_keys=True)
+    else:
+        body = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+    return _fingerprint(type(tokenizer).__name__, body, special, getattr(tokenizer, "chat_template", None),
+                        getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
+
+
+def _cut(ids: list[int], budget: int, side: str, keep_head: int, keep_tail: int) -> list[int]:
+    """The prompt cut to `budget` tokens from `side` of its content, keeping its first `keep_head` and
+    last `keep_tail` tokens in place (BOS; EOS; a chat template's header and assistant tag)."""
+    head, tail = ids[:keep_head], ids[len(ids) - keep_tail:] if keep_tail else []
+    body = ids[keep_head: len(ids) - keep_tail]
+    room = budget - len(head) - len(tail)
+    if room <= 0:
+        return ids[len(ids) - budget:] if side == "left" else ids[:budget]
+    body = body[len(body) - room:] if side == "left" else body[:room]
+    return head + body + tail
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Encoder:
+    """datasets.map function (arrow format): rendered rows -> input_ids, attention_mask, labels, length.
+
+    Each output example is (head, tail): head = tokens without loss (the prompt), tail = tokens with
+    loss (the completion). Token columns are built as flat numpy arrays + offsets (converting nested
+    Python lists to Arrow costs more than the tokenizer's own Python overhead).
+    """
+
+    def __init__(self, tokenizer: Any, kind: str, data: DataConfig):
+        self.tokenizer, self.kind = tokenizer, kind
+        self.max_length, self.mode = data.max_length, data.truncation
+        self.train_on_prompt, self.chat = data.train_on_prompt, data.chat_template
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        # a chat-wrapped prompt with no content: its head (system turn, user tag) and tail (end of turn,
+        # assistant tag) stay when a long prompt is cut, so the model still sees a well-formed chat
+        self.frame = encode_pairs(tokenizer, kind, [""], [""], chat_template=True, add_eos=False)[0][0] \
+            if self.chat and kind == "causal" else []
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        prompts = table.column("prompt").to_pylist()
+        completions = table.column("completion").to_pylist()
+        raw = [t == "" for t in table.column("template").to_pylist()]
+        pairs = self._encode(prompts, completions, raw)
+        rows, heads, tails, status, override = [], [], [], [], {}
+        for i, (p, c) in enumerate(pairs):
+            for head, tail, code in (self._raw(p, c) if raw[i] else self._pair(p, c)):
+                if code in (FIRST_WINDOW, LATER_WINDOW):
+                    override[len(rows)] = self.tokenizer.decode(tail, skip_special_tokens=True)
+                rows.append(i)
+                heads.append(head)
+                tails.append(tail)
+                status.append(code)
+        out = table.take(pa.array(rows, type=pa.int64()))
+        if override:
+            comp = out.column("completion").to_pylist()
+            for j, text in override.items():
+                comp[j] = text
+            out = out.set_column(out.schema.get_field_index("completion"), "completion", pa.array(comp, pa.string()))
+        return self._columns(out, heads, tails, status)
+
+    def _encode(self, prompts: list[str], completions: list[str], raw: list[bool]) -> list[tuple[list[int], list[int]]]:
+        pairs: list[Any] = [None] * len(prompts)
+        for is_raw in (False, True):
+            idx = [i for i, r in enumerate(raw) if r == is_raw]
+            if not idx:
+                continue
+            if is_raw and self.kind == "seq2seq":
+                raise IftError("raw-text sources (no templates) train a causal model on the text itself; "
+                               "a seq2seq model needs prompt/target pairs", "data.sources",
+                               "give the source templates, or use a causal model")
+            encoded = encode_pairs(self.tokenizer, self.kind, [prompts[i] for i in idx],
+                                   [completions[i] for i in idx], chat_template=self.chat and not is_raw)
+            for i, pair in zip(idx, encoded):
+                pairs[i] = pair
+        return pairs
+
+    def _columns(self, out: pa.Table, heads: list[list[int]], tails: list[list[int]], status: list[int]) -> pa.Table:
+        h = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
+        t = np.fromiter(map(len, tails), dtype=np.int64, count=len(tails))
+        if self.kind == "seq2seq":
+            ids, ids_off = _flat(heads, h), _offsets(h)
+            labels, lab_off = _flat(tails, t), _offsets(t)
+            length = h + t
+        else:
+            ids = _flat([x for pair in zip(heads, tails) for x in pair], np.stack([h, t], 1).ravel())
+            ids_off = lab_off = _offsets(h + t)
+            labels = ids.copy()
+            if not self.train_on_prompt:  # -100 on each row's first len(head) positions
+                starts = np.repeat(ids_off[:-1], h + t)
+                within = np.arange(len(ids), dtype=np.int64) - starts
+                labels[within < np.repeat(h, h + t)] = IGNORE
+            length = h + t
+        mask = np.ones(len(ids), dtype=np.int8)
+        return (out.append_column("input_ids", pa.ListArray.from_arrays(pa.array(ids_off), pa.array(ids)))
+                .append_column("attention_mask", pa.ListArray.from_arrays(pa.array(ids_off), pa.array(mask)))
+                .append_column("labels", pa.ListArray.from_arrays(pa.array(lab_off), pa.array(labels)))
+                .append_column("length", pa.array(length.astype(np.int32)))
+                .append_column("truncated", pa.array(np.asarray(status, dtype=np.int8))))
+
+    def _pair(self, p: list[int], c: list[int]) -> list[tuple[list[int], list[int], int]]:
+        """Fit a pair into max_length by cutting the prompt (or dropping the row): never the target."""
+        limit = self.max_length
+        if self.kind == "seq2seq":
+            if len(c) > limit:
+                return []  # the target cannot be cut: drop
+            if len(p) <= limit:
+                return [(p, c, INTACT)]
+            if self.mode == "drop":
+                return []
+            return [(_cut(p, limit, self.mode, 0, int(bool(p) and p[-1] == self.eos)), c, PROMPT_CUT)]
+        if len(p) + len(c) <= limit:
+            return [(p, c, INTACT)]
+        budget = limit - len(c)
+        if self.mode == "drop" or budget < 1:
+            return []  # drop rather than cut the target
+        return [(_cut(p, budget, self.mode, *self._frame(p)), c, PROMPT_CUT)]
+
+    def _frame(self, p: list[int]) -> tuple[int, int]:
+        """How many leading and trailing prompt tokens are template, not content (kept when cutting)."""
+        if not self.frame:
+            return int(self.bos is not None and bool(p) and p[0] == self.bos), 0
+        head = _common_prefix(p, self.frame)
+        tail = _common_prefix(p[::-1], self.frame[::-1])
+        return head, min(tail, len(self.frame) - head, len(p) - head)
+
+    def _raw(self, p: list[int], c: list[int]) -> list[tuple[list[int], list[int], int]]:
+        """Raw text: loss on every token; text longer than max_length is split into windows, not cut."""
+        limit = self.max_length
+        if len(p) + len(c) <= limit:
+            return [(p, c, INTACT)]
+        tokens = p + c
+        windows = []
+        for n, start in enumerate(range(0, len(tokens), limit)):
+            piece = tokens[start:start + limit]
+            if len(piece) < 2:
+                continue  # a 1-token window predicts nothing
+            head = piece[:max(len(p) - start, 0)]  # leading BOS of the first window: no loss, as unsplit
+            windows.append((head, piece[len(head):], FIRST_WINDOW if n == 0 else LATER_WINDOW))
+        return windows
+
+
+def _flat(seqs: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=int(lengths.sum()))
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _tokenized_features(features: Any) -> Any:
+    import datasets
+
+    extra = {"input_ids": datasets.List(datasets.Value("int32")), "attention_mask": datasets.List(datasets.Value("int8")),
+             "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"),
+             "truncated": datasets.Value("int8")}
+    return datasets.Features({**{k: v for k, v in features.items() if k not in extra}, **extra})
+
+
+def tokenize(splits: Any, tokenizer: Any, kind: str, data: DataConfig) -> tuple[Any, dict]:
+    """Token ids and loss labels for every split (cached by fingerprint); report of what was cut or dropped."""
+    import datasets
+
+    if kind not in ("causal", "seq2seq"):
+        raise IftError(f"unknown model kind '{kind}'", "model.kind", "use causal or seq2seq")
+    if data.chat_template and kind == "causal" and not getattr(tokenizer, "chat_template", None):
+        raise IftError("data.chat_template is true but the tokenizer has no chat template", "data.chat_template",
+                       "set data.chat_template: false, or use an instruct model whose tokenizer has one")
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    settings = (kind, data.max_length, data.truncation, data.train_on_prompt, data.chat_template)
+    out, report = {}, {"settings": {"kind": kind, "max_length": data.max_length, "truncation": data.truncation,
+                                    "train_on_prompt": data.train_on_prompt, "chat_template": data.chat_template}}
+    encoder = _Encoder(tokenizer, kind, data)
+    for split, ds in splits.items():
+        fp = _fingerprint("tokenize", ds._fingerprint, tok_fp, settings, CODE_VERSION)
+        num_proc = data.num_proc if data.num_proc > 1 and len(ds) >= 2 * BATCH else None
+        features = _tokenized_features(ds.features)
+        if not len(ds):  # datasets would return an empty dataset without the token columns
+            out[split] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+            report[split] = token_report(ds, out[split])
+            continue
+        mapped = ds.with_format("arrow").map(
+            encoder, batched=True, batch_size=BATCH, remove_columns=ds.column_names,
+            features=features, new_fingerprint=fp, num_proc=num_proc,
+            cache_file_name=_cache_file("tokenize", fp), desc=f"tokenizing {split}")
+        out[split] = mapped.with_format(None)
+        report[split] = token_report(ds, out[split])
+        if not len(out[split]):
+            raise IftError(f"split '{split}' ends up empty: all {len(ds)} rows are longer than data.max_length "
+                           f"({data.max_length} tokens) and were dropped", "data.max_length",
+                           "raise data.max_length, or set data.truncation: left (or right) so long prompts are cut "
+                           "instead (targets are never cut)")
+    if "train" in report:
+        train = report["train"]["sources"]
+        total = max(sum(v["tokens"] for v in train.values()), 1)
+        report["mixture_tokens"] = {n: {"tokens": v["tokens"], "token_share": round(v["tokens"] / total, 4)}
+                                    for n, v in train.items()}
+    return datasets.DatasetDict(out), report
+
+
+def _table(ds: Any) -> pa.Table | None:
+    return ds.with_format("arrow")[:] if len(ds) else None
+
+
+def _loss_counts(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    arr = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
+    offsets = arr.offsets.to_numpy()
+    values = arr.flatten().to_numpy()
+    carries = np.concatenate([[0], np.cumsum(values != IGNORE)])
+    return carries[offsets[1:] - offsets[0]] - carries[offsets[:-1] - offsets[0]]
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
+        return {}
+    q = np.percentile(values, [50, 90, 95, 99])
+    return {"p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]),
+            "max": int(values.max()), "mean": round(float(values.mean()), 1)}
+
+
+def token_report(before: Any, after: Any) -> dict:
+    """Rows, tokens, loss tokens, length percentiles, truncated and dropped rows: per split and source."""
+    t_in, t_out = _table(before), _table(after)
+    src_in = Counter(t_in.column("source").to_pylist()) if t_in is not None else Counter()
+    entry: dict[str, Any] = {"rows_in": len(before), "rows": len(after), "sources": {}}
+    if t_out is None:  # nothing left (or nothing given)
+        sources, length = np.array([], dtype=object), np.array([], dtype=np.int64)
+        status, loss = np.array([], dtype=np.int8), np.array([], dtype=np.int64)
+    else:
+        sources = np.array(t_out.column("source").to_pylist(), dtype=object)
+        length = t_out.column("length").to_numpy()
+        status = t_out.column("truncated").to_numpy()
+        loss = _loss_counts(t_out.column("labels"))
+    entry.update(_counts(length, status, loss, len(before)))
+    entry["length"] = _percentiles(length)
+    for name in sorted(set(src_in) | set(sources.tolist())):
+        m = sources == name
+        entry["sources"][name] = {**_counts(length[m], status[m], loss[m], src_in.get(name, 0)),
+                                  "rows": int(m.sum()), "length": _percentiles(length[m])}
+    return entry
+
+
+def _counts(length: np.ndarray, status: np.ndarray, loss: np.ndarray, rows_in: int) -> dict[str, int]:
+    originals = int((status != LATER_WINDOW).sum())
+    return {"tokens": int(length.sum()), "loss_tokens": int(loss.sum()), "truncated": int((status == PROMPT_CUT).sum()),
+            "split_into_windows": int((status == FIRST_WINDOW).sum()), "windows": int((status >= FIRST_WINDOW).sum()),
+            "dropped": rows_in - originals}
+
+
+# ------------------------------------------------------------------------------------- stats
+
+
+def label_distribution(ds: Any) -> dict[str, dict[str, int]]:
+    """Per source: how often each completion occurs among rows that have answer choices."""
+    table = _table(ds)
+    if table is None:
+        return {}
+    import pyarrow.compute as pc
+
+    has_choices = pc.greater(pc.list_value_length(table.column("choices")), 0)
+    rows = table.filter(has_choices).select(["source", "completion"])
+    if not rows.num_rows:
+        return {}
+    counts = rows.group_by(["source", "completion"]).aggregate([([], "count_all")]).to_pylist()
+    out: dict[str, dict[str, int]] = {}
+    for r in sorted(counts, key=lambda r: (r["source"], -r["count_all"], r["completion"])):
+        out.setdefault(r["source"], {})[r["completion"]] = r["count_all"]
+    return out
+
+
+def describe(prepared: PreparedData, tokens: Any | None = None, token_report_: dict | None = None) -> dict:
+    """Everything `ift data stats` shows, JSON-able: splits, sources, labels, tokens, leaks, mixture."""
+    out = {"splits": {}, "sources": prepared.report.get("sources", {}), "leaks": prepared.report.get("leaks", {}),
+           "mixture": dict(prepared.report.get("mixture", {}))}
+    for split in SPLITS:
+        base = prepared.report["splits"][split]
+        entry = {"rows": base["rows"], "sources": {}}
+        labels = label_distribution(prepared.splits[split])
+        tok = (token_report_ or {}).get(split, {})
+        for name, info in base["sources"].items():
+            src = {k: info[k] for k in ("rows", "templates", "skipped", "leaks_removed") if k in info}
+            if name in labels:
+                src["labels"] = labels[name]
+            if tok:
+                src["tokens"] = tok["sources"].get(name, {})
+            entry["sources"][name] = src
+        if tok:
+            entry["tokens"] = {k: v for k, v in tok.items() if k != "sources"}
+        out["splits"][split] = entry
+    if token_report_ and "mixture_tokens" in token_report_:
+        for name, v in token_report_["mixture_tokens"].items():
+            out["mixture"]["sources"][name].update(v)
+        out["tokenization"] = token_report_.get("settings", {})
+    return out
+
+
+def preview_rows(ds: Any, tokenizer: Any, kind: str, data: DataConfig, n: int = 5, seed: int = 0) -> list[dict]:
+    """`n` rows drawn (seeded) from a templated split, with their token ids and loss labels.
+
+    Tokenized directly (no cache files): what `tokenize` would produce for these rows.
+    """
+    if not len(ds):
+        return []
+    picks = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
+    table = ds.with_format("arrow")[:].take(pa.array(picks))
+    encoded = _Encoder(tokenizer, kind, data)(table)
+    return encoded.to_pylist()
