@@ -1,9 +1,170 @@
-"""`ift eval` (under construction)."""
+"""`ift eval RUN_DIR|RECIPE`: accuracy and ROUGE on a split, for a run's fine-tuned model or the untuned base.
+
+Writes its section of RUN_DIR/metrics.json (`validation` / `test`, or `base.<split>` for the base model)
+and RUN_DIR/predictions/<split>.jsonl (`base-<split>.jsonl`). `--compare` prints base vs fine-tuned.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ift.errors import IftError
+
+SPLITS = ("validation", "test")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("eval", help="(under construction)")
+    p = sub.add_parser(
+        "eval", help="evaluate a run's final model (or the base model) on a split; compare base vs fine-tuned",
+        description="Given a run directory, evaluate its final model; given a recipe (or --base), the untuned "
+                    "base model. Overrides (key.path=value) follow the run directory or recipe.",
+    )
+    p.add_argument("target", nargs="?", metavar="RUN_DIR|RECIPE", help="run directory (recipe.yaml + final/) or recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
+    p.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
+    p.add_argument("--base", action="store_true", help="evaluate the untuned base model of the run's recipe")
+    p.add_argument("--limit", type=_positive, metavar="N", help="evaluate only the first N rows")
+    p.add_argument("--batch-size", type=_positive, metavar="N", help="rows per forward pass (default: recipe)")
+    p.add_argument("--compare", nargs="?", const="", metavar="RUN_DIR",
+                   help="print base vs fine-tuned from RUN_DIR/metrics.json (no evaluation)")
+    p.set_defaults(func=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare is not None:
+        target = args.compare or args.target
+        if not target:
+            raise IftError("--compare needs a run directory", "ift eval", "ift eval --compare runs/my-run")
+        print_compare(Path(target), args.split)
+        return 0
+    if not args.target:
+        raise IftError("no run directory or recipe given", "ift eval", "ift eval runs/my-run [--split test] [--base]")
+    recipe, run_dir, tuned = resolve(Path(args.target), args.overrides, args.base)
+    rows = load_rows(recipe, args.split)  # data problems surface before a model loads
+    loaded = load_model(recipe, run_dir, tuned)
+
+    from ift.evaluation import evaluate, update_metrics_file, write_predictions
+
+    label = f"{'' if tuned else 'base '}{args.split}"
+    began = time.perf_counter()
+    metrics, predictions = evaluate(loaded.model, loaded.tokenizer, loaded.kind, rows, recipe.evaluation,
+                                    chat_template=recipe.data.chat_template, batch_size=args.batch_size,
+                                    limit=args.limit, desc=label)
+    seconds = time.perf_counter() - began
+    update_metrics_file(run_dir / "metrics.json", args.split if tuned else ("base", args.split), metrics)
+    pred_path = run_dir / "predictions" / f"{'' if tuned else 'base-'}{args.split}.jsonl"
+    write_predictions(pred_path, predictions)
+    _print_metrics(label, metrics, seconds)
+    print(f"wrote {run_dir / 'metrics.json'} ({'base.' if not tuned else ''}{args.split}) and {pred_path}")
+    return 0
+
+
+def resolve(target: Path, overrides: list[str], base: bool):
+    """(recipe, run directory, whether the fine-tuned model is evaluated)."""
+    from ift.recipe import load_recipe
+
+    if target.is_dir():
+        recipe_file = target / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise IftError(f"{target} is not a run directory (no recipe.yaml)", str(target),
+                           "give a directory written by `ift train`, or a recipe file")
+        recipe = load_recipe(recipe_file, overrides)
+        if not base and not (target / "final").is_dir():
+            raise IftError("the run has no final model", str(target / "final"),
+                           "let training finish (it writes final/), or evaluate the base model with --base")
+        return recipe, target, not base
+    if target.is_file():
+        recipe = load_recipe(target, overrides)
+        return recipe, Path(recipe.training.output_dir), False
+    raise IftError(f"no such run directory or recipe: {target}", "ift eval", "check the path")
+
+
+def load_rows(recipe, split: str):
+    from ift.data import build_splits
+    from ift.templates import TemplateLibrary
+
+    prepared = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir)))
+    splits = prepared.splits
+    if split not in splits or splits[split] is None or len(splits[split]) == 0:
+        raise IftError(f"the {split} split is empty", "data", f"give the sources a {split} split or set "
+                       f"data.{split}_size to carve one from train")
+    return splits[split]
+
+
+def load_model(recipe, run_dir: Path, tuned: bool):
+    from ift.modeling import load, load_final
+    from ift.recipe import AdapterConfig
+
+    loaded = load_final(run_dir / "final", recipe.model) if tuned else load(recipe.model, AdapterConfig())
+    _to_accelerator(loaded.model)
+    return loaded
+
+
+def _to_accelerator(model) -> None:
+    """Use a GPU when there is one; quantized models are already placed by their loader."""
+    import torch
+
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False) \
+            and not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _print_metrics(label: str, metrics: dict, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"]
+    table = Table(title=f"{label}: {metrics.get('n', 0)} rows, {seconds:.1f} s")
+    table.add_column("group")
+    for name in names + ["n"]:
+        table.add_column(name, justify="right")
+    table.add_row("all", *(_fmt(metrics.get(k)) for k in names + ["n"]))
+    for key in ("by_source", "by_template"):
+        groups = metrics.get(key) or {}
+        if len(groups) > 1:
+            for group, figures in groups.items():
+                table.add_row(f"{key[3:]}: {group}", *(_fmt(figures.get(k)) for k in names + ["n"]))
+    Console().print(table)
+
+
+def print_compare(run_dir: Path, split: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ift.evaluation import compare_table, read_metrics_file
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise IftError("no metrics.json in the run directory", str(run_dir), "train or evaluate the run first")
+    metrics = read_metrics_file(path)
+    if not (metrics.get("base") or {}).get(split):
+        raise IftError(f"no base-model results for the {split} split", str(path),
+                       f"run `ift eval {run_dir} --base --split {split}` first")
+    if not metrics.get(split):
+        raise IftError(f"no fine-tuned results for the {split} split", str(path),
+                       f"run `ift eval {run_dir} --split {split}` first")
+    rows = compare_table(metrics, split)
+    table = Table(title=f"{run_dir} — {split}: base vs fine-tuned")
+    for col in ("metric", "base", "fine-tuned", "delta"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in rows:
+        delta = "—" if r["delta"] is None else f"{r['delta']:+.4f}"
+        table.add_row(r["metric"], _fmt(r["base"]), _fmt(r["fine-tuned"]), delta)
+    Console().print(table)

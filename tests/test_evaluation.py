@@ -1,0 +1,489 @@
+"""ift.evaluation and `ift eval`: rank scoring, generation, exact match, ROUGE, metrics files, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama, build_tiny_tokenizer
+from ift import evaluation as ev
+from ift.encoding import encode_pairs
+from ift.errors import IftError
+from ift.recipe import EvaluationConfig
+
+PROMPTS = [
+    "Headline: profits up. Sentiment:",
+    "The bank reported a loss and its stock fell sharply. Is the news positive, negative or neutral?",
+    "Question: what is the answer? Answer:",
+    "Revenue was flat.",
+    "Shares rose",
+    "Summarize the conversation.",
+    "#Person1#: Hello, how can I help you?",
+]
+# different numbers of choices per row, single- and multi-token choices
+CHOICES = [
+    ["positive", "negative"],
+    ["positive", "negative", "neutral"],
+    ["yes", "no", "maybe", "yes no maybe"],
+    ["flat"],
+    ["up", "down", "sideways a lot"],
+    ["The customer asked for a refund", "no"],
+    ["Hi there friend", "x", "I lost my card"],
+]
+
+
+def naive_scores(model, tokenizer, kind):
+    """One forward pass per (prompt, choice), full log-softmax: the reference the fast path must equal."""
+    out = []
+    with torch.no_grad():
+        for prompt, choices in zip(PROMPTS, CHOICES):
+            row = []
+            for choice in choices:
+                p, c = encode_pairs(tokenizer, kind, [prompt], [choice], add_eos=False)[0]
+                if kind == "causal":
+                    logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+                    row.append(sum(float(logp[len(p) - 1 + t, c[t]]) for t in range(len(c))))
+                else:
+                    dec = torch.tensor([[model.config.decoder_start_token_id] + c[:-1]])
+                    logp = model(input_ids=torch.tensor([p]), decoder_input_ids=dec).logits[0].log_softmax(-1)
+                    row.append(sum(float(logp[t, c[t]]) for t in range(len(c))))
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------- rank scoring
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_scores_equal_naive_loop_at_any_batch_size(kind, tiny_tokenizer, tiny_llama, tiny_t5):
+    model = (tiny_llama if kind == "causal" else tiny_t5).eval()
+    reference = naive_scores(model, tiny_tokenizer, kind)
+    for batch_size in (1, 2, 7):
+        scores = ev.score_choices(model, tiny_tokenizer, kind, PROMPTS, CHOICES, batch_size=batch_size)
+        assert [len(r) for r in scores] == [len(c) for c in CHOICES]
+        for row, ref, choices in zip(scores, reference, CHOICES):
+            for (total, mean), expected, choice in zip(row, ref, choices):
+                assert total == pytest.approx(expected, abs=1e-5), (batch_size, choice)
+                n = len(encode_pairs(tiny_tokenizer, kind, ["x"], [choice], add_eos=False)[0][1])
+                assert mean == pytest.approx(total / n, abs=1e-9)
+
+
+def test_peft_wrapped_model_scores_and_training_mode_restored(tiny_tokenizer, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    plain = ev.score_choices(tiny_llama, tiny_tokenizer, "causal", PROMPTS[:3], CHOICES[:3])
+    plain_text = ev.generate(tiny_llama, tiny_tokenizer, "causal", PROMPTS[:3], max_new_tokens=4)
+    model = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.1))
+    model.train()
+    wrapped = ev.score_choices(model, tiny_tokenizer, "causal", PROMPTS[:3], CHOICES[:3], batch_size=2)
+    # LoRA starts as a no-op (B = 0) and dropout is off in eval mode: the same scores
+    for a, b in zip(plain, wrapped):
+        assert [s for s, _ in a] == pytest.approx([s for s, _ in b], abs=1e-5)
+    assert ev.generate(model, tiny_tokenizer, "causal", PROMPTS[:3], max_new_tokens=4) == plain_text
+    assert model.training and all(m.training for m in model.modules())
+
+
+# A bigram language model built by hand: the log-probabilities of every choice are known exactly.
+BIGRAM_WORDS = ["<pad>", "</s>", "<unk>", "q", "a", "b", "c", "d", "e", "f", "g", "h"]
+
+
+def bigram_model(next_probs: dict[str, dict[str, float]]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(BIGRAM_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    v = len(vocab)
+    config = LlamaConfig(vocab_size=v, hidden_size=v, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-12,
+                         pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    table = torch.full((v, v), math.log(1e-9))  # table[next, prev] = log p(next | prev)
+    for prev, dist in next_probs.items():
+        rest = (1.0 - sum(dist.values())) / (v - len(dist))
+        table[:, vocab[prev]] = math.log(rest)
+        for nxt, p in dist.items():
+            table[vocab[nxt], vocab[prev]] = math.log(p)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(v))  # one-hot states
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()  # the layer adds nothing: logits depend on the last token only
+        layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)  # RMSNorm of a one-hot vector = sqrt(v) * one-hot
+        model.lm_head.weight.copy_(table / math.sqrt(v))
+    return model, tokenizer
+
+
+def test_length_normalisation_changes_the_pick_on_a_constructed_case():
+    # after "q": "a" has p=0.3; "b" has 0.2, then "c" and "d" follow almost surely
+    model, tok = bigram_model({"q": {"a": 0.3, "b": 0.2, "e": 0.1}, "b": {"c": 0.99}, "c": {"d": 0.99}})
+    (short, long), = ev.score_choices(model, tok, "causal", ["q"], [["a", "b c d"]])
+    assert short[0] == pytest.approx(math.log(0.3), abs=1e-4)
+    assert long[0] == pytest.approx(math.log(0.2) + 2 * math.log(0.99), abs=1e-4)
+    assert long[1] == pytest.approx(long[0] / 3, abs=1e-6)
+    rows = [{"prompt": "q", "completion": "b c d", "choices": ["a", "b c d"], "source": "s", "template": "t"}]
+    metrics, preds = ev.evaluate(model, tok, "causal", rows, EvaluationConfig(metrics=["accuracy"]))
+    # the summed score prefers the short choice, the per-token mean the long one
+    assert (metrics["accuracy"], metrics["accuracy_norm"]) == (0.0, 1.0)
+    assert preds[0]["prediction"] == "a" and preds[0]["correct"] is False and preds[0]["correct_norm"] is True
+
+
+def test_chat_template_choices_are_scored_without_the_turn_closing_tokens(tiny_tokenizer):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    encoded = ev._encode_choices(tok, "causal", ["Revenue was flat."], [["positive", "no"]], chat_template=True)
+    (prompt_ids, choice_ids), = encoded
+    assert tok.decode(prompt_ids).endswith("<assistant>")
+    assert [tok.decode(c) for c in choice_ids] == ["positive", "no"]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_batched_generation_equals_one_by_one(tiny_tokenizer):
+    model = build_tiny_llama(tiny_tokenizer, seed=3)
+    with torch.no_grad():  # larger weights: distinct logits, so greedy ties cannot hide a padding bug
+        for p in model.parameters():
+            p.mul_(20.0) if p.dim() > 1 else None
+    batched = ev.generate(model, tiny_tokenizer, "causal", PROMPTS, max_new_tokens=10, batch_size=7)
+    single = [ev.generate(model, tiny_tokenizer, "causal", [p], max_new_tokens=10, batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    assert len(set(batched)) > 1
+
+
+def test_seq2seq_generation_batched_equals_one_by_one(tiny_tokenizer, tiny_t5):
+    batched = ev.generate(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS[:4], max_new_tokens=6, batch_size=4)
+    single = [ev.generate(tiny_t5, tiny_tokenizer, "seq2seq", [p], max_new_tokens=6)[0] for p in PROMPTS[:4]]
+    assert batched == single
+
+
+TRAIN_PAIRS = [
+    ("Headline: profits up. Sentiment:", "positive"),
+    ("Shares of the company rose after strong quarterly earnings. Sentiment:", "positive"),
+    ("The bank reported a loss and its stock fell sharply. Sentiment:", "negative"),
+    ("Headline: profits down. Sentiment:", "negative"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model fine-tuned on pad == eos data (the classic 'never stops' setup), with its tokenizer."""
+    tok = build_tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == tok.eos_token_id
+    model = build_tiny_llama(tok, seed=1)
+    pairs = encode_pairs(tok, "causal", [p for p, _ in TRAIN_PAIRS], [c for _, c in TRAIN_PAIRS], add_eos=True)
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id)
+    labels = torch.full((len(pairs), width), -100)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)  # the EOS carries loss even though pad == eos
+        mask[i, : len(p) + len(c)] = 1
+    torch.manual_seed(0)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(80):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    assert loss.item() < 0.05
+    return model, tok
+
+
+def test_fine_tuned_generations_end_with_eos(trained):
+    model, tok = trained
+    prompts = [p for p, _ in TRAIN_PAIRS]
+    ids = ev._generate_ids(model, tok, "causal", prompts, max_new_tokens=24, batch_size=4, chat_template=False)
+    for row in ids:
+        assert row[-1] == tok.eos_token_id and len(row) < 24
+    texts = ev.generate(model, tok, "causal", prompts, max_new_tokens=24, batch_size=4)
+    assert texts == [c for _, c in TRAIN_PAIRS]
+    assert model.training  # restored
+
+
+def test_rank_accuracy_on_known_answers_and_breakdowns(trained):
+    model, tok = trained
+    rows = [{"prompt": p, "completion": c, "choices": ["neutral", "negative", "positive"],
+             "source": "news" if i % 2 else "headlines", "template": "sentiment"}
+            for i, (p, c) in enumerate(TRAIN_PAIRS)]
+    rows.append({"prompt": TRAIN_PAIRS[0][0], "completion": "positive", "choices": [], "source": "news",
+                 "template": "free"})
+    cfg = EvaluationConfig(metrics=["loss", "accuracy", "rouge"], max_new_tokens=8)
+    metrics, preds = ev.evaluate(model, tok, "causal", rows, cfg, batch_size=2, desc="test")
+    assert metrics["accuracy"] == 1.0 and metrics["accuracy_norm"] == 1.0 and metrics["n"] == 5
+    assert metrics["rouge1"] == pytest.approx(1.0)  # the generated row only
+    assert set(metrics["by_source"]) == {"news", "headlines"}
+    # one-word target: ROUGE-2 has no bigram to match
+    assert metrics["by_template"]["free"] == {"accuracy": 1.0, "rouge1": 1.0, "rouge2": 0.0, "rougeL": 1.0,
+                                              "rougeLsum": 1.0, "n": 1}
+    assert metrics["by_template"]["sentiment"]["n"] == 4 and "rouge1" not in metrics["by_template"]["sentiment"]
+    assert [p["mode"] for p in preds] == ["rank"] * 4 + ["generate"]
+    first = preds[0]
+    assert first["prediction"] == "positive" and first["correct"] is True and first["target"] == "positive"
+    assert [s["choice"] for s in first["choice_scores"]] == ["neutral", "negative", "positive"]
+    assert max(first["choice_scores"], key=lambda s: s["sum"])["choice"] == "positive"
+    # generate mode: exact match on greedy output, for rows with choices too
+    gen_cfg = EvaluationConfig(metrics=["accuracy"], accuracy_mode="generate", max_new_tokens=8)
+    from datasets import Dataset  # rows as ift.data.build_splits returns them
+
+    metrics, preds = ev.evaluate(model, tok, "causal", Dataset.from_list(rows[:4]), gen_cfg, limit=3)
+    assert metrics == {**metrics, "accuracy": 1.0, "n": 3} and "accuracy_norm" not in metrics
+    assert all(p["mode"] == "generate" and p["choice_scores"] is None for p in preds)
+
+
+def test_evaluate_rejects_bad_rows_and_settings(tiny_tokenizer, tiny_llama):
+    cfg = EvaluationConfig(metrics=["accuracy"])
+    row = {"prompt": "Revenue was flat.", "completion": "flat", "choices": ["up", "down"], "source": "s",
+           "template": "t"}
+    with pytest.raises(IftError, match="not one of the answer choices"):
+        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [row], cfg)
+    with pytest.raises(IftError, match="prompt has no tokens"):
+        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [{**row, "prompt": "", "completion": "up"}], cfg)
+    with pytest.raises(IftError, match="split is empty"):
+        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [], cfg)
+    with pytest.raises(IftError, match="has a target"):
+        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [{**row, "completion": ""}], cfg)
+    with pytest.raises(IftError, match="unknown metric"):
+        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [row], EvaluationConfig.model_construct(metrics=["bleu"]))
+    with pytest.raises(IftError, match="cannot generate"):
+        ev.evaluate(tiny_llama.model, tiny_tokenizer, "causal", [{**row, "choices": []}], cfg)
+
+
+def test_several_processes_each_score_their_share_and_gather(monkeypatch, tiny_tokenizer, tiny_llama):
+    import accelerate.utils
+
+    rows = [{"prompt": p, "completion": cs[0], "choices": cs, "source": "s", "template": "t"}
+            for p, cs in zip(PROMPTS, CHOICES)]
+    cfg = EvaluationConfig(metrics=["accuracy"])
+    metrics, full = ev.evaluate(tiny_llama, tiny_tokenizer, "causal", rows, cfg)
+    for index in (0, 1):
+        lo, hi = ev.shard_range(len(rows), 2, index)
+
+        def gather(local, lo=lo, hi=hi):
+            # this process scored exactly its share (scores equal up to float noise of another batch shape)
+            assert [p["prompt"] for p in local] == [p["prompt"] for p in full[lo:hi]]
+            for mine, ref in zip(local, full[lo:hi]):
+                assert [s["sum"] for s in mine["choice_scores"]] == pytest.approx(
+                    [s["sum"] for s in ref["choice_scores"]], abs=1e-5)
+            return full
+
+        monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+        acc = SimpleNamespace(num_processes=2, process_index=index, is_main_process=index == 0,
+                              unwrap_model=lambda m: m)
+        assert ev.evaluate(tiny_llama, tiny_tokenizer, "causal", rows, cfg, accelerator=acc) == (metrics, full)
+
+
+def test_shard_ranges_cover_rows_in_order():
+    for n in (0, 1, 5, 8):
+        spans = [ev.shard_range(n, 3, i) for i in range(3)]
+        assert [i for lo, hi in spans for i in range(lo, hi)] == list(range(n))
+
+
+# ---------------------------------------------------------------- text metrics
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("Positive", "positive", True),
+    ("  positive.\n", "positive", True),
+    ("\"Positive!\"", "positive", True),
+    ("new   york\tcity", "New York City", True),
+    ("U.S.", "u.s", True),
+    ("not positive", "positive", False),
+    ("positive negative", "positive", False),
+    ("", "", True),
+    ("", "positive", False),
+    ("yes", ["no", "Yes."], True),
+])
+def test_exact_match_normalisation(prediction, reference, expected):
+    assert ev.exact_match([prediction], [reference]) == float(expected)
+
+
+def test_exact_match_is_a_fraction_and_checks_lengths():
+    assert ev.exact_match(["a", "b", "c", "d"], ["a", "x", "C", "d."]) == 0.75
+    with pytest.raises(IftError):
+        ev.exact_match(["a"], ["a", "b"])
+
+
+def _rouge_score_means(predictions, references, use_stemmer=True):
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ev.ROUGE_KEYS), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(ev.ROUGE_KEYS, 0.0)
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score_multi(ref, pred) if isinstance(ref, list) else scorer.score(ref, pred)
+        for k in ev.ROUGE_KEYS:
+            totals[k] += scores[k].fmeasure
+    return {k: v / len(predictions) for k, v in totals.items()}
+
+
+def test_rouge_parity_small_case():
+    preds = ["The cats were sitting on the mat.", "profits rose sharply", "", "a b c\nd e"]
+    refs = ["the cat sat on the mat", "Profits fell.", "nothing", "a b\nc d e"]
+    for stem in (True, False):
+        expected = _rouge_score_means(preds, refs, stem)
+        assert ev.rouge(preds, refs, use_stemmer=stem) == pytest.approx(expected, abs=1e-12)
+    assert ev.rouge(["hello there"], ["hello there"]) == dict.fromkeys(ev.ROUGE_KEYS, 1.0)
+    multi = [["the cat sat", "a dog ran"], ["profits rose"]]
+    assert ev.rouge(preds[:2], multi) == pytest.approx(_rouge_score_means(preds[:2], multi), abs=1e-12)
+
+
+def test_rouge_parity_on_dialogsum(shared_data):
+    path = shared_data / "dialogsum" / "test.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) >= 100
+    preds = [r["summary1"] for r in rows]
+    single = [r["summary2"] for r in rows]
+    multi = [[r["summary2"], r["summary3"]] for r in rows]
+    assert ev.rouge(preds, single) == pytest.approx(_rouge_score_means(preds, single), abs=1e-12)
+    assert ev.rouge(preds, multi) == pytest.approx(_rouge_score_means(preds, multi), abs=1e-12)
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_update_metrics_file_merges_sections(tmp_path):
+    path = tmp_path / "run" / "metrics.json"
+    ev.update_metrics_file(path, "validation", {"loss": 1.5})
+    ev.update_metrics_file(path, "test", {"loss": 1.0, "accuracy": 0.5})
+    ev.update_metrics_file(path, ("base", "test"), {"accuracy": 0.25})
+    ev.update_metrics_file(path, "test", {"accuracy": 0.75, "rouge1": 0.4})
+    ev.update_metrics_file(path, "base.validation", {"accuracy": 0.1})
+    data = json.loads(path.read_text())
+    assert data == {"validation": {"loss": 1.5}, "test": {"loss": 1.0, "accuracy": 0.75, "rouge1": 0.4},
+                    "base": {"test": {"accuracy": 0.25}, "validation": {"accuracy": 0.1}}}
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left
+    path.write_text("{broken")
+    with pytest.raises(IftError, match="not valid JSON"):
+        ev.update_metrics_file(path, "test", {"accuracy": 1.0})
+
+
+def test_write_predictions_jsonl(tmp_path):
+    path = tmp_path / "predictions" / "test.jsonl"
+    preds = [{"prompt": "p", "target": "t", "prediction": "é", "correct": True}, {"prompt": "q", "correct": None}]
+    ev.write_predictions(path, preds)
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == preds
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test.jsonl"]
+
+
+def test_compare_table():
+    metrics = {"test": {"accuracy": 0.8, "rouge1": 0.4, "loss": 1.0}, "base": {"test": {"accuracy": 0.5}}}
+    rows = ev.compare_table(metrics)
+    assert rows[0] == {"metric": "accuracy", "base": 0.5, "fine-tuned": 0.8, "delta": pytest.approx(0.3)}
+    assert rows[1] == {"metric": "rouge1", "base": None, "fine-tuned": 0.4, "delta": None}
+    assert len(rows) == 2
+
+
+# ---------------------------------------------------------------- CLI
+
+
+RECIPE = """\
+model: {{name_or_path: tiny-test-model}}
+data: {{sources: [{{path: {data}}}]}}
+training: {{output_dir: {out}}}
+evaluation: {{metrics: [accuracy, rouge], batch_size: 4, max_new_tokens: 6}}
+"""
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(RECIPE.format(data=tmp_path / "data.jsonl", out=run))
+    return run
+
+
+def _cli(capsys, *argv):
+    from ift.cli import main
+
+    code = main(["eval", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def fake_loading(monkeypatch, tiny_tokenizer):
+    """ift eval with a tiny model and in-memory rows instead of the recipe's model and data."""
+    import ift.cli.eval as cli_eval
+
+    state = {"rows": [
+        {"prompt": "Headline: profits up. Sentiment:", "completion": "positive",
+         "choices": ["positive", "negative"], "source": "news", "template": "t1"},
+        {"prompt": "Summarize the conversation.", "completion": "The customer asked for a refund",
+         "choices": [], "source": "dialog", "template": "t2"},
+    ], "model": build_tiny_llama(tiny_tokenizer), "loaded_tuned": []}
+
+    def load_model(recipe, run_dir, tuned):
+        state["loaded_tuned"].append(tuned)
+        return SimpleNamespace(model=state["model"], tokenizer=tiny_tokenizer, kind="causal")
+
+    monkeypatch.setattr(cli_eval, "load_rows", lambda recipe, split: state["rows"])
+    monkeypatch.setattr(cli_eval, "load_model", load_model)
+    return state
+
+
+def test_cli_writes_sections_predictions_and_compares(capsys, run_dir, fake_loading):
+    code, out, err = _cli(capsys, run_dir, "--base", "--limit", "2")
+    assert code == 0, err
+    (run_dir / "final").mkdir()
+    code, out, err = _cli(capsys, run_dir, "--split", "test")
+    assert code == 0, err
+    assert fake_loading["loaded_tuned"] == [False, True]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"base", "test"} and set(metrics["base"]) == {"test"}
+    for section in (metrics["test"], metrics["base"]["test"]):
+        assert {"accuracy", "accuracy_norm", "rouge1", "rougeLsum", "n", "by_source", "by_template"} <= set(section)
+    for name in ("test.jsonl", "base-test.jsonl"):
+        lines = (run_dir / "predictions" / name).read_text().splitlines()
+        assert [json.loads(x)["target"] for x in lines] == ["positive", "The customer asked for a refund"]
+    code, out, err = _cli(capsys, "--compare", run_dir)
+    assert code == 0, err
+    assert "fine-tuned" in out and "rouge1" in out and "accuracy" in out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such run directory"),
+    ("no_recipe", "not a run directory"),
+    ("no_final", "no final model"),
+    ("bad_override", "invalid value"),
+    ("compare_no_base", "no base-model results"),
+    ("empty_split", "split is empty"),
+    ("no_targets", "has a target"),
+    ("cannot_generate", "cannot generate"),
+])
+def test_cli_errors_exit_2(case, message, capsys, tmp_path, run_dir, fake_loading):
+    args = [run_dir, "--base"]
+    if case == "missing":
+        args = [tmp_path / "nope"]
+    elif case == "no_recipe":
+        args = [tmp_path]
+    elif case == "no_final":
+        args = [run_dir]
+    elif case == "bad_override":
+        args = [run_dir, "evaluation.metrics=[bleu]", "--base"]
+    elif case == "compare_no_base":
+        ev.update_metrics_file(run_dir / "metrics.json", "test", {"accuracy": 0.5})
+        args = ["--compare", run_dir]
+    elif case == "empty_split":
+        fake_loading["rows"] = []
+    elif case == "no_targets":
+        fake_loading["rows"] = [{**r, "completion": ""} for r in fake_loading["rows"]]
+    elif case == "cannot_generate":
+        fake_loading["model"] = fake_loading["model"].model  # LlamaModel: no language-modelling head
+    code, out, err = _cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err
