@@ -460,11 +460,11 @@ def shard_range(n: int, num_processes: int, index: int) -> tuple[int, int]:
 def _as_rows(rows, limit: int | None, desc: str) -> list[dict]:
     if rows is None:
         raise IftError(f"no rows to evaluate ({desc})", None, "check the data section of the recipe")
-    if limit is not None and hasattr(rows, "select"):  # datasets.Dataset: avoid materializing all rows
-        rows = rows.select(range(min(limit, len(rows))))
+    if limit is not None and limit < len(rows):
+        # evenly spread, not the first `limit`: splits are ordered by source, and every source should count
+        keep = [round(i * (len(rows) - 1) / max(limit - 1, 1)) for i in range(limit)] if limit > 1 else [0]
+        rows = rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
     out = rows.to_list() if hasattr(rows, "to_list") else list(rows)
-    if limit is not None:
-        out = out[:limit]
     if not out:
         raise IftError(f"the {desc} split is empty", None,
                        "give the source a non-empty split, or set data.validation_size / data.test_size")
@@ -498,8 +498,10 @@ def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, ch
     rank = [i for i, r in enumerate(rows)
             if want_acc and cfg.accuracy_mode in ("auto", "rank") and r.get("choices")]
     ranked = set(rank)
-    gen = [i for i in range(len(rows)) if i not in ranked
-           and ((want_acc and cfg.accuracy_mode in ("auto", "generate")) or want_rouge)]
+    # Exact match on free-form targets (summaries) is meaningless; in auto mode with ROUGE asked for,
+    # rows without choices are scored by ROUGE alone, so the headline accuracy stays a classification figure.
+    exact = want_acc and (cfg.accuracy_mode == "generate" or (cfg.accuracy_mode == "auto" and not want_rouge))
+    gen = [i for i in range(len(rows)) if i not in ranked and (exact or want_rouge)]
     preds = [_blank_prediction(r) for r in rows]
     if gen:
         check_can_generate(model)  # before any scoring: fail fast
@@ -517,7 +519,7 @@ def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, ch
         for i, text in zip(gen, texts):
             p = preds[i]
             p["prediction"], p["mode"] = text, "generate"
-            if want_acc and cfg.accuracy_mode in ("auto", "generate"):
+            if exact:
                 p["correct"] = normalize_answer(text) == normalize_answer(p["target"])
     return preds
 
