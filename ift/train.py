@@ -234,6 +234,10 @@ def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
         _update_metrics(run_dir, progress, results)
         _finish_outputs(run_dir, recipe, library)
     accelerator.end_training()
+    if main and "base" in results:
+        from ift.cli.eval import print_compare
+
+        print_compare(run_dir, "test")
     say(f"done: {run_dir}")
     return run_dir
 
