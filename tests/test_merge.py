@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from conftest import build_tiny_llama, build_tiny_t5, build_tiny_tokenizer
@@ -148,7 +149,9 @@ def test_merge_errors_exit_2(tmp_path, capsys, case, message):
 
 def test_merge_refuses_a_scratch_base(tmp_path):
     run = _make_run(tmp_path)
-    load_recipe(run / "recipe.yaml", ["model.init=scratch", "model.name_or_path=null",
-                                      "model.config={model_type: llama}"]).save(run / "recipe.yaml")
-    with pytest.raises(IftError, match="randomly initialised base"):
+    raw = yaml.safe_load((run / "recipe.yaml").read_text())
+    raw["model"].update(init="scratch", name_or_path=None, config={"model_type": "llama"})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    # LoRA on a random base is refused as soon as the recipe is read, before any weights load
+    with pytest.raises(IftError, match="a scratch model has none"):
         merge(run)
