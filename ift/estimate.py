@@ -773,8 +773,8 @@ def compute(info: ModelInfo, setup: Setup, tokens: float, loss_tokens: float, me
     else:
         flops = 2 * (body + head) + 3 * attention + 6 * adapter_n * all_tokens
         rule = 4 * (pc.linear + pc.head) * all_tokens
-    if setup.gradient_checkpointing:
-        flops += body + attention
+    if setup.gradient_checkpointing:  # one more forward of the blocks, adapters included
+        flops += body + attention + 2 * adapter_n * all_tokens
     elif setup.method != "none":
         # nothing before the first block's q/k/v needs a gradient (frozen embedding): their backward is skipped
         flops -= 2 * pc.block_input_linear * tokens

@@ -8,10 +8,14 @@ close the assistant turn), as T0 did: the score is log p(choice tokens | prompt)
 tokens ("accuracy") and divided by their number ("accuracy_norm").
 
 Rank scoring runs each prompt once. Causal models: the left-padded prompts go through the model with the
-KV cache on, the last prompt position gives every choice's first token, and the remaining choice tokens
-continue from a copy of the cache (one row per choice). Seq2seq: the encoder runs once per prompt and the
-decoder scores every choice. Position ids follow the attention mask, so scores do not depend on batch
-size or padding. Log-probabilities are computed only where a choice token is predicted.
+KV cache on (a prefix all prompts of a batch share runs once), the last prompt position gives every
+choice's first token, and the remaining choice tokens continue from a copy of the cache (one row per
+choice). Seq2seq: the encoder runs once per prompt and the decoder scores every choice. Position ids
+follow the attention mask, so scores do not depend on batch size or padding. Log-probabilities are
+computed only where a choice token is predicted.
+
+Generation is greedy. Causal models decode with the same prefill and KV cache, one step for the whole
+batch, and drop a row as soon as it emits EOS; seq2seq models use transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 KNOWN_METRICS = ("loss", "accuracy", "rouge")
 COMPARED = ("accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum")
 ROUGE_MODULE = Path(__file__).resolve().parent / "metrics" / "rouge"
+# A prefix shared by a batch's prompts runs once when at least this long (shorter: not worth a forward pass).
+MIN_SHARED_PREFIX = 16
 # Continuation rows per forward pass, as a multiple of the prompt batch: each row holds a copy of its
 # prompt's KV cache, so this bounds memory at a few times that of the prompt pass.
 CHOICES_PER_PROMPT = 4
@@ -266,16 +272,50 @@ def _batches(lengths: Sequence[int], batch_size: int, keep: Sequence[bool] | Non
         yield order[start:start + batch_size]
 
 
+def _prefill(model, prompts: Sequence[Sequence[int]], pad: int, device):
+    """Prompts through the model with the KV cache on: (next-token logits [B, V], cache, attention mask [B, T]).
+
+    Left padding; position ids follow the mask. A prefix every prompt of the batch shares (an instruction,
+    few-shot examples, a chat system prompt) runs once and its cache is copied to every row; the padding then
+    sits between that prefix and each prompt's own tokens, masked like any padding.
+    """
+    import torch
+
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    n = len(prompts)
+    # at least one token of each prompt stays in the second pass: its logits predict the answer
+    shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1) if n > 1 else 0
+    cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        head = torch.tensor([list(prompts[0][:shared])], device=device)
+        out = model(input_ids=head, attention_mask=torch.ones_like(head),
+                    position_ids=torch.arange(shared, device=device).unsqueeze(0), use_cache=True, **keep_last)
+        cache = _select_cache(out.past_key_values, torch.zeros(n, dtype=torch.long, device=device))
+    else:
+        shared = 0
+    ids, tail_mask = _pad([p[shared:] for p in prompts], pad, left=True)
+    mask = torch.cat([torch.ones((n, shared), dtype=torch.long), tail_mask], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                past_key_values=cache, use_cache=True, **keep_last)
+    return out.logits[:, -1].float(), out.past_key_values, mask
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n
+
+
 def _score_causal(model, encoded, batch_size: int, pad: int, bar) -> list[list[float]]:
     device = _device(model)
-    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     sums: list[list[float]] = [[0.0] * len(cs) for _, cs in encoded]
     for idx in _batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
-        ids, mask = _pad([encoded[i][0] for i in idx], pad, left=True)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    use_cache=True, **keep_last)
-        first = out.logits[:, -1].float().log_softmax(-1)  # next-token distribution after each prompt
+        last, cache, mask = _prefill(model, [encoded[i][0] for i in idx], pad, device)
+        first = last.log_softmax(-1)  # next-token distribution after each prompt
         items = [(b, j, c) for b, i in enumerate(idx) for j, c in enumerate(encoded[i][1])]
         for b, j, c in items:
             sums[idx[b]][j] = float(first[b, c[0]])
@@ -283,7 +323,7 @@ def _score_causal(model, encoded, batch_size: int, pad: int, bar) -> list[list[f
         step = max(1, batch_size * CHOICES_PER_PROMPT)
         for start in range(0, len(rest), step):
             chunk = rest[start:start + step]
-            more = _continue_choices(model, out.past_key_values, mask, chunk, pad, device)
+            more = _continue_choices(model, cache, mask, chunk, pad, device)
             for (b, j, _), extra in zip(chunk, more.tolist()):
                 sums[idx[b]][j] += extra
         bar.update(len(idx))
@@ -354,19 +394,56 @@ def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str], *, max_ne
     encoded = _encode_prompts(tokenizer, kind, prompts, chat_template)
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
-    config = _generation_config(model, max_new_tokens, eos, pad)
     device = _device(model)
     out: list[list[int]] = [[] for _ in prompts]
     with _inference(model), _progress(len(prompts), desc) as bar:
         for idx in _batches([len(p) for p in encoded], batch_size):
-            ids, mask = _pad([encoded[i] for i in idx], pad, left=kind == "causal")
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-            # causal output repeats the prompt; seq2seq output starts with the decoder start token
-            new = gen[:, ids.shape[1]:] if kind == "causal" else gen[:, 1:]
-            for b, i in enumerate(idx):
-                out[i] = _until_eos(new[b].tolist(), eos)
+            batch = [encoded[i] for i in idx]
+            if kind == "causal":
+                new = _greedy_causal(model, batch, max_new_tokens, eos, pad, device)
+            else:
+                new = _greedy_seq2seq(model, batch, max_new_tokens, eos, pad, device)
+            for i, ids in zip(idx, new):
+                out[i] = _until_eos(ids, eos)
             bar.update(len(idx))
     return out
+
+
+def _greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad: int,
+                   device) -> list[list[int]]:
+    """Greedy decoding with the KV cache; a row leaves the batch once it emits EOS, so no step is spent on it."""
+    import torch
+
+    logits, cache, mask = _prefill(model, prompts, pad, device)
+    out: list[list[int]] = [[] for _ in prompts]
+    alive = torch.arange(len(prompts))  # batch row -> prompt index
+    pos = mask.sum(-1)  # the next token's position in each row
+    stop = torch.tensor(eos)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1).cpu()
+        for r, i in enumerate(alive.tolist()):
+            out[i].append(int(nxt[r]))
+        going = ~torch.isin(nxt, stop)
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            alive, nxt, pos, mask = alive[keep], nxt[keep], pos[keep], mask[keep]
+            cache = _select_cache(cache, keep.to(device))
+        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
+        step_out = model(input_ids=nxt.unsqueeze(1).to(device), attention_mask=mask.to(device),
+                         position_ids=pos.unsqueeze(1).to(device), past_key_values=cache, use_cache=True)
+        logits, cache, pos = step_out.logits[:, -1].float(), step_out.past_key_values, pos + 1
+    return out
+
+
+def _greedy_seq2seq(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad: int,
+                    device) -> list[list[int]]:
+    """transformers' generate, greedy: the encoder runs once, the decoder's right side needs no padding tricks."""
+    ids, mask = _pad(prompts, pad, left=False)
+    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         generation_config=_generation_config(model, max_new_tokens, eos, pad))
+    return gen[:, 1:].tolist()  # the output starts with the decoder start token
 
 
 def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:

@@ -321,7 +321,7 @@ def test_advice_stacks_changes_when_no_single_one_fits_and_gives_up_when_nothing
 # ---------------------------------------------------------------- compute
 
 
-@pytest.mark.parametrize("method, checkpointing", [("none", False), ("lora", False), ("none", True)])
+@pytest.mark.parametrize("method, checkpointing", [("none", False), ("lora", False), ("none", True), ("lora", True)])
 def test_flops_match_the_profiler(method, checkpointing):
     from peft import LoraConfig, get_peft_model
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -334,6 +334,8 @@ def test_flops_match_the_profiler(method, checkpointing):
     model = LlamaForCausalLM(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "lora":
+            model.enable_input_require_grads()  # as ift.modeling does
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     model.train()

@@ -37,11 +37,17 @@ CHOICES = [
 ]
 
 
-def naive_scores(model, tokenizer, kind):
+# The same prompts behind a long shared instruction: the batch's common prefix runs once.
+HEAD = "Question: what is the answer? Is the news positive, negative or neutral? Answer: yes no maybe. " * 2
+SHARED = [HEAD + p for p in PROMPTS]
+PROMPT_SETS = {"plain": PROMPTS, "shared_prefix": SHARED}
+
+
+def naive_scores(model, tokenizer, kind, prompts=PROMPTS):
     """One forward pass per (prompt, choice), full log-softmax: the reference the fast path must equal."""
     out = []
     with torch.no_grad():
-        for prompt, choices in zip(PROMPTS, CHOICES):
+        for prompt, choices in zip(prompts, CHOICES):
             row = []
             for choice in choices:
                 p, c = encode_pairs(tokenizer, kind, [prompt], [choice], add_eos=False)[0]
@@ -59,12 +65,17 @@ def naive_scores(model, tokenizer, kind):
 # ---------------------------------------------------------------- rank scoring
 
 
-@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
-def test_scores_equal_naive_loop_at_any_batch_size(kind, tiny_tokenizer, tiny_llama, tiny_t5):
+@pytest.mark.parametrize("kind, prompt_set", [("causal", "plain"), ("causal", "shared_prefix"),
+                                               ("seq2seq", "plain")])
+def test_scores_equal_naive_loop_at_any_batch_size(kind, prompt_set, tiny_tokenizer, tiny_llama, tiny_t5):
     model = (tiny_llama if kind == "causal" else tiny_t5).eval()
-    reference = naive_scores(model, tiny_tokenizer, kind)
+    prompts = PROMPT_SETS[prompt_set]
+    if prompt_set == "shared_prefix":  # the shared-prefix path really runs
+        ids = ev._encode_prompts(tiny_tokenizer, kind, prompts, False)
+        assert ev._common_prefix(ids) >= ev.MIN_SHARED_PREFIX
+    reference = naive_scores(model, tiny_tokenizer, kind, prompts)
     for batch_size in (1, 2, 7):
-        scores = ev.score_choices(model, tiny_tokenizer, kind, PROMPTS, CHOICES, batch_size=batch_size)
+        scores = ev.score_choices(model, tiny_tokenizer, kind, prompts, CHOICES, batch_size=batch_size)
         assert [len(r) for r in scores] == [len(c) for c in CHOICES]
         for row, ref, choices in zip(scores, reference, CHOICES):
             for (total, mean), expected, choice in zip(row, ref, choices):
@@ -149,15 +160,23 @@ def test_chat_template_choices_are_scored_without_the_turn_closing_tokens(tiny_t
 # ---------------------------------------------------------------- generation
 
 
-def test_batched_generation_equals_one_by_one(tiny_tokenizer):
+@pytest.mark.parametrize("prompt_set", ["plain", "shared_prefix"])
+def test_batched_generation_equals_one_by_one_and_transformers_generate(prompt_set, tiny_tokenizer):
     model = build_tiny_llama(tiny_tokenizer, seed=3)
     with torch.no_grad():  # larger weights: distinct logits, so greedy ties cannot hide a padding bug
         for p in model.parameters():
             p.mul_(20.0) if p.dim() > 1 else None
-    batched = ev.generate(model, tiny_tokenizer, "causal", PROMPTS, max_new_tokens=10, batch_size=7)
-    single = [ev.generate(model, tiny_tokenizer, "causal", [p], max_new_tokens=10, batch_size=1)[0] for p in PROMPTS]
+    prompts = PROMPT_SETS[prompt_set]
+    batched = ev.generate(model, tiny_tokenizer, "causal", prompts, max_new_tokens=10, batch_size=7)
+    single = [ev.generate(model, tiny_tokenizer, "causal", [p], max_new_tokens=10, batch_size=1)[0] for p in prompts]
     assert batched == single
     assert len(set(batched)) > 1
+    # the greedy loop decodes what transformers' generate decodes
+    for prompt, text in zip(prompts[:3], batched):
+        ids = torch.tensor([ev._encode_prompts(tiny_tokenizer, "causal", [prompt], False)[0]])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                             eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+        assert tiny_tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip() == text
 
 
 def test_seq2seq_generation_batched_equals_one_by_one(tiny_tokenizer, tiny_t5):
