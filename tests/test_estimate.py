@@ -311,10 +311,11 @@ def test_advice_stacks_changes_when_no_single_one_fits_and_gives_up_when_nothing
     budget = math.ceil(memory(info, target).peak * 1.001 / USABLE_FRACTION)
     singles = [replace(st, batch_size=1, grad_accum=16), replace(st, gradient_checkpointing=True),
                replace(st, method="lora"), replace(st, method="qlora", weight_dtype="float32")]
-    if all(not fits(info, s, budget) for s in singles):
-        advice = fit_advice(info, st, budget)
-        assert advice is not None and fits(info, advice.setup, budget)
-        assert advice.setup.gradient_checkpointing and advice.setup.batch_size < 16
+    assert not any(fits(info, s, budget) for s in singles)
+    advice = fit_advice(info, st, budget)
+    assert fits(info, advice.setup, budget) and len(advice.changes) == 3
+    assert advice.setup.gradient_checkpointing and advice.setup.method == "lora" and advice.setup.batch_size < 16
+    assert advice.setup.batch_size * advice.setup.grad_accum == 16
     assert fit_advice(info, st, 1000) is None  # 1 kB: nothing helps
 
 
