@@ -374,7 +374,7 @@ def run_child(spec: dict, work: Path, name: str) -> dict:
                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     log = work / f"{name}.log"
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=f, stderr=subprocess.STDOUT,
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=f, stderr=subprocess.STDOUT,
                               env=env, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -424,10 +424,10 @@ def main() -> int:
                         help="also run ift with torch's fused AdamW (the change proposed for ift/train.py)")
     parser.add_argument("--json", help="also write every measurement to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, logs, run folders)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(json.loads(args.child))
+    if args.worker:
+        child(json.loads(args.worker))
         return 0
     if not DATA.exists():
         print(f"skipped: {DATA} not found (the shared data set, see ../shared/data/README.md)")
