@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -235,16 +236,18 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
-    steps = dict(max_steps=60, save_steps=5, eval_steps=30, save_total_limit=2)
+    # the kill lands at step 10 of 300: a wide margin, so a fast machine cannot finish first
+    steps = dict(max_steps=300, save_steps=5, eval_steps=100, save_total_limit=2)
     reference = _cli("train", str(toy_recipe(tmp_path / "a", **steps)))
-    assert reference.wait(timeout=600) == 0, reference.stdout.read()
+    out = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, out[-3000:]
 
     recipe = toy_recipe(tmp_path / "b", **steps)
     proc = _cli("train", str(recipe))
     deadline = time.time() + 300
     while not (tmp_path / "b" / "run" / "checkpoints" / "step-10").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b" / "run" / "final").exists()
@@ -257,16 +260,26 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
-    recipe = toy_recipe(tmp_path, max_steps=400, save_steps=1000, eval_steps=1000)
+    # far more steps than can run before the signal, so a fast machine cannot finish first
+    recipe = toy_recipe(tmp_path, max_steps=1_000_000, save_steps=10_000_000, eval_steps=10_000_000)
     proc = _cli("train", str(recipe))
-    deadline = time.time() + 300
-    while not (tmp_path / "run" / "recipe.yaml").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(2.0)
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for chunk in iter(lambda: proc.stdout.read(256), ""):
+            lines.append(chunk)
+            if "train:" in chunk and "loss=" in chunk:
+                training.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert training.wait(timeout=300), "".join(lines)[-3000:]
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, out
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    out = "".join(lines)
+    assert proc.returncode == 143, out[-3000:]
     assert "stopped by signal" in out
     checkpoints = list((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists()
