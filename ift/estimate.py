@@ -327,6 +327,7 @@ class Setup:
     gpus: int = 1  # data-parallel processes (compute time, steps)
     fsdp: int = 1  # FSDP FULL_SHARD: weights, gradients and optimizer states split over this many devices
     device: str = "cuda"  # CUDA's dropout keeps a bool mask, PyTorch's CPU dropout a float one
+    fused_adamw: bool = True  # training.optim adamw_torch_fused (not under FSDP): the step needs no temporaries
 
 
 def model_weight_dtype(model_cfg: Any, method: str, config_dtype: str | None) -> str:
@@ -352,7 +353,7 @@ def setup_from_recipe(recipe: Any, info: ModelInfo, *, seq_len: int | None = Non
                  weight_dtype=model_weight_dtype(recipe.model, a.method, info.config_dtype),
                  mixed_precision=t.mixed_precision, lora_r=a.r, lora_dropout=a.dropout, double_quant=a.double_quant,
                  compute_dtype=a.compute_dtype,
-                 padded=not d.packing, gpus=gpus, device=device)
+                 padded=not d.packing, gpus=gpus, device=device, fused_adamw=t.optim == "adamw_torch_fused")
 
 
 # ---------------------------------------------------------------- activations
@@ -601,9 +602,12 @@ def memory(info: ModelInfo, setup: Setup) -> Memory:
         copies = c * (pc.head + (pc.linear if setup.method != "qlora" else 0) + adapter_n)
     gradients = trainable_bytes
     optimizer = 2 * trainable_bytes
-    # foreach AdamW (the CUDA default) allocates one state-sized temporary (sqrt of exp_avg_sq); the CPU path
-    # goes tensor by tensor with two temporaries (sqrt, then the division)
-    step = trainable_bytes if setup.device == "cuda" else 2 * largest
+    # fused AdamW updates in place; foreach AdamW allocates one state-sized temporary (sqrt of exp_avg_sq) on
+    # CUDA, and goes tensor by tensor on the CPU with two temporaries (sqrt, then the division)
+    if setup.fused_adamw and setup.fsdp == 1:
+        step = 0
+    else:
+        step = trainable_bytes if setup.device == "cuda" else 2 * largest
     buffers = 0
     n = setup.fsdp
     if n > 1:

@@ -16,6 +16,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 if __package__ in (None, ""):
     # run as a script by `accelerate launch ift/train.py`: ift/ itself is on sys.path, not the repo root
@@ -102,8 +106,7 @@ def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
     steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
     max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup = t.warmup_steps or int(t.warmup_ratio * max_steps)
-    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    optimizer = _adamw(_param_groups(model, t.weight_decay), t, accelerator)
     scheduler = _scheduler(optimizer, t.lr_scheduler_type, warmup, max_steps)
 
     loss_model = CompletionLoss(model, kind)
@@ -265,6 +268,23 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
         # biases and normalisation weights are 1-D: decaying them only hurts
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _adamw(groups: list[dict], t, accelerator: Accelerator):
+    """AdamW, fused when asked and possible: torch's fused kernel needs float parameters on a device that has
+    it, and FSDP/DeepSpeed swap the parameters for sharded ones after the optimizer is built."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    wrapped = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                               DistributedType.MEGATRON_LM)
+    if t.optim == "adamw_torch_fused" and not wrapped:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # e.g. parameters on a device without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -549,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ift/train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --resume
     try:
         return run(args)
     except IftError as err:

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
     p.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
     p.add_argument("--base", action="store_true", help="evaluate the untuned base model of the run's recipe")
-    p.add_argument("--limit", type=_positive, metavar="N", help="evaluate only the first N rows")
+    p.add_argument("--limit", type=_positive, metavar="N",
+                   help="evaluate N rows spread evenly over the split (the same subset every time)")
     p.add_argument("--batch-size", type=_positive, metavar="N", help="rows per forward pass (default: recipe)")
     p.add_argument("--compare", nargs="?", const="", metavar="RUN_DIR",
                    help="print base vs fine-tuned from RUN_DIR/metrics.json (no evaluation)")
