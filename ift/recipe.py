@@ -114,8 +114,9 @@ class TrainingConfig(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
-    # torch's fused AdamW is one kernel over all tensors (10x faster than foreach on a CPU for a 135M model);
-    # adamw_torch is the foreach implementation. Under FSDP/DeepSpeed the fused path is not used.
+    # torch's fused AdamW updates every tensor in one kernel, in place (for 135M parameters on this CPU 0.07 s
+    # against 0.25 s for torch's default per-tensor loop); adamw_torch is that default. Not fused under
+    # FSDP/DeepSpeed, whose wrappers replace the parameters after the optimizer is built.
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0)
