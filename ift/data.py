@@ -59,6 +59,9 @@ class PreparedData:
 
     splits: Any  # datasets.DatasetDict with "train", "validation", "test"
     report: dict = field(default_factory=dict)
+    # the data section as run: a default split name the source lacks (so the split was carved) pinned to null,
+    # so that a run's saved recipe.yaml, where every name is explicit, rebuilds the same splits
+    data: Any = None
 
 
 # ------------------------------------------------------------------------------------- identity
@@ -694,7 +697,14 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
             parts[0] if parts else rendered[sources[0].name][split])
     dd = datasets.DatasetDict({s: final[s].remove_columns("_pair") for s in SPLITS})
     _summarise(dd, report)
-    return PreparedData(dd, report)
+    return PreparedData(dd, report, _pin_carved(data, assignments))
+
+
+def _pin_carved(data: DataConfig, assignments: list[dict[str, Any | None]]) -> DataConfig:
+    sources = [src.model_copy(update={"splits": src.splits.model_copy(
+                   update={split: None for split, ds in assigned.items() if ds is None})})
+               for src, assigned in zip(data.sources, assignments)]
+    return data.model_copy(update={"sources": sources})
 
 
 def _check_not_empty(rendered: dict[str, dict[str, Any]], report: dict, sources: list[_Source]) -> None:

@@ -81,6 +81,7 @@ def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
     library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
     with accelerator.main_process_first():
         prepared = build_splits(recipe.data, library)
+    recipe = recipe.model_copy(update={"data": prepared.data})  # carved splits pinned: recipe.yaml reproduces them
     train_texts = (p + " " + c for p, c in zip(prepared.splits["train"]["prompt"], prepared.splits["train"]["completion"]))
     tokenizer = _saved_tokenizer(checkpoint)
     loaded = load(recipe.model, recipe.adapter, gradient_checkpointing=t.gradient_checkpointing,

@@ -140,6 +140,20 @@ def test_carved_splits_are_deterministic_and_sized(tmp_path, library):
     assert other.splits["validation"]["prompt"] != a.splits["validation"]["prompt"]
 
 
+def test_carved_splits_survive_a_saved_and_reloaded_data_section(tmp_path, library):
+    # a run saves its recipe with every default written out; a split it carved must stay carved on reload
+    # (else `ift eval RUN --split validation` asks the source for a 'validation' split it never had)
+    import yaml
+
+    path = write_jsonl(tmp_path / "pool.jsonl", toy_rows(120))
+    first = D.build_splits(cfg(sources=[src(path)], validation_size=10, test_size=10), library)
+    assert first.data.sources[0].splits.model_dump() == {"train": "train", "validation": None, "test": None}
+    dumped = yaml.safe_load(yaml.safe_dump(first.data.model_dump(mode="json")))
+    again = D.build_splits(DataConfig.model_validate(dumped), library)
+    for split in ("train", "validation", "test"):
+        assert again.splits[split]["prompt"] == first.splits[split]["prompt"]
+
+
 def test_size_zero_means_no_split(tmp_path, library):
     path = write_jsonl(tmp_path / "nozero.jsonl", toy_rows(40))
     prepared = D.build_splits(cfg(sources=[src(path)], validation_size=0.1, test_size=0), library)
