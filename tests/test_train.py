@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,6 +194,23 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     small = run_train(toy_recipe(tmp_path / "small", per_device_train_batch_size=2,
                                  gradient_accumulation_steps=4, **common))
     assert_same_weights(final_weights(big), final_weights(small), atol=1e-5)
+
+
+@pytest.mark.parametrize("optim, fused", [("adamw_torch_fused", True), ("adamw_torch", False)])
+def test_optimizer_is_fused_unless_asked_otherwise(optim, fused):
+    from accelerate import Accelerator
+
+    from ift.train import _adamw, _param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    t = SimpleNamespace(optim=optim, learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8)
+    opt = _adamw(_param_groups(model, 0.1), t, Accelerator(cpu=True))
+    assert bool(opt.defaults.get("fused")) is fused
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # no decay on biases and norms
+    model(torch.ones(2, 4)).sum().backward()
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
 
 
 def test_seq2seq_t5_trains(tmp_path):
