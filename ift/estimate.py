@@ -327,7 +327,7 @@ class Setup:
     gpus: int = 1  # data-parallel processes (compute time, steps)
     fsdp: int = 1  # FSDP FULL_SHARD: weights, gradients and optimizer states split over this many devices
     device: str = "cuda"  # CUDA's dropout keeps a bool mask, PyTorch's CPU dropout a float one
-    fused_adamw: bool = True  # training.optim adamw_torch_fused (not under FSDP): the step needs no temporaries
+    fused_adamw: bool = True  # training.optim adamw_torch_fused (not under FSDP): on CUDA no step temporaries
 
 
 def model_weight_dtype(model_cfg: Any, method: str, config_dtype: str | None) -> str:
@@ -602,12 +602,13 @@ def memory(info: ModelInfo, setup: Setup) -> Memory:
         copies = c * (pc.head + (pc.linear if setup.method != "qlora" else 0) + adapter_n)
     gradients = trainable_bytes
     optimizer = 2 * trainable_bytes
-    # fused AdamW updates in place; foreach AdamW allocates one state-sized temporary (sqrt of exp_avg_sq) on
-    # CUDA, and goes tensor by tensor on the CPU with two temporaries (sqrt, then the division)
-    if setup.fused_adamw and setup.fsdp == 1:
-        step = 0
+    # On CUDA fused AdamW updates in place and foreach AdamW allocates one state-sized temporary (sqrt of
+    # exp_avg_sq). On the CPU the peak measures the same fused or not (bench/validate_estimate.py): two
+    # temporaries the size of the largest tensor, as torch's per-tensor loop (sqrt, then the division).
+    if setup.device == "cuda":
+        step = 0 if setup.fused_adamw and setup.fsdp == 1 else trainable_bytes
     else:
-        step = trainable_bytes if setup.device == "cuda" else 2 * largest
+        step = 2 * largest
     buffers = 0
     n = setup.fsdp
     if n > 1:
