@@ -140,12 +140,6 @@ def dialogsum_prompts(n: int) -> list[str]:
     return [template.apply({"dialogue": r["dialogue"], "summary": r["summary1"]})[0] for r in rows]
 
 
-def _encode_prompts(tokenizer, kind: str, prompts: list[str], chat: bool) -> list[list[int]]:
-    from ift.evaluation import _encode_prompts as encode
-
-    return encode(tokenizer, kind, prompts, chat)
-
-
 def bench_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, chat: bool) -> dict:
     from ift.evaluation import _generate_ids
 
@@ -202,6 +196,8 @@ def main() -> None:
         prompts = (dialogsum_prompts(args.gen_prompts) if args.gen_data == "dialogsum"
                    else [p for p, _ in few_shot_prompts(rows, args.gen_prompts, "generate")])
         gen = bench_generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, chat)
+        from ift.evaluation import _encode_prompts
+
         gen["prompt_tokens_mean"] = sum(map(len, _encode_prompts(tokenizer, "causal", prompts, chat))) / len(prompts)
         print("generation:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

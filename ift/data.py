@@ -61,7 +61,7 @@ class PreparedData:
     report: dict = field(default_factory=dict)
     # the data section as run: a default split name the source lacks (so the split was carved) pinned to null,
     # so that a run's saved recipe.yaml, where every name is explicit, rebuilds the same splits
-    data: Any = None
+    data: DataConfig | None = None
 
 
 # ------------------------------------------------------------------------------------- identity

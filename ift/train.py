@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from ift.recipe import TrainingConfig
+
 if __package__ in (None, ""):
     # run as a script by `accelerate launch ift/train.py`: ift/ itself is on sys.path, not the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -271,7 +273,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _adamw(groups: list[dict], t, accelerator: Accelerator):
+def _adamw(groups: list[dict], t: TrainingConfig, accelerator: Accelerator):
     """AdamW, fused when asked and possible: torch's fused kernel needs float parameters on a device that has
     it, and FSDP/DeepSpeed swap the parameters for sharded ones after the optimizer is built."""
     import torch
@@ -568,9 +570,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ift.cli import parse  # the `ift` command's parsing: overrides may follow flags
+
     parser = argparse.ArgumentParser(prog="ift/train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_intermixed_args(argv)  # overrides may follow --resume
+    args = parse(parser, argv)
     try:
         return run(args)
     except IftError as err:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a run's final model (or the base model) on a split; compare base vs fine-tuned",
         description="Given a run directory, evaluate its final model; given a recipe (or --base), the untuned "
-                    "base model. Overrides (key.path=value) come right after RUN_DIR|RECIPE, before any option.",
+                    "base model. Overrides (key.path=value) may come before or after the options.",
     )
     p.add_argument("target", nargs="?", metavar="RUN_DIR|RECIPE", help="run directory (recipe.yaml + final/) or recipe")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
