@@ -156,10 +156,14 @@ def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int,
                            "data.group_by_length", "tokenize the splits with ift.data.tokenize first")
         lengths = ds.with_format("arrow")["length"].to_numpy().tolist()
     sampler = SeededSampler(len(ds), seed, batch_size, lengths)
+    # Its own generator: without one, every iterator (and the one skip_first_batches makes on resume)
+    # draws its base seed from the global RNG, shifting the dropout stream of a resumed run.
     return DataLoader(_model_columns(ds), batch_size=batch_size, sampler=sampler, collate_fn=collator,
-                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def eval_dataloader(ds: Any, batch_size: int, collator: Collator) -> DataLoader:
     """Batches in the split's own order (predictions line up with rows)."""
-    return DataLoader(_model_columns(ds), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    return DataLoader(_model_columns(ds), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(0))  # leaves the global RNG (dropout) alone

@@ -31,6 +31,8 @@ class ModelConfig(_Section):
     gguf_file: str | None = None  # a .gguf path, a file in name_or_path, or pkg:<package>/<file>
     tokenizer: str | None = None  # defaults to name_or_path; with init=scratch and none, one is trained
     revision: str | None = None
+    # the base's Hub id, written into adapter configs and cards when name_or_path is a local folder or GGUF
+    hub_id: str | None = None
     kind: Literal["auto", "causal", "seq2seq"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
@@ -454,3 +456,18 @@ def _missing_fix(key: str) -> str:
     if key.endswith(".path"):
         return "give the source a path: a local file/folder or a Hub dataset id"
     return f"add {key}"
+
+
+def parse_args(parser: "argparse.ArgumentParser", argv: list[str] | None = None) -> "argparse.Namespace":
+    """Parse, letting `key.path=value` overrides come after flags too (`ift eval RUN --split test a.b=1`).
+
+    argparse alone stops filling a positional list at the first flag; the leftovers are overrides when the
+    command takes them and look like one, and an error otherwise.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args

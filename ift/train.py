@@ -1,13 +1,26 @@
 """The main job: `accelerate launch ift/train.py RECIPE [key.path=value ...]` (or `ift train RECIPE`).
 
-One Accelerate loop, read top to bottom in `train()`: recipe -> splits -> model -> tokens -> optimizer
--> steps (accumulate, clip, step, log, evaluate, checkpoint) -> test evaluation -> final weights -> card.
+The recipe, in torchtune's manner: `FineTune.setup()` builds everything (splits, model, tokens, loaders,
+optimizer, schedule, resumed state), `train()` runs accumulation windows, `validate()` and
+`save_checkpoint()` are called from it, `finish()` evaluates the test split and writes the final weights
+and card, `cleanup()` closes the trackers. Read `train()` top to bottom for the whole loop.
+
+Exactness rules the loop keeps, each guarded by a test in tests/test_train.py:
+- one accumulation window = `gradient_accumulation_steps` micro-batches (the epoch's last may be shorter),
+  taken from the loader before the first forward, so its loss-token count (gathered over processes) is
+  known: every micro-batch's gradient is that of sum(token losses) / tokens of the whole window;
+- gradients are synchronised across processes on the window's last micro-batch only (`no_sync` before),
+  clipped once and applied in one optimizer step, whatever the epoch boundaries;
+- step counts come from the loaders after `accelerator.prepare`, so they are per process;
+- a non-finite loss or a stop signal on any process is reduced over all of them: every process stops
+  together, at the same step.
 Devices and distribution come only from Accelerate (CPU, one GPU, DDP, FSDP, DeepSpeed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -16,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -28,9 +41,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ift.errors import IftError
-from ift.recipe import Recipe, load_recipe
+from ift.recipe import Recipe, load_recipe, parse_args
 
 STATE_FILE = "trainer_state.json"
+# transformers' scheduler names for ours: a constant rate after warmup is its constant_with_warmup
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -39,216 +54,346 @@ class Progress:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (on each process)
     best_metric: float | None = None
     best_step: int | None = None
+    best_validation: dict | None = None  # every validation figure at best_step: what final/ scores
     evals_without_improvement: int = 0
     tokens_seen: int = 0
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class Window:
+    """One optimizer step's worth of micro-batches, reduced over every process."""
+
+    loss_sum: float  # summed token losses
+    loss_tokens: int
+    seq_tokens: int  # every non-padding token: the throughput figure
+    nonfinite: bool
+    stop: bool
+
+
 class Stop(Exception):
-    """Raised by the signal handler's flag check: save a checkpoint, then exit."""
+    """A stop signal reached some process: save a checkpoint, then exit (every process together)."""
 
 
-def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
+class FineTune:
+    """The training recipe. `run()` is setup -> train -> finish -> cleanup."""
 
-    from ift.data import Collator, build_splits, eval_dataloader, tokenize, train_dataloader
-    from ift.loss import CompletionLoss, count_loss_tokens
-    from ift.modeling import count_parameters, load
-    from ift.templates import TemplateLibrary
+    def __init__(self, recipe: Recipe, *, resume: bool | str | None = None):
+        self.recipe = recipe
+        self.t = recipe.training
+        self.run_dir = Path(self.t.output_dir)
+        self.resume = self.t.resume if resume is None else resume
 
-    t = recipe.training
-    run_dir = Path(t.output_dir)
-    resume = t.resume if resume is None else resume
-    checkpoint = _find_checkpoint(run_dir, resume)
-    if checkpoint is None:
-        _check_fresh_run_dir(run_dir, t.overwrite_output_dir)
+    def run(self) -> Path:
+        self.setup()
+        try:
+            self.train()
+        except Stop:
+            self.save_checkpoint()
+            self.bar.close()
+            self.say(f"stopped by signal at step {self.progress.step}; checkpoint saved. Continue with: "
+                     f"ift train {self.run_dir / 'recipe.yaml'} --resume")
+            self.cleanup()
+            raise SystemExit(143)
+        self.finish()
+        self.cleanup()
+        return self.run_dir
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=t.mixed_precision,
-        log_with=[r for r in t.report_to if r != "none" and _tracker_available(r)] or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-    )
-    main = accelerator.is_main_process
-    say = accelerator.print
-    set_seed(t.seed)
+    # ------------------------------------------------------------ setup
 
-    # 1. data: templated splits (datasets caches them), then the model and its tokenizer, then tokens
-    library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
-    with accelerator.main_process_first():
-        prepared = build_splits(recipe.data, library)
-    recipe = recipe.model_copy(update={"data": prepared.data})  # carved splits pinned: recipe.yaml reproduces them
-    train_texts = (p + " " + c for p, c in zip(prepared.splits["train"]["prompt"], prepared.splits["train"]["completion"]))
-    tokenizer = _saved_tokenizer(checkpoint)
-    loaded = load(recipe.model, recipe.adapter, gradient_checkpointing=t.gradient_checkpointing,
-                  train_texts=train_texts, tokenizer=tokenizer)
-    model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind
-    total, trainable = count_parameters(model)
-    say(f"model: {loaded.source} ({kind}), {total:,} parameters, {trainable:,} trainable "
-        f"({100 * trainable / max(total, 1):.2f}%)")
-    with accelerator.main_process_first():
-        tokens, token_report = tokenize(prepared.splits, tokenizer, kind, recipe.data)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(run_dir / "recipe.yaml")
-        _write_json(run_dir / "data_report.json", {"splits": prepared.report, "tokens": token_report})
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+    def setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+        from tqdm.auto import tqdm
 
-    collator = Collator(tokenizer, kind, packing=recipe.data.packing)
-    train_dl = train_dataloader(tokens["train"], t.per_device_train_batch_size, collator, seed=t.seed,
-                                group_by_length=recipe.data.group_by_length, num_workers=t.dataloader_num_workers)
-    val_dl = eval_dataloader(tokens["validation"], t.per_device_eval_batch_size, collator)
+        from ift.data import Collator, build_splits, eval_dataloader, tokenize, train_dataloader
+        from ift.loss import CompletionLoss
+        from ift.modeling import count_parameters, load
+        from ift.templates import TemplateLibrary
 
-    # 2. optimizer and schedule: AdamW without weight decay on biases and norms
-    steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
-    max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    warmup = t.warmup_steps or int(t.warmup_ratio * max_steps)
-    optimizer = _adamw(_param_groups(model, t.weight_decay), t, accelerator)
-    scheduler = _scheduler(optimizer, t.lr_scheduler_type, warmup, max_steps)
+        t, run_dir = self.t, self.run_dir
+        self.checkpoint = _find_checkpoint(run_dir, self.resume)
+        if self.checkpoint is None:
+            _check_fresh_run_dir(run_dir, t.overwrite_output_dir)
 
-    loss_model = CompletionLoss(model, kind)
-    loss_model, optimizer, train_dl, val_dl = accelerator.prepare(loss_model, optimizer, train_dl, val_dl)
-    # The scheduler is stepped by hand once per optimizer step (Accelerate's wrapper would step it
-    # once per process); it is still saved and restored with the rest of the state.
-    accelerator.register_for_checkpointing(scheduler)
+        # Accumulation is done here, window by window (see the module docstring): Accelerate is told
+        # nothing about it, so it neither divides the loss nor syncs at the end of a dataloader.
+        self.accelerator = acc = Accelerator(
+            mixed_precision=t.mixed_precision,
+            log_with=[r for r in t.report_to if r != "none" and _tracker_available(r)] or None,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        )
+        self.main = acc.is_main_process
+        self.say = acc.print
+        set_seed(t.seed)
 
-    progress = Progress()
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        progress = Progress(**json.loads((checkpoint / STATE_FILE).read_text()))
-        say(f"resumed from {checkpoint} at step {progress.step}")
-    if main:
-        accelerator.init_trackers("ift", config=_flat_config(recipe)) if accelerator.log_with else None
+        # 1. data: templated splits (datasets caches them), then the model and its tokenizer, then tokens
+        self.library = TemplateLibrary(dirs=tuple(self.recipe.data.templates_dir))
+        with acc.main_process_first():
+            self.prepared = build_splits(self.recipe.data, self.library)
+        # carved splits pinned: the saved recipe.yaml reproduces them
+        self.recipe = self.recipe.model_copy(update={"data": self.prepared.data})
+        train_rows = self.prepared.splits["train"]
+        train_texts = (p + " " + c for p, c in zip(train_rows["prompt"], train_rows["completion"]))
+        self.loaded = load(self.recipe.model, self.recipe.adapter, gradient_checkpointing=t.gradient_checkpointing,
+                           train_texts=train_texts, tokenizer=_saved_tokenizer(self.checkpoint))
+        model, self.tokenizer, self.kind = self.loaded.model, self.loaded.tokenizer, self.loaded.kind
+        _fp32_master_weights(model, self.say)
+        total, trainable = count_parameters(model)
+        self.say(f"model: {self.loaded.source} ({self.kind}), {total:,} parameters, {trainable:,} trainable "
+                 f"({100 * trainable / max(total, 1):.2f}%)")
+        with acc.main_process_first():
+            self.tokens, token_report = tokenize(self.prepared.splits, self.tokenizer, self.kind, self.recipe.data)
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.recipe.save(run_dir / "recipe.yaml")
+            _write_json(run_dir / "data_report.json", {"splits": self.prepared.report, "tokens": token_report})
+            self.tokenizer.save_pretrained(run_dir / "tokenizer")
 
-    stop_requested = _install_signal_handlers()
-    eval_every = t.eval_steps or steps_per_epoch
-    save_every = t.save_steps or steps_per_epoch
-    accum = t.gradient_accumulation_steps
-    bar = tqdm(total=max_steps, initial=progress.step, disable=not main, desc="train", dynamic_ncols=True)
-    window_loss, window_tokens, window_seqtokens, window_start = 0.0, 0, 0, time.perf_counter()
+        self.collator = Collator(self.tokenizer, self.kind, packing=self.recipe.data.packing)
+        train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, self.collator, seed=t.seed,
+                                    group_by_length=self.recipe.data.group_by_length,
+                                    num_workers=t.dataloader_num_workers)
+        val_dl = eval_dataloader(self.tokens["validation"], t.per_device_eval_batch_size, self.collator)
 
-    def evaluate_now() -> dict:
-        metrics = _validate(accelerator, loss_model, val_dl, kind, recipe, prepared.splits["validation"], tokenizer)
-        improved = _track_best(progress, metrics, t)
-        progress.history.append({"step": progress.step, "validation": _headline(metrics)})
-        if main:
-            _update_metrics(run_dir, progress, {"validation": metrics})
-        accelerator.log({f"validation/{k}": v for k, v in _headline(metrics).items()}, step=progress.step)
-        say(f"step {progress.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(metrics).items())
-            + (" (best)" if improved else ""))
-        return metrics
+        # 2. optimizer, loss module, distribution; then the schedule, from the per-process loader length
+        optimizer = _adamw(_param_groups(model, t.weight_decay), t, acc)
+        self.loss_model, self.optimizer, self.train_dl, self.val_dl = acc.prepare(
+            CompletionLoss(model, self.kind), optimizer, train_dl, val_dl)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_dl) / t.gradient_accumulation_steps))
+        self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
+        warmup = t.warmup_steps or int(t.warmup_ratio * self.max_steps)
+        from transformers import get_scheduler
 
-    # 3. the loop
-    try:
-        while progress.step < max_steps:
-            train_dl.set_epoch(progress.epoch)
-            batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch) \
-                if progress.batches_in_epoch else train_dl
-            loss_model.train()
-            for window in _windows(batches, accum):
-                # mean over every loss token of the accumulated, gathered batch: count them first
-                n_local = sum(count_loss_tokens(b, kind) for b in window)
-                n_total = int(accelerator.gather(torch.tensor([n_local], device=accelerator.device)).sum())
-                for batch in window:
-                    with accelerator.accumulate(loss_model):
-                        loss_sum, _ = loss_model(**batch)
-                        if not torch.isfinite(loss_sum):
-                            raise IftError(f"the loss became {loss_sum.item()} at step {progress.step + 1}",
-                                           str(run_dir), "lower training.learning_rate or use mixed_precision: no; "
-                                           "the last good checkpoint is kept in checkpoints/")
-                        # DDP averages gradients over processes and Accelerate divides by `accum`:
-                        # undo both so the gradient is that of sum(loss) / n_total
-                        scale = accelerator.num_processes * accum / max(n_total, 1)
-                        accelerator.backward(loss_sum * scale)
-                        if accelerator.sync_gradients and t.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(loss_model.parameters(), t.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    window_loss += loss_sum.item()
-                    window_seqtokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                        else batch["input_ids"].numel()
-                    progress.batches_in_epoch += 1
-                window_tokens += n_total
-                progress.tokens_seen += n_total
-                scheduler.step()
+        # stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process);
+        # still saved and restored with the rest of the state
+        self.scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler_type], self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.max_steps)
+        acc.register_for_checkpointing(self.scheduler)
+
+        self.progress = Progress()
+        if self.checkpoint is not None:
+            acc.load_state(str(self.checkpoint))
+            self.progress = Progress(**json.loads((self.checkpoint / STATE_FILE).read_text()))
+            self.say(f"resumed from {self.checkpoint} at step {self.progress.step}")
+        if self.main and acc.log_with:
+            acc.init_trackers("ift", config=_flat_config(self.recipe))
+        self.stop_requested = _install_signal_handlers()
+        self.eval_every = t.eval_steps or self.steps_per_epoch
+        self.save_every = t.save_steps or self.steps_per_epoch
+        self.bar = tqdm(total=self.max_steps, initial=self.progress.step, disable=not self.main, desc="train",
+                        dynamic_ncols=True)
+        self.device = acc.device
+        self._torch = torch
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        t, progress = self.t, self.progress
+        logged = Window(0.0, 0, 0, False, False)
+        logged_since = time.perf_counter()
+        while progress.step < self.max_steps:
+            self.train_dl.set_epoch(progress.epoch)
+            batches = self.accelerator.skip_first_batches(self.train_dl, progress.batches_in_epoch) \
+                if progress.batches_in_epoch else self.train_dl
+            self.loss_model.train()
+            for window in _windows(batches, t.gradient_accumulation_steps):
+                done = self.train_window(window)
+                progress.batches_in_epoch += len(window)
+                progress.tokens_seen += done.loss_tokens
                 progress.step += 1
-                bar.update(1)
+                self.bar.update(1)
+                logged = Window(logged.loss_sum + done.loss_sum, logged.loss_tokens + done.loss_tokens,
+                                logged.seq_tokens + done.seq_tokens, False, False)
 
-                if progress.step % t.logging_steps == 0 or progress.step == max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    local = torch.tensor([window_loss, window_seqtokens], device=accelerator.device, dtype=torch.float64)
-                    summed = accelerator.gather(local.unsqueeze(0)).sum(0)
-                    train_loss = float(summed[0]) / max(window_tokens, 1)
-                    tok_s = float(summed[1]) / max(elapsed, 1e-9)
-                    lr = scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                    progress.history.append({"step": progress.step, "train_loss": train_loss,
-                                             "learning_rate": lr, "tokens_per_second": tok_s})
-                    accelerator.log({"train/loss": train_loss, "train/learning_rate": lr,
-                                     "train/tokens_per_second": tok_s}, step=progress.step)
-                    window_loss, window_tokens, window_seqtokens, window_start = 0.0, 0, 0, time.perf_counter()
-
-                if progress.step % eval_every == 0 or progress.step == max_steps:
-                    evaluate_now()
-                    loss_model.train()
+                last = progress.step == self.max_steps
+                if progress.step % t.logging_steps == 0 or last:
+                    self.log(logged, time.perf_counter() - logged_since)
+                    logged, logged_since = Window(0.0, 0, 0, False, False), time.perf_counter()
+                improved = False
+                if progress.step % self.eval_every == 0 or last:
+                    improved = self.validate()
+                    self.loss_model.train()
                 stopping = _early_stop(progress, t)
-                if progress.step % save_every == 0 or progress.step == max_steps or stopping:
-                    _save_checkpoint(accelerator, run_dir, progress, t.save_total_limit)
+                # the best evaluation always has a checkpoint: final/ and the test figures come from it
+                if progress.step % self.save_every == 0 or last or stopping or improved:
+                    self.save_checkpoint()
                 if stopping:
-                    say(f"early stopping: no improvement in {t.early_stopping_patience} evaluations")
-                    max_steps = progress.step
-                if stop_requested() and progress.step < max_steps:
+                    self.say(f"early stopping: no improvement in {t.early_stopping_patience} evaluations")
+                    self.max_steps = progress.step
+                if done.stop and progress.step < self.max_steps:
                     raise Stop()
-                if progress.step >= max_steps:
+                if progress.step >= self.max_steps:
                     break
             else:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
-    except Stop:
-        _save_checkpoint(accelerator, run_dir, progress, t.save_total_limit)
-        bar.close()
-        say(f"stopped by signal at step {progress.step}; checkpoint saved. Continue with: "
-            f"ift train {run_dir / 'recipe.yaml'} --resume")
-        accelerator.end_training()
-        raise SystemExit(143)
-    bar.close()
+        self.bar.close()
 
-    # 4. the end: best weights, test evaluation, final model, card
-    unwrapped = accelerator.unwrap_model(loss_model).model
-    best = _checkpoint_dir(run_dir, progress.best_step) if progress.best_step is not None else None
-    if best is not None and best.exists() and progress.best_step != progress.step:
-        accelerator.load_state(str(best))  # test and final/ use the best validation checkpoint
-        say(f"loaded the best checkpoint (step {progress.best_step}) for the test evaluation")
-    results: dict = {}
-    if recipe.evaluation.test and len(prepared.splits["test"]):
-        results["test"] = _test(accelerator, loss_model, kind, recipe, prepared.splits["test"], tokenizer,
-                                run_dir, tokens["test"], collator)
-        if recipe.evaluation.compare_base:
-            results["base"] = {"test": _base_test(accelerator, unwrapped, loaded, recipe, prepared.splits["test"],
-                                                  tokenizer, run_dir)}
-    accelerator.wait_for_everyone()
-    # every process takes part in gathering a sharded (FSDP/DeepSpeed) state dict; the main one writes it
-    state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(loss_model).items()}
-    if main:
-        _save_final(unwrapped, state, tokenizer, run_dir)
-        _update_metrics(run_dir, progress, results)
-        _finish_outputs(run_dir, recipe, library)
-    accelerator.end_training()
-    if main and "base" in results:
-        from ift.cli.eval import print_compare
+    def train_window(self, window: list[dict]) -> Window:
+        """Forward and backward over every micro-batch of the window, then one clip and one optimizer step."""
+        torch, acc = self._torch, self.accelerator
+        from ift.loss import count_loss_tokens
 
-        print_compare(run_dir, "test")
-    say(f"done: {run_dir}")
-    return run_dir
+        # the mean is over every loss token of the window on every process: count them first
+        n_local = sum(count_loss_tokens(b, self.kind) for b in window)
+        n_total = int(acc.reduce(torch.tensor(n_local, device=self.device), reduction="sum"))
+        # DDP/FSDP average gradients over processes: undo it, so the gradient is that of sum(loss) / n_total
+        scale = acc.num_processes / max(n_total, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        seq_tokens = 0
+        for i, batch in enumerate(window):
+            with self._sync_on(last=i == len(window) - 1):
+                loss, _ = self.loss_model(**batch)
+                acc.backward(loss * scale)
+            loss_sum += loss.detach().double()
+            seq_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                else batch["input_ids"].numel()
+        # one decision for every process: a NaN or a signal on one rank stops them all at this step
+        flags = torch.tensor([float(loss_sum), float(seq_tokens), float(not math.isfinite(float(loss_sum))),
+                              float(self.stop_requested())], dtype=torch.float64, device=self.device)
+        flags = acc.reduce(flags, reduction="sum")
+        if flags[2] > 0:
+            raise IftError(f"the loss became {float(flags[0])} at step {self.progress.step + 1}", str(self.run_dir),
+                           "lower training.learning_rate or use mixed_precision: no; "
+                           "the last good checkpoint is kept in checkpoints/")
+        if self.t.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.loss_model.parameters(), self.t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return Window(float(flags[0]), n_total, int(flags[1]), False, bool(flags[3] > 0))
+
+    def _sync_on(self, last: bool):
+        """No gradient all-reduce until the window's last micro-batch."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed's engine accumulates itself and steps at the boundary Accelerate tells it of; Accelerate
+            # has no public setter for that flag outside `accumulate()`, whose dataloader coupling we avoid
+            acc.gradient_state._set_sync_gradients(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else acc.no_sync(self.loss_model)
+
+    def log(self, w: Window, seconds: float) -> None:
+        train_loss = w.loss_sum / max(w.loss_tokens, 1)
+        tok_s = w.seq_tokens / max(seconds, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        self.progress.history.append({"step": self.progress.step, "train_loss": train_loss, "learning_rate": lr,
+                                      "tokens_per_second": tok_s})
+        self.accelerator.log({"train/loss": train_loss, "train/learning_rate": lr, "train/tokens_per_second": tok_s},
+                             step=self.progress.step)
+
+    # ------------------------------------------------------------ validation and checkpoints
+
+    def validate(self) -> bool:
+        """Validation figures at this step; True when they are the best so far."""
+        metrics = self._metrics(self.val_dl, self.prepared.splits["validation"], "validation",
+                                limit=self.recipe.evaluation.max_eval_samples)
+        progress = self.progress
+        improved = _track_best(progress, metrics, self.t)
+        if improved:
+            progress.best_validation = metrics
+        progress.history.append({"step": progress.step, "validation": _headline(metrics)})
+        if self.main:
+            _update_metrics(self.run_dir, progress, {})
+        self.accelerator.log({f"validation/{k}": v for k, v in _headline(metrics).items()}, step=progress.step)
+        self.say(f"step {progress.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(metrics).items())
+                 + (" (best)" if improved else ""))
+        return improved
+
+    def _metrics(self, loader, rows, desc: str, limit: int | None = None) -> tuple[dict, list]:
+        """Loss over every token of the split, then accuracy / ROUGE (ift.evaluation)."""
+        metrics: dict = {}
+        ev = self.recipe.evaluation
+        if "loss" in ev.metrics:
+            metrics["loss"] = mean_loss(self.accelerator, self.loss_model, loader)
+        if "accuracy" in ev.metrics or "rouge" in ev.metrics:
+            from ift.evaluation import evaluate
+
+            scores, predictions = evaluate(self.accelerator.unwrap_model(self.loss_model).model, self.tokenizer,
+                                           self.kind, rows, ev, chat_template=self.recipe.data.chat_template,
+                                           accelerator=self.accelerator, limit=limit, desc=desc)
+            metrics.update(scores)
+            self._predictions = predictions
+        return metrics
+
+    def save_checkpoint(self) -> None:
+        """Accelerate state + our progress, written to a temporary folder and renamed: never half a checkpoint."""
+        acc, progress = self.accelerator, self.progress
+        final = _checkpoint_dir(self.run_dir, progress.step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.main and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        # every process writes its own RNG state into tmp: all of them must be done before it is renamed
+        acc.wait_for_everyone()
+        if self.main:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _prune_checkpoints(self.run_dir, self.t.save_total_limit, progress.best_step)
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------ the end
+
+    def finish(self) -> None:
+        """Best weights, test evaluation, final model, card."""
+        acc, progress, recipe = self.accelerator, self.progress, self.recipe
+        unwrapped = acc.unwrap_model(self.loss_model).model
+        best = _checkpoint_dir(self.run_dir, progress.best_step) if progress.best_step is not None else None
+        if best is not None and best.exists() and progress.best_step != progress.step:
+            acc.load_state(str(best))  # test and final/ use the best validation checkpoint
+            self.say(f"loaded the best checkpoint (step {progress.best_step}) for the test evaluation")
+        results: dict = {}
+        if progress.best_validation is not None:
+            results["validation"] = {**progress.best_validation, "step": progress.best_step}
+        test_rows = self.prepared.splits["test"]
+        if recipe.evaluation.test and len(test_rows):
+            from ift.data import eval_dataloader
+            from ift.evaluation import write_predictions
+
+            test_dl = acc.prepare(eval_dataloader(self.tokens["test"], self.t.per_device_eval_batch_size,
+                                                  self.collator))
+            self._predictions = []
+            results["test"] = self._metrics(test_dl, test_rows, "test")
+            if self.main and self._predictions:
+                write_predictions(self.run_dir / "predictions" / "test.jsonl", self._predictions)
+            self.say("test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(results["test"]).items()))
+            if recipe.evaluation.compare_base:
+                results["base"] = {"test": _base_test(acc, unwrapped, self.loaded, recipe, test_rows,
+                                                      self.tokenizer, self.run_dir)}
+        acc.wait_for_everyone()
+        # every process takes part in gathering a sharded (FSDP/DeepSpeed) state dict; the main one writes it
+        state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
+        if self.main:
+            _save_final(unwrapped, state, self.tokenizer, self.run_dir)
+            _update_metrics(self.run_dir, progress, results)
+            _finish_outputs(self.run_dir, recipe, self.library)
+            if "base" in results:
+                from ift.compare import print_compare
+
+                print_compare(self.run_dir, "test")
+        self.say(f"done: {self.run_dir}")
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
 
 
-# ---------------------------------------------------------------- steps of the loop
+def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
+    """Run the training recipe; returns the run directory."""
+    return FineTune(recipe, resume=resume).run()
+
+
+# ---------------------------------------------------------------- pieces of the loop
 
 
 def _windows(batches, size: int):
@@ -261,6 +406,24 @@ def _windows(batches, size: int):
             window = []
     if window:
         yield window
+
+
+def _fp32_master_weights(model, say) -> None:
+    """Trainable weights in float32: AdamW on bf16/fp16 weights rounds small updates away.
+
+    A half-precision checkpoint loaded with dtype auto is trained on a float32 copy of its trainable weights
+    (compute stays in half precision under mixed_precision); frozen weights (LoRA's base) keep their dtype.
+    """
+    import torch
+
+    half = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if not half:
+        return
+    dtype = half[0].dtype
+    for p in half:
+        p.data = p.data.float()
+    say(f"training {sum(p.numel() for p in half):,} {str(dtype).removeprefix('torch.')} weights as float32 "
+        "master weights (set training.mixed_precision for half-precision compute)")
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -290,68 +453,18 @@ def _adamw(groups: list[dict], t: TrainingConfig, accelerator: Accelerator):
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _scheduler(optimizer, kind: str, warmup: int, total: int):
-    import torch
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _validate(accelerator, loss_model, val_dl, kind, recipe: Recipe, rows, tokenizer) -> dict:
-    """Validation loss over every validation token, plus accuracy / ROUGE from ift.evaluation."""
-    from ift.evaluation import evaluate
-
-    metrics: dict = {}
-    ev = recipe.evaluation
-    if "loss" in ev.metrics:
-        metrics["loss"] = _mean_loss(accelerator, loss_model, val_dl, kind)
-    if "accuracy" in ev.metrics or "rouge" in ev.metrics:
-        model = accelerator.unwrap_model(loss_model).model
-        scores, _ = evaluate(model, tokenizer, kind, rows, ev, chat_template=recipe.data.chat_template,
-                             accelerator=accelerator, limit=ev.max_eval_samples, desc="validation")
-        metrics.update(scores)
-    return metrics
-
-
-def _mean_loss(accelerator, loss_model, dataloader, kind) -> float:
+def mean_loss(accelerator, loss_model, dataloader) -> float:
+    """Mean token loss over a prepared loader; the rows Accelerate repeats to even out the shards are dropped."""
     import torch
 
     loss_model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in dataloader:
-            loss_sum, n = loss_model(**batch)
-            total += torch.tensor([loss_sum.item(), float(n)], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / max(total[1], 1))
-
-
-def _test(accelerator, loss_model, kind, recipe: Recipe, rows, tokenizer, run_dir: Path, test_tokens, collator) -> dict:
-    from ift.data import eval_dataloader
-    from ift.evaluation import evaluate, write_predictions
-
-    metrics: dict = {}
-    ev = recipe.evaluation
-    if "loss" in ev.metrics:
-        dl = accelerator.prepare(eval_dataloader(test_tokens, recipe.training.per_device_eval_batch_size, collator))
-        metrics["loss"] = _mean_loss(accelerator, loss_model, dl, kind)
-    model = accelerator.unwrap_model(loss_model).model
-    scores, predictions = evaluate(model, tokenizer, kind, rows, ev, chat_template=recipe.data.chat_template,
-                                   accelerator=accelerator, desc="test")
-    metrics.update(scores)
-    if accelerator.is_main_process:
-        write_predictions(run_dir / "predictions" / "test.jsonl", predictions)
-    accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(metrics).items()))
-    return metrics
+            sums, counts = loss_model(**batch, per_row=True)
+            rows = torch.stack([sums.double(), counts.double()], dim=1)
+            total += accelerator.gather_for_metrics(rows).sum(0)
+    return float(total[0] / max(float(total[1]), 1.0))
 
 
 def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer, run_dir: Path) -> dict:
@@ -377,7 +490,7 @@ def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer, run_
 
 def _headline(metrics: dict) -> dict:
     """The scalar metrics (breakdowns by source/template stay in metrics.json only)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("n", "step")}
 
 
 def _track_best(progress: Progress, metrics: dict, t) -> bool:
@@ -403,23 +516,6 @@ def _early_stop(progress: Progress, t) -> bool:
 
 def _checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step}"
-
-
-def _save_checkpoint(accelerator, run_dir: Path, progress: Progress, keep: int) -> None:
-    """Accelerate state + our progress, written to a temporary folder and renamed: never half a checkpoint."""
-    final = _checkpoint_dir(run_dir, progress.step)
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _prune_checkpoints(run_dir, keep, progress.best_step)
-    accelerator.wait_for_everyone()
 
 
 def _prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:
@@ -513,7 +609,7 @@ def _finish_outputs(run_dir: Path, recipe: Recipe, library) -> None:
         print(f"pushed: {url}")
 
 
-def _write_json(path: Path, data) -> None:
+def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -570,11 +666,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ift.cli import parse  # the `ift` command's parsing: overrides may follow flags
-
     parser = argparse.ArgumentParser(prog="ift/train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parse(parser, argv)
+    args = parse_args(parser, argv)  # overrides may follow flags, as with the `ift` command
     try:
         return run(args)
     except IftError as err:

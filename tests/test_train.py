@@ -47,7 +47,7 @@ FILLER = ["red", "big", "old", "new", "small", "blue", "green", "quick", "slow",
           "light", "soft", "hard", "loud", "calm", "wet", "dry", "young"]
 
 
-def write_toy(tmp: Path, n_train: int = 96) -> tuple[Path, Path]:
+def write_toy(tmp: Path, n_train: int = 96, n_validation: int = 24) -> tuple[Path, Path]:
     """A learnable task with no row repeated across splits: which class of key word hides among fillers."""
     data = tmp / "toy"
     data.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def write_toy(tmp: Path, n_train: int = 96) -> tuple[Path, Path]:
                 out.append({"word": text, "label": label})
         return out
 
-    for split, n in (("train", n_train), ("validation", 24), ("test", 24)):
+    for split, n in (("train", n_train), ("validation", n_validation), ("test", 24)):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
     templates = tmp / "templates" / "toy"
     templates.mkdir(parents=True, exist_ok=True)
@@ -86,11 +86,12 @@ def tiny_base(tmp: Path) -> Path:
     return folder
 
 
-def toy_recipe(tmp: Path, *, kind: str = "llama", adapter: str = "none", **training) -> Path:
-    data, templates = write_toy(tmp)
+def toy_recipe(tmp: Path, *, kind: str = "llama", adapter: str = "none", n_train: int = 96,
+               n_validation: int = 24, dropout: float = 0.0, evaluation: dict | None = None, **training) -> Path:
+    data, templates = write_toy(tmp, n_train, n_validation)
     config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-              "tie_word_embeddings": False}
+              "tie_word_embeddings": False, "attention_dropout": dropout}
     if kind == "t5":
         config = {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2,
                   "num_decoder_layers": 2, "num_heads": 4}
@@ -106,7 +107,7 @@ def toy_recipe(tmp: Path, *, kind: str = "llama", adapter: str = "none", **train
                      "per_device_eval_batch_size": 16, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
                      "logging_steps": 2, "eval_steps": 6, "save_steps": 4, "save_total_limit": 5,
                      "report_to": ["none"], **training},
-        "evaluation": {"metrics": ["loss", "accuracy"], "max_new_tokens": 4},
+        "evaluation": {"metrics": ["loss", "accuracy"], "max_new_tokens": 4, **(evaluation or {})},
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -317,3 +318,163 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                         env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert_same_weights(final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run"), atol=1e-5)
+
+
+# ---------------------------------------------------------------- exactness: accumulation, epochs, processes
+
+
+def _state(run: Path) -> dict:
+    """The trainer state of the run's last checkpoint (optimizer steps taken, epoch)."""
+    last = max((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((last / "trainer_state.json").read_text())
+
+
+# Two epochs over n rows, the same rows in the same order: B*accum rows in one batch, or accum micro-batches
+# of B. 48 rows: 12 micro-batches of 4 per epoch, a multiple of 2 and 3; 44 rows: 11, a multiple of neither,
+# so every epoch ends with a short window.
+EPOCHS = dict(num_train_epochs=2, max_steps=-1, eval_steps=1000, save_steps=1000, learning_rate=1e-2,
+              lr_scheduler_type="constant", max_grad_norm=1.0, optim="adamw_torch")
+
+
+@pytest.mark.parametrize("n_train", [48, 44])
+@pytest.mark.parametrize("accum", [2, 3])
+def test_accumulation_over_epochs_equals_one_big_batch(tmp_path, accum, n_train):
+    big = run_train(toy_recipe(tmp_path / "big", n_train=n_train, per_device_train_batch_size=4 * accum,
+                               evaluation={"metrics": ["loss"]}, **EPOCHS))
+    small = run_train(toy_recipe(tmp_path / "small", n_train=n_train, per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=accum, evaluation={"metrics": ["loss"]}, **EPOCHS))
+    assert _state(big)["step"] == _state(small)["step"] == 2 * -(-n_train // (4 * accum))
+    assert_same_weights(final_weights(big), final_weights(small), atol=1e-5)
+
+
+def test_training_equals_a_plain_pytorch_reference(tmp_path):
+    """Each window: sum of token losses over the window / its loss tokens, one clip, one AdamW step."""
+    from ift.collate import Collator, train_dataloader
+    from ift.data import build_splits, tokenize
+    from ift.modeling import load
+    from ift.templates import TemplateLibrary
+
+    accum, batch = 3, 4
+    recipe_path = toy_recipe(tmp_path, adapter="lora", n_train=44, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accum, evaluation={"metrics": ["loss"]}, **EPOCHS)
+    recipe = load_recipe(recipe_path)
+    run = run_train(recipe_path)
+
+    # the same rows in the same order, from ift's data stage; everything after it written here by hand
+    from accelerate.utils import set_seed
+
+    prepared = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir)))
+    set_seed(recipe.training.seed)  # the LoRA matrices' initialisation
+    loaded = load(recipe.model, recipe.adapter)
+    tokens, _ = tokenize(prepared.splits, loaded.tokenizer, loaded.kind, recipe.data)
+    model = loaded.model
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    dl = train_dataloader(tokens["train"], batch, Collator(loaded.tokenizer, "causal"), seed=recipe.training.seed)
+    steps = 0
+    for epoch in range(2):
+        dl.sampler.set_epoch(epoch)
+        batches = list(dl)
+        for start in range(0, len(batches), accum):
+            window = batches[start:start + accum]
+            n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+            for b in window:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                         b["labels"][:, 1:].flatten(), ignore_index=-100,
+                                                         reduction="sum")
+                (loss / n).backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            opt.zero_grad()
+            steps += 1
+    assert _state(run)["step"] == steps == 8
+    ours = final_weights(run)
+    theirs = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    for key, value in ours.items():
+        match = [k for k in theirs if k.replace(".default", "") == key]
+        assert len(match) == 1, key
+        torch.testing.assert_close(value, theirs[match[0]], atol=1e-5, rtol=0, msg=key)
+
+
+def test_resume_with_dropout_is_bit_exact(tmp_path):
+    # 96 rows / 8 = 12 batches an epoch, 24 steps: the resume at step 16 is mid-epoch (skip_first_batches)
+    steps = dict(max_steps=24, save_steps=8, eval_steps=12, dropout=0.1)
+    a = run_train(toy_recipe(tmp_path / "a", **steps))
+    b_recipe = toy_recipe(tmp_path / "b", **steps)
+    b = run_train(b_recipe)
+    import shutil
+
+    shutil.rmtree(b / "checkpoints" / "step-24")
+    shutil.rmtree(b / "final")
+    run_train(b_recipe, resume="auto")
+    assert_same_weights(final_weights(a), final_weights(b))
+
+
+def test_checkpoint_is_renamed_only_after_every_process_saved(tmp_path):
+    """Every rank writes its RNG file inside save_state: the rename waits for all of them."""
+    from ift.train import FineTune, Progress
+
+    calls: list[str] = []
+
+    class FakeAccelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            calls.append("barrier")
+
+        def save_state(self, path):
+            Path(path).mkdir(parents=True)
+            calls.append("save_state")
+
+    recipe = load_recipe(toy_recipe(tmp_path))
+    ft = FineTune(recipe)
+    ft.accelerator, ft.main, ft.progress = FakeAccelerator(), True, Progress(step=3)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        calls.append("rename")
+        return real_rename(self, target)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Path, "rename", rename):
+        ft.save_checkpoint()
+    assert calls.index("save_state") < calls.index("barrier", calls.index("save_state")) < calls.index("rename")
+    assert (tmp_path / "run" / "checkpoints" / "step-3" / "trainer_state.json").exists()
+
+
+def test_the_best_evaluation_always_has_a_checkpoint(tmp_path):
+    # eval every 3 steps, save every 4; "higher loss is better" makes step 3 the best: not a save step
+    run = run_train(toy_recipe(tmp_path, max_steps=10, eval_steps=3, save_steps=4, save_total_limit=1,
+                               metric_for_best_model="loss", greater_is_better=True))
+    metrics = json.loads((run / "metrics.json").read_text())
+    best = metrics["best"]["step"]
+    assert best == 3
+    assert (run / "checkpoints" / f"step-{best}").is_dir()
+    # what final/ holds is what the validation section describes: the best step's figures
+    evals = {h["step"]: h["validation"] for h in metrics["history"] if "validation" in h}
+    assert metrics["validation"]["step"] == best
+    assert metrics["validation"]["loss"] == pytest.approx(evals[best]["loss"])
+
+
+def test_half_precision_full_finetune_keeps_fp32_master_weights(tmp_path):
+    """A bf16 checkpoint with dtype auto: an update far below bf16's resolution must not round away."""
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    folder = tmp_path / "bf16"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = toy_recipe(tmp_path, max_steps=2, eval_steps=100, save_steps=100, learning_rate=1e-6,
+                        evaluation={"metrics": ["loss"]})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"] = {"name_or_path": str(folder), "dtype": "auto"}
+    recipe.write_text(yaml.safe_dump(raw))
+    run = run_train(recipe)
+    before = load_file(folder / "model.safetensors")
+    after = final_weights(run)
+    moved = [k for k in after if not torch.equal(after[k].float(), before[k].float())]
+    assert after["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert len(moved) == len(after), sorted(set(after) - set(moved))

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ift.errors import IftError
+from ift.recipe import parse_args as parse  # the override-aware parse lives beside load_recipe
 
 # Order = order in `ift --help`.
 COMMANDS = ["train", "eval", "templates", "data", "validate", "estimate", "merge", "push", "env"]
@@ -22,21 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"ift.cli.{name}").register(sub)
     return parser
-
-
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse, letting `key.path=value` overrides come after flags too (`ift eval RUN --split test a.b=1`).
-
-    argparse alone stops filling a positional list at the first flag; the leftovers are overrides when the
-    command takes them and look like one, and an error otherwise.
-    """
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ift.compare import fmt as _fmt
+from ift.compare import print_compare
 from ift.errors import IftError
 
 SPLITS = ("validation", "test")
@@ -123,8 +125,6 @@ def _to_accelerator(model) -> None:
         model.to("cuda")
 
 
-def _fmt(value: Any) -> str:
-    return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _print_metrics(label: str, metrics: dict, seconds: float) -> None:
@@ -142,30 +142,4 @@ def _print_metrics(label: str, metrics: dict, seconds: float) -> None:
         if len(groups) > 1:
             for group, figures in groups.items():
                 table.add_row(f"{key[3:]}: {group}", *(_fmt(figures.get(k)) for k in names + ["n"]))
-    Console().print(table)
-
-
-def print_compare(run_dir: Path, split: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from ift.evaluation import compare_table, read_metrics_file
-
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise IftError("no metrics.json in the run directory", str(run_dir), "train or evaluate the run first")
-    metrics = read_metrics_file(path)
-    if not (metrics.get("base") or {}).get(split):
-        raise IftError(f"no base-model results for the {split} split", str(path),
-                       f"run `ift eval {run_dir} --base --split {split}` first")
-    if not metrics.get(split):
-        raise IftError(f"no fine-tuned results for the {split} split", str(path),
-                       f"run `ift eval {run_dir} --split {split}` first")
-    rows = compare_table(metrics, split)
-    table = Table(title=f"{run_dir} — {split}: base vs fine-tuned")
-    for col in ("metric", "base", "fine-tuned", "delta"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for r in rows:
-        delta = "—" if r["delta"] is None else f"{r['delta']:+.4f}"
-        table.add_row(r["metric"], _fmt(r["base"]), _fmt(r["fine-tuned"]), delta)
     Console().print(table)
