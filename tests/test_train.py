@@ -304,22 +304,6 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists()
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
-    common = dict(max_steps=3, eval_steps=100, save_steps=100, learning_rate=1e-2, max_grad_norm=0.0)
-    one = toy_recipe(tmp_path / "one", per_device_train_batch_size=8, **common)
-    two = toy_recipe(tmp_path / "two", per_device_train_batch_size=4, **common)
-    p1 = subprocess.run([sys.executable, "-m", "ift", "train", str(one)], cwd=REPO, capture_output=True, text=True)
-    assert p1.returncode == 0, p1.stderr[-3000:]
-    # Accelerate runs several CPU processes (gloo) through torchrun when told to use the CPU
-    p2 = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                         "--mixed_precision", "no", "--dynamo_backend", "no", "ift/train.py", str(two)],
-                        cwd=REPO, capture_output=True, text=True, timeout=900,
-                        env={**os.environ, "ACCELERATE_USE_CPU": "1"})
-    assert p2.returncode == 0, p2.stderr[-3000:]
-    assert_same_weights(final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run"), atol=1e-5)
-
-
 # ---------------------------------------------------------------- exactness: accumulation, epochs, processes
 
 
@@ -478,3 +462,112 @@ def test_half_precision_full_finetune_keeps_fp32_master_weights(tmp_path):
     moved = [k for k in after if not torch.equal(after[k].float(), before[k].float())]
     assert after["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
     assert len(moved) == len(after), sorted(set(after) - set(moved))
+
+
+# ---------------------------------------------------------------- several processes (gloo on the CPU)
+
+NAN_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from ift import loss
+
+original, calls = loss.CompletionLoss.forward, {{"n": 0}}
+
+def poisoned(self, *args, **kwargs):
+    total, n = original(self, *args, **kwargs)
+    if self.training and os.environ.get("RANK") == "1":
+        calls["n"] += 1
+        if calls["n"] > 5:
+            total = total * float("nan")
+    return total, n
+
+loss.CompletionLoss.forward = poisoned
+from ift.train import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def _launch(script: str | Path, recipe: Path, **kwargs) -> subprocess.Popen:
+    """Two CPU processes (gloo) through accelerate launch, as users run DDP."""
+    return subprocess.Popen(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(recipe)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_over_epochs_with_accumulation(tmp_path):
+    """2 processes x 2 rows x 3 micro-batches = 1 process x 4 rows x 3: same weights, steps, validation loss.
+
+    44 rows: each epoch ends with a short window; 25 validation rows: Accelerate pads the last batch of one
+    process with repeated rows, which must not count."""
+    common = dict(n_train=44, n_validation=25, gradient_accumulation_steps=3, per_device_eval_batch_size=4,
+                  **{**EPOCHS, "eval_steps": None})
+    one = run_train(toy_recipe(tmp_path / "one", per_device_train_batch_size=4, **common))
+    two = _launch(REPO / "ift" / "train.py", toy_recipe(tmp_path / "two", per_device_train_batch_size=2, **common))
+    out = two.communicate(timeout=900)[0]
+    assert two.returncode == 0, out[-3000:]
+    two = tmp_path / "two" / "run"
+    assert _state(one)["step"] == _state(two)["step"] == 8
+    assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    evals = lambda m: [(h["step"], h["validation"]) for h in m["history"] if "validation" in h]  # noqa: E731
+    assert [s for s, _ in evals(m1)] == [s for s, _ in evals(m2)] == [4, 8]  # once an epoch
+    for (_, v1), (_, v2) in zip(evals(m1), evals(m2)):
+        assert v2["loss"] == pytest.approx(v1["loss"], abs=1e-6)
+        assert v2["accuracy"] == v1["accuracy"]
+    assert m2["test"]["loss"] == pytest.approx(m1["test"]["loss"], abs=1e-6)
+    checkpoint = max((two / "checkpoints").glob("step-*"))
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+@pytest.mark.slow
+def test_nan_on_one_process_stops_both(tmp_path):
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(NAN_ON_RANK_1.format(repo=str(REPO)))
+    proc = _launch(script, toy_recipe(tmp_path, per_device_train_batch_size=4))
+    try:
+        out = proc.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("a NaN on one process left the other one waiting")
+    assert proc.returncode != 0
+    assert out.count("the loss became nan at step 6") == 2, out[-3000:]  # each process says so, at one step
+    assert (tmp_path / "run" / "checkpoints" / "step-4" / "trainer_state.json").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
+    import psutil
+
+    recipe = toy_recipe(tmp_path, max_steps=1_000_000, save_steps=10_000_000, eval_steps=10_000_000,
+                        per_device_train_batch_size=4, logging_steps=1)
+    proc = _launch(REPO / "ift" / "train.py", recipe)
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for chunk in iter(lambda: proc.stdout.read(256), ""):
+            lines.append(chunk)
+            if "loss=" in chunk:
+                training.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert training.wait(timeout=300), "".join(lines)[-3000:]
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if any("train.py" in part for part in p.cmdline()) and "--multi_gpu" not in p.cmdline()]
+    ranks = {p.environ().get("RANK"): p for p in workers if p.environ().get("RANK") is not None}
+    assert set(ranks) == {"0", "1"}, [p.cmdline() for p in workers]
+    ranks["1"].send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("SIGTERM to one process left the other one running: " + "".join(lines)[-2000:])
+    out = "".join(lines)
+    assert "stopped by signal" in out, out[-3000:]
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1, out[-3000:]
+    saved = {p.name for p in checkpoints[0].iterdir()}
+    assert {"trainer_state.json", "random_states_0.pkl", "random_states_1.pkl"} <= saved
