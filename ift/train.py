@@ -180,6 +180,7 @@ class FineTune:
             acc.load_state(str(self.checkpoint))
             self.progress = Progress(**json.loads((self.checkpoint / STATE_FILE).read_text()))
             self.say(f"resumed from {self.checkpoint} at step {self.progress.step}")
+        _check_sharded_evaluation(acc, self.recipe)
         if self.main and acc.log_with:
             acc.init_trackers("ift", config=_flat_config(self.recipe))
         self.stop_requested = _install_signal_handlers()
@@ -308,7 +309,7 @@ class FineTune:
                  + (" (best)" if improved else ""))
         return improved
 
-    def _metrics(self, loader, rows, desc: str, limit: int | None = None) -> tuple[dict, list]:
+    def _metrics(self, loader, rows, desc: str, limit: int | None = None) -> dict:
         """Loss over every token of the split, then accuracy / ROUGE (ift.evaluation)."""
         metrics: dict = {}
         ev = self.recipe.evaluation
@@ -317,9 +318,11 @@ class FineTune:
         if "accuracy" in ev.metrics or "rouge" in ev.metrics:
             from ift.evaluation import evaluate
 
-            scores, predictions = evaluate(self.accelerator.unwrap_model(self.loss_model).model, self.tokenizer,
-                                           self.kind, rows, ev, chat_template=self.recipe.data.chat_template,
-                                           accelerator=self.accelerator, limit=limit, desc=desc)
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            with full_weights(self.loss_model, bool(getattr(plugin, "reshard_after_forward", True))):
+                scores, predictions = evaluate(self.accelerator.unwrap_model(self.loss_model).model, self.tokenizer,
+                                               self.kind, rows, ev, chat_template=self.recipe.data.chat_template,
+                                               accelerator=self.accelerator, limit=limit, desc=desc)
             metrics.update(scores)
             self._predictions = predictions
         return metrics
@@ -451,6 +454,45 @@ def _adamw(groups: list[dict], t: TrainingConfig, accelerator: Accelerator):
         except RuntimeError:  # e.g. parameters on a device without the fused kernel
             pass
     return torch.optim.AdamW(groups, **kwargs)
+
+
+@contextlib.contextmanager
+def full_weights(model, reshard_after_forward: bool = True):
+    """Every FSDP2 unit of `model` unsharded for the duration, and kept so between forwards.
+
+    Accuracy and ROUGE run the inner model on each process's own share of the rows, with a different number of
+    forward passes per process (choices, early EOS): sharded units would wait on all-gathers the other processes
+    never join. Holding the full weights (as DDP does anyway) makes every forward local. Outside FSDP2: no-op.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # the root keeps its weights after forward (FSDP2's own rule: backward needs them at once)
+            unit.set_reshard_after_forward(reshard_after_forward and unit is not model, recurse=False)
+
+
+def _check_sharded_evaluation(accelerator, recipe: Recipe) -> None:
+    """Generation-based metrics need local forwards: FSDP2 (see full_weights) gives them, FSDP1/ZeRO-3 do not."""
+    from accelerate.utils import DistributedType
+
+    if not ({"accuracy", "rouge"} & set(recipe.evaluation.metrics)):
+        return
+    fsdp1 = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+    if fsdp1 or zero3:
+        raise IftError(f"accuracy/ROUGE evaluation cannot run on {'FSDP version 1' if fsdp1 else 'ZeRO stage 3'} "
+                       "shards (each process would need the others for every forward)", "evaluation.metrics",
+                       "use fsdp_version: 2 in the accelerate config, or evaluation.metrics: [loss] during training "
+                       "and `ift eval RUN` afterwards")
 
 
 def mean_loss(accelerator, loss_model, dataloader) -> float:

@@ -571,3 +571,50 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
     assert len(checkpoints) == 1, out[-3000:]
     saved = {p.name for p in checkpoints[0].iterdir()}
     assert {"trainer_state.json", "random_states_0.pkl", "random_states_1.pkl"} <= saved
+
+
+SHARDED_EVAL = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import copy, torch
+from accelerate import Accelerator
+from torch.distributed.fsdp import fully_shard
+from conftest import build_tiny_llama, build_tiny_tokenizer
+from ift.evaluation import evaluate
+from ift.loss import CompletionLoss
+from ift.recipe import EvaluationConfig
+from ift.train import full_weights, mean_loss
+
+acc = Accelerator()
+tok = build_tiny_tokenizer()
+model = build_tiny_llama(tok)
+reference = copy.deepcopy(model)
+rows = [{{"prompt": f"Headline {{i}}: profits {{'up' if i % 2 else 'down'}}. Sentiment:", "source": "s",
+          "template": "t", "completion": "positive" if i % 2 else "negative",
+          "choices": ["negative", "positive"] if i < 4 else []}} for i in range(7)]  # 4 ranked, 3 generated
+cfg = EvaluationConfig(metrics=["accuracy", "rouge"], max_new_tokens=6)
+wrapped = CompletionLoss(model, "causal")
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(wrapped)
+assert type(next(wrapped.parameters())).__name__ == "DTensor"
+with full_weights(wrapped):
+    scores, predictions = evaluate(wrapped.model, tok, "causal", rows, cfg, accelerator=acc)
+assert type(next(wrapped.parameters())).__name__ == "DTensor"  # sharded again for training
+want_scores, want = evaluate(reference, tok, "causal", rows, cfg)
+assert [p["prediction"] for p in predictions] == [p["prediction"] for p in want], (predictions, want)
+assert scores["accuracy"] == want_scores["accuracy"] and scores["rouge1"] == want_scores["rouge1"]
+print(f"rank {{acc.process_index}}: sharded evaluation equals the full model's", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_accuracy_and_rouge_evaluation_on_fsdp2_shards(tmp_path):
+    """Accelerate runs FSDP only on GPUs, so the test shards by hand with torch's fully_shard over gloo:
+    rows split unevenly (4 and 3), generation of different lengths, no lockstep between the processes."""
+    script = tmp_path / "sharded_eval.py"
+    script.write_text(SHARDED_EVAL.format(repo=str(REPO), tests=str(REPO / "tests")))
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.stdout.count("sharded evaluation equals the full model's") == 2
