@@ -34,6 +34,9 @@ class ModelConfig(_Section):
     # the base's Hub id, written into adapter configs and cards when name_or_path is a local folder or GGUF
     hub_id: str | None = None
     kind: Literal["auto", "causal", "seq2seq"] = "auto"
+    # Weights as loaded. Trainable weights are always trained as float32 master weights (a bf16 checkpoint
+    # under full fine-tuning included: AdamW on bf16 rounds small updates away); half-precision compute comes
+    # from training.mixed_precision. Frozen weights (LoRA's base) keep this dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     init: Literal["pretrained", "scratch"] = "pretrained"
@@ -110,6 +113,8 @@ class TrainingConfig(_Section):
     max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
     per_device_train_batch_size: int = Field(8, ge=1)
     per_device_eval_batch_size: int = Field(16, ge=1)
+    # micro-batches per optimizer step; the loss is the mean over every loss token of the window (all processes),
+    # and an epoch's last window may be shorter: equal to one batch of per_device_train_batch_size x this
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -120,6 +125,7 @@ class TrainingConfig(_Section):
     # against 0.25 s for torch's default per-tensor loop); adamw_torch is that default. Not fused under
     # FSDP/DeepSpeed, whose wrappers replace the parameters after the optimizer is built.
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
+    # transformers.get_scheduler's schedules (warmup from 0, as HF Trainer); constant = constant_with_warmup
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)

@@ -372,8 +372,9 @@ class FineTune:
                 write_predictions(self.run_dir / "predictions" / "test.jsonl", self._predictions)
             self.say("test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(results["test"]).items()))
             if recipe.evaluation.compare_base:
-                results["base"] = {"test": _base_test(acc, unwrapped, self.loaded, recipe, test_rows,
-                                                      self.tokenizer, self.run_dir)}
+                with full_weights(self.loss_model):
+                    results["base"] = {"test": _base_test(acc, unwrapped, self.loaded, recipe, test_rows,
+                                                          self.tokenizer, self.run_dir)}
         acc.wait_for_everyone()
         # every process takes part in gathering a sharded (FSDP/DeepSpeed) state dict; the main one writes it
         state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
