@@ -12,23 +12,34 @@ def fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def compare_sections(run_dir: Path, split: str) -> tuple[dict, dict]:
+    """(base, fine-tuned) figures for a split: the training run's own, else the newest full `ift eval` record."""
+    from ift.run import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.metrics_file.is_file():
+        raise IftError("no metrics.json in the run directory", str(run_dir), "train or evaluate the run first")
+    metrics = rd.metrics()
+    sides = []
+    for model, own in (("base", (metrics.get("base") or {}).get(split)), ("fine-tuned", metrics.get(split))):
+        record = rd.latest_evaluation(model, split)
+        figures = own or (record or {}).get("metrics")
+        if not figures:
+            flag = " --base" if model == "base" else ""
+            raise IftError(f"no {model} results for the {split} split", str(rd.metrics_file),
+                           f"run `ift eval {run_dir}{flag} --split {split}` first")
+        sides.append(figures)
+    return sides[0], sides[1]
+
+
 def print_compare(run_dir: Path, split: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ift.evaluation import compare_table, read_metrics_file
+    from ift.evaluation import compare_table
 
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise IftError("no metrics.json in the run directory", str(run_dir), "train or evaluate the run first")
-    metrics = read_metrics_file(path)
-    if not (metrics.get("base") or {}).get(split):
-        raise IftError(f"no base-model results for the {split} split", str(path),
-                       f"run `ift eval {run_dir} --base --split {split}` first")
-    if not metrics.get(split):
-        raise IftError(f"no fine-tuned results for the {split} split", str(path),
-                       f"run `ift eval {run_dir} --split {split}` first")
-    rows = compare_table(metrics, split)
+    base, tuned = compare_sections(run_dir, split)
+    rows = compare_table(base, tuned)
     table = Table(title=f"{run_dir} — {split}: base vs fine-tuned")
     for col in ("metric", "base", "fine-tuned", "delta"):
         table.add_column(col, justify="left" if col == "metric" else "right")

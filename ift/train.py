@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 
 from ift.errors import IftError
 from ift.recipe import Recipe, load_recipe, parse_args
+from ift.run import RunDir, free_space
 
 STATE_FILE = "trainer_state.json"
 # transformers' scheduler names for ours: a constant rate after warmup is its constant_with_warmup
@@ -86,20 +87,24 @@ class FineTune:
         self.t = recipe.training
         self.run_dir = Path(self.t.output_dir)
         self.resume = self.t.resume if resume is None else resume
+        self.rd = RunDir(self.run_dir)
+        self.lock = self.rd.lock()
+        self.accelerator = None
 
     def run(self) -> Path:
-        self.setup()
         try:
-            self.train()
-        except Stop:
-            self.save_checkpoint()
-            self.bar.close()
-            self.say(f"stopped by signal at step {self.progress.step}; checkpoint saved. Continue with: "
-                     f"ift train {self.run_dir / 'recipe.yaml'} --resume")
+            self.setup()
+            try:
+                self.train()
+            except Stop:
+                self.save_checkpoint()
+                self.bar.close()
+                self.say(f"stopped by signal at step {self.progress.step}; checkpoint saved. Continue with: "
+                         f"ift train {self.rd.recipe} --resume")
+                raise SystemExit(143)
+            self.finish()
+        finally:
             self.cleanup()
-            raise SystemExit(143)
-        self.finish()
-        self.cleanup()
         return self.run_dir
 
     # ------------------------------------------------------------ setup
@@ -116,10 +121,6 @@ class FineTune:
         from ift.templates import TemplateLibrary
 
         t, run_dir = self.t, self.run_dir
-        self.checkpoint = _find_checkpoint(run_dir, self.resume)
-        if self.checkpoint is None:
-            _check_fresh_run_dir(run_dir, t.overwrite_output_dir)
-
         # Accumulation is done here, window by window (see the module docstring): Accelerate is told
         # nothing about it, so it neither divides the loss nor syncs at the end of a dataloader.
         self.accelerator = acc = Accelerator(
@@ -129,6 +130,11 @@ class FineTune:
         )
         self.main = acc.is_main_process
         self.say = acc.print
+        if self.main:  # one process owns the folder; a second run into it stops here
+            self.lock.acquire(say=self.say)
+        self.checkpoint = _find_checkpoint(self.rd, self.resume, self.say)
+        if self.checkpoint is None:
+            _check_fresh_run_dir(run_dir, t.overwrite_output_dir)
         set_seed(t.seed)
 
         # 1. data: templated splits (datasets caches them), then the model and its tokenizer, then tokens
@@ -149,10 +155,9 @@ class FineTune:
         with acc.main_process_first():
             self.tokens, token_report = tokenize(self.prepared.splits, self.tokenizer, self.kind, self.recipe.data)
         if self.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.recipe.save(run_dir / "recipe.yaml")
-            _write_json(run_dir / "data_report.json", {"splits": self.prepared.report, "tokens": token_report})
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
+            self.recipe.save(self.rd.recipe)
+            self.rd.write_json(self.rd.data_report, {"splits": self.prepared.report, "tokens": token_report})
+            self.tokenizer.save_pretrained(self.rd.tokenizer)
 
         self.collator = Collator(self.tokenizer, self.kind, packing=self.recipe.data.packing)
         train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, self.collator, seed=t.seed,
@@ -177,8 +182,7 @@ class FineTune:
 
         self.progress = Progress()
         if self.checkpoint is not None:
-            acc.load_state(str(self.checkpoint))
-            self.progress = Progress(**json.loads((self.checkpoint / STATE_FILE).read_text()))
+            self.progress = _load_checkpoint(acc, self.checkpoint)
             self.say(f"resumed from {self.checkpoint} at step {self.progress.step}")
         _check_sharded_evaluation(acc, self.recipe)
         if self.main and acc.log_with:
@@ -303,7 +307,7 @@ class FineTune:
             progress.best_validation = metrics
         progress.history.append({"step": progress.step, "validation": _headline(metrics)})
         if self.main:
-            _update_metrics(self.run_dir, progress, {})
+            self.rd.record_training(history=progress.history, best=_best(progress))
         self.accelerator.log({f"validation/{k}": v for k, v in _headline(metrics).items()}, step=progress.step)
         self.say(f"step {progress.step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(metrics).items())
                  + (" (best)" if improved else ""))
@@ -329,67 +333,98 @@ class FineTune:
 
     def save_checkpoint(self) -> None:
         """Accelerate state + our progress, written to a temporary folder and renamed: never half a checkpoint."""
-        acc, progress = self.accelerator, self.progress
-        final = _checkpoint_dir(self.run_dir, progress.step)
+        acc, progress, rd = self.accelerator, self.progress, self.rd
+        final = rd.checkpoint(progress.step)
         tmp = final.with_name(final.name + ".tmp")
         if self.main and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        # every process writes its own RNG state into tmp: all of them must be done before it is renamed
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp))
+            # every process writes its own RNG state into tmp: all of them must be done before it is renamed
+            acc.wait_for_everyone()
+            if self.main:
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
+                rd.write_manifest(tmp)  # last: a checkpoint without one is incomplete
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise IftError(f"could not write checkpoint {final}: {err.strerror or err} ({free_space(tmp)})",
+                           str(tmp), "free disk space or fix the folder's permissions, then continue with "
+                           f"--resume (the previous checkpoint is intact)") from None
         if self.main:
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _prune_checkpoints(self.run_dir, self.t.save_total_limit, progress.best_step)
+            _prune_checkpoints(rd, self.t.save_total_limit, progress.best_step)
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------ the end
 
     def finish(self) -> None:
-        """Best weights, test evaluation, final model, card."""
-        acc, progress, recipe = self.accelerator, self.progress, self.recipe
+        """Best weights, test evaluation (an evaluation record), final model, card."""
+        acc, progress, recipe, rd = self.accelerator, self.progress, self.recipe, self.rd
         unwrapped = acc.unwrap_model(self.loss_model).model
-        best = _checkpoint_dir(self.run_dir, progress.best_step) if progress.best_step is not None else None
-        if best is not None and best.exists() and progress.best_step != progress.step:
-            acc.load_state(str(best))  # test and final/ use the best validation checkpoint
+        weights = f"final/ (step {progress.step})"
+        if progress.best_step is not None and progress.best_step != progress.step:
+            # test and final/ use the best validation checkpoint (one is always kept, see train())
+            _load_checkpoint(acc, rd.checkpoint(progress.best_step))
+            weights = f"final/ (best validation checkpoint, step {progress.best_step})"
             self.say(f"loaded the best checkpoint (step {progress.best_step}) for the test evaluation")
-        results: dict = {}
+        sections: dict = {}
         if progress.best_validation is not None:
-            results["validation"] = {**progress.best_validation, "step": progress.best_step}
+            sections["validation"] = {**progress.best_validation, "step": progress.best_step}
         test_rows = self.prepared.splits["test"]
+        records: list[dict] = []
         if recipe.evaluation.test and len(test_rows):
             from ift.data import eval_dataloader
-            from ift.evaluation import write_predictions
 
             test_dl = acc.prepare(eval_dataloader(self.tokens["test"], self.t.per_device_eval_batch_size,
                                                   self.collator))
             self._predictions = []
-            results["test"] = self._metrics(test_dl, test_rows, "test")
-            if self.main and self._predictions:
-                write_predictions(self.run_dir / "predictions" / "test.jsonl", self._predictions)
-            self.say("test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(results["test"]).items()))
+            test = self._metrics(test_dl, test_rows, "test")
+            records.append(dict(model="fine-tuned", split="test", metrics=test, weights=weights,
+                                predictions=self._predictions, name="test"))
+            self.say("test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(test).items()))
             if recipe.evaluation.compare_base:
                 with full_weights(self.loss_model):
-                    results["base"] = {"test": _base_test(acc, unwrapped, self.loaded, recipe, test_rows,
-                                                          self.tokenizer, self.run_dir)}
+                    base, predictions = _base_test(acc, unwrapped, self.loaded, recipe, test_rows, self.tokenizer)
+                records.append(dict(model="base", split="test", metrics=base, predictions=predictions,
+                                    weights=self.loaded.source, name="base-test"))
         acc.wait_for_everyone()
         # every process takes part in gathering a sharded (FSDP/DeepSpeed) state dict; the main one writes it
         state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
         if self.main:
-            _save_final(unwrapped, state, self.tokenizer, self.run_dir)
-            _update_metrics(self.run_dir, progress, results)
+            _save_final(unwrapped, state, self.tokenizer, rd)
+            for r in records:
+                record = self._record(r, len(test_rows))
+                target = sections if r["model"] == "fine-tuned" else sections.setdefault("base", {})
+                target["test"] = {**r["metrics"], "record": record["id"]}
+            rd.record_training(history=progress.history, best=_best(progress), **sections)
             _finish_outputs(self.run_dir, recipe, self.library)
-            if "base" in results:
+            if any(r["model"] == "base" for r in records):
                 from ift.compare import print_compare
 
                 print_compare(self.run_dir, "test")
         self.say(f"done: {self.run_dir}")
 
+    def _record(self, r: dict, rows: int) -> dict:
+        """Predictions file + evaluation record for one of the run's own evaluations."""
+        from ift.evaluation import write_predictions
+
+        path = None
+        if r["predictions"]:
+            path = self.rd.predictions(r["name"])
+            write_predictions(path, r["predictions"])
+        model = self.accelerator.unwrap_model(self.loss_model).model
+        quant = self.recipe.adapter.quant_type if self.recipe.adapter.method == "qlora" else None
+        return self.rd.add_evaluation(model=r["model"], split=r["split"], metrics=r["metrics"], rows=rows,
+                                      limit=None, weights=r["weights"], dtype=_dtype_of(model, self.t),
+                                      quantization=quant, predictions=path, by="train")
+
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+        self.lock.release()
 
 
 def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
@@ -510,9 +545,9 @@ def mean_loss(accelerator, loss_model, dataloader) -> float:
     return float(total[0] / max(float(total[1]), 1.0))
 
 
-def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer, run_dir: Path) -> dict:
+def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer) -> tuple[dict, list[dict]]:
     """The untuned model on the same rows: the adapter switched off, or the base reloaded for a full fine-tune."""
-    from ift.evaluation import evaluate, write_predictions
+    from ift.evaluation import evaluate
     from ift.modeling import load
     from ift.recipe import AdapterConfig
 
@@ -525,10 +560,8 @@ def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer, run_
         base = load(recipe.model, AdapterConfig(), tokenizer=tokenizer).model.to(accelerator.device)
         scores, predictions = evaluate(base, tokenizer, loaded.kind, rows, ev, accelerator=accelerator,
                                        chat_template=recipe.data.chat_template, desc="base test")
-    if accelerator.is_main_process:
-        write_predictions(run_dir / "predictions" / "base-test.jsonl", predictions)
     accelerator.print("base test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(scores).items()))
-    return scores
+    return scores, predictions
 
 
 def _headline(metrics: dict) -> dict:
@@ -557,43 +590,61 @@ def _early_stop(progress: Progress, t) -> bool:
 # ---------------------------------------------------------------- checkpoints and outputs
 
 
-def _checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step}"
+def _best(progress: Progress) -> dict | None:
+    return None if progress.best_step is None else {"step": progress.best_step, "value": progress.best_metric}
 
 
-def _prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:
+def _dtype_of(model, t: TrainingConfig) -> str:
+    """What the evaluated forward ran in: the weights' dtype, or the autocast one."""
+    if t.mixed_precision != "no":
+        return f"{t.mixed_precision} autocast"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _prune_checkpoints(rd: RunDir, keep: int, best_step: int | None) -> None:
     """Keep the last `keep` checkpoints and the best one."""
-    steps = sorted(_checkpoint_steps(run_dir))
+    steps = rd.checkpoint_steps()
     for step in steps[:-keep]:
         if step != best_step:
-            shutil.rmtree(_checkpoint_dir(run_dir, step), ignore_errors=True)
+            shutil.rmtree(rd.checkpoint(step), ignore_errors=True)
 
 
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return [int(p.name.split("-", 1)[1]) for p in folder.iterdir()
-            if p.is_dir() and p.name.startswith("step-") and p.name.split("-", 1)[1].isdigit()
-            and (p / STATE_FILE).exists()]
-
-
-def _find_checkpoint(run_dir: Path, resume: bool | str) -> Path | None:
+def _find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
+    """The checkpoint to continue from: the given one (verified), or the newest that verifies."""
     if resume in (False, None, "false"):
         return None
     if isinstance(resume, str) and resume not in ("auto", "true"):
         path = Path(resume)
         if not (path / STATE_FILE).exists():
             raise IftError(f"'{resume}' is not a complete ift checkpoint", "training.resume",
-                           f"give a folder from {run_dir / 'checkpoints'} or use resume: auto")
+                           f"give a folder from {rd.checkpoints} or use resume: auto")
+        problem = rd.verify(path)
+        if problem:
+            raise IftError(f"checkpoint {path} is damaged: {problem}", "training.resume",
+                           f"resume from an older checkpoint in {rd.checkpoints}, or use resume: auto")
         return path
-    steps = _checkpoint_steps(run_dir)
-    if not steps:
-        if resume == "auto":
-            return None  # nothing to resume yet: start fresh
-        raise IftError(f"no checkpoint to resume in {run_dir / 'checkpoints'}", "--resume",
-                       "start without --resume, or point training.output_dir at the interrupted run")
-    return _checkpoint_dir(run_dir, max(steps))
+    found = rd.newest_valid_checkpoint(say=say)
+    if found is not None:
+        return found
+    if rd.checkpoint_steps():
+        raise IftError(f"no checkpoint in {rd.checkpoints} is complete", "--resume",
+                       "each one failed verification (named above); start again without --resume "
+                       "and with training.overwrite_output_dir: true")
+    if resume == "auto":
+        return None  # nothing to resume yet: start fresh
+    raise IftError(f"no checkpoint to resume in {rd.checkpoints}", "--resume",
+                   "start without --resume, or point training.output_dir at the interrupted run")
+
+
+def _load_checkpoint(acc, folder: Path) -> Progress:
+    """Accelerate's state + our progress; a checkpoint that does not load is named, never a traceback."""
+    try:
+        acc.load_state(str(folder))
+        return Progress(**json.loads((folder / STATE_FILE).read_text()))
+    except Exception as err:  # safetensors, pickle, shape mismatches: all mean this checkpoint is unusable
+        raise IftError(f"checkpoint {folder} does not load: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                       str(folder), "it was written by another model or recipe, or damaged: move it away to "
+                       "resume from the previous one") from None
 
 
 def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -618,24 +669,15 @@ def _saved_tokenizer(checkpoint: Path | None):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _save_final(model, state: dict, tokenizer, run_dir: Path) -> None:
+def _save_final(model, state: dict, tokenizer, rd: RunDir) -> None:
     """Adapter or full model + tokenizer, safetensors, renamed into place when complete."""
-    final, tmp = run_dir / "final", run_dir / "final.tmp"
+    final = rd.final
+    tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-
-
-def _update_metrics(run_dir: Path, progress: Progress, sections: dict) -> None:
-    path = run_dir / "metrics.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(sections)
-    data["history"] = progress.history
-    if progress.best_step is not None:
-        data["best"] = {"step": progress.best_step, "value": progress.best_metric}
-    _write_json(path, data)
 
 
 def _finish_outputs(run_dir: Path, recipe: Recipe, library) -> None:
@@ -650,13 +692,6 @@ def _finish_outputs(run_dir: Path, recipe: Recipe, library) -> None:
         url = push(run_dir, recipe.hub.repo_id, private=recipe.hub.private, merge=recipe.hub.merge,
                    revision=recipe.hub.revision, commit_message=recipe.hub.commit_message)
         print(f"pushed: {url}")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 def _flat_config(recipe: Recipe) -> dict:

@@ -618,3 +618,74 @@ def test_accuracy_and_rouge_evaluation_on_fsdp2_shards(tmp_path):
                           text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert proc.stdout.count("sharded evaluation equals the full model's") == 2
+
+
+# ---------------------------------------------------------------- faults: damaged checkpoints, full disks, two runs
+
+
+def test_resume_skips_a_damaged_checkpoint_and_still_ends_exact(tmp_path, capsys):
+    a = run_train(toy_recipe(tmp_path / "a"))
+    b_recipe = toy_recipe(tmp_path / "b")
+    b = run_train(b_recipe)
+    import shutil
+
+    weights = b / "checkpoints" / "step-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # as a full disk or a killed copy leaves it
+    shutil.rmtree(b / "final")
+    run_train(b_recipe, resume="auto")
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "step-12" in out and "resumed from" in out and "step-8" in out
+    assert_same_weights(final_weights(a), final_weights(b))
+
+
+def test_a_checkpoint_that_does_not_load_is_named(tmp_path):
+    recipe = toy_recipe(tmp_path, max_steps=4)
+    run = run_train(recipe)
+    import shutil
+
+    shutil.rmtree(run / "final")
+    with pytest.raises(IftError, match="checkpoint .*step-4 does not load") as err:
+        run_train(recipe, "model.config.hidden_size=64", resume="auto")  # another model's shapes
+    assert "move it away" in err.value.fix
+
+
+def test_no_space_left_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    from ift.run import RunDir
+
+    real, calls = Accelerator.save_state, {"n": 0}
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (Path(output_dir) / "half-written").parent.mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "half-written").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    with pytest.raises(IftError, match=r"could not write checkpoint .*step-6: No space left on device \(.* GiB free\)"):
+        run_train(toy_recipe(tmp_path))
+    rd = RunDir(tmp_path / "run")
+    assert rd.checkpoint_steps() == [4] and rd.verify(rd.checkpoint(4)) is None
+    assert not list(rd.checkpoints.glob("*.tmp"))
+    assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path):
+    recipe = toy_recipe(tmp_path, max_steps=2)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "run.lock").write_text(json.dumps({"pid": owner.pid, "host": os.uname().nodename}))
+        with pytest.raises(IftError, match=f"in use by process {owner.pid}"):
+            run_train(recipe)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written into the other run's folder
+    run_train(recipe)  # its owner is gone: the stale lock is taken over
+    assert (tmp_path / "run" / "final").is_dir() and not (tmp_path / "run" / "run.lock").exists()

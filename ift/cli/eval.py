@@ -1,7 +1,8 @@
 """`ift eval RUN_DIR|RECIPE`: accuracy and ROUGE on a split, for a run's fine-tuned model or the untuned base.
 
-Writes its section of RUN_DIR/metrics.json (`validation` / `test`, or `base.<split>` for the base model)
-and RUN_DIR/predictions/<split>.jsonl (`base-<split>.jsonl`). `--compare` prints base vs fine-tuned.
+Each call appends an evaluation record to RUN_DIR/metrics.json (`evaluations`: which weights, split, rows,
+limit, dtype, quantization, when) and writes its predictions to RUN_DIR/predictions/<record id>.jsonl; the
+training run's own figures (`validation`, `test`) are never changed. `--compare` prints base vs fine-tuned.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     rows = load_rows(recipe, args.split)  # data problems surface before a model loads
     loaded = load_model(recipe, run_dir, tuned)
 
-    from ift.evaluation import evaluate, update_metrics_file, write_predictions
+    from ift.evaluation import evaluate, write_predictions
+    from ift.run import RunDir
 
     label = f"{'' if tuned else 'base '}{args.split}"
     began = time.perf_counter()
@@ -67,11 +69,19 @@ def run(args: argparse.Namespace) -> int:
                                     chat_template=recipe.data.chat_template, batch_size=args.batch_size,
                                     limit=args.limit, desc=label)
     seconds = time.perf_counter() - began
-    update_metrics_file(run_dir / "metrics.json", args.split if tuned else ("base", args.split), metrics)
-    pred_path = run_dir / "predictions" / f"{'' if tuned else 'base-'}{args.split}.jsonl"
+    rd = RunDir(run_dir)
+    four_bit = tuned and recipe.adapter.method == "qlora"
+    model = "fine-tuned" if tuned else "base"
+    n = len(rd.metrics().get("evaluations") or []) + 1
+    pred_path = rd.predictions(f"ift-eval-{model}-{args.split}-{n}")
     write_predictions(pred_path, predictions)
+    record = rd.add_evaluation(model=model, split=args.split, metrics=metrics, rows=len(predictions),
+                               limit=args.limit if args.limit and args.limit < len(rows) else None, weights=str(run_dir / "final") if tuned else loaded.source,
+                               dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                               quantization=recipe.adapter.quant_type if four_bit else None,
+                               predictions=pred_path, by="ift-eval")
     _print_metrics(label, metrics, seconds)
-    print(f"wrote {run_dir / 'metrics.json'} ({'base.' if not tuned else ''}{args.split}) and {pred_path}")
+    print(f"wrote evaluation record {record['id']} to {rd.metrics_file} and {pred_path}")
     return 0
 
 
@@ -111,7 +121,9 @@ def load_model(recipe, run_dir: Path, tuned: bool):
     from ift.modeling import load, load_final
     from ift.recipe import AdapterConfig
 
-    loaded = load_final(run_dir / "final", recipe.model) if tuned else load(recipe.model, AdapterConfig())
+    # a QLoRA adapter is evaluated on the 4-bit base it was trained on
+    loaded = load_final(run_dir / "final", recipe.model, adapter=recipe.adapter) if tuned \
+        else load(recipe.model, AdapterConfig())
     _to_accelerator(loaded.model)
     return loaded
 
