@@ -1,7 +1,8 @@
 """The model card: RUN_DIR/README.md built with huggingface_hub's `ModelCard` / `ModelCardData`.
 
-Metadata (base_model, library_name, pipeline_tag, tags, datasets, license, model-index with validation
-and test results for the fine-tuned and the base model) parses back with `ModelCard.load(path).data`.
+Metadata (base_model, library_name, pipeline_tag, tags, datasets, license, model-index) parses back with
+`ModelCard.load(path).data`. model-index holds this model's test scores only, one entry per source (its
+dataset, config and the split the rows came from); the base model's scores are in the body's table.
 The body says what was trained on which data with which templates, compares base and fine-tuned,
 shows the curves, holds the resolved recipe and tells how to load the weights.
 
@@ -13,13 +14,12 @@ copied into it is shown, not executed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ift import atomic
 from ift.errors import IftError
 from ift.recipe import SPLITS, Recipe
 
@@ -47,16 +47,7 @@ def write_model_card(run_dir: Path, recipe: Recipe, *, library: TemplateLibrary 
     """
     card = build_model_card(run_dir, recipe, library=library, merged=merged, repo_id=repo_id)
     path = Path(path) if path is not None else Path(run_dir) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(str(card))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, str(card))
 
 
 def build_model_card(run_dir: Path, recipe: Recipe, *, library: TemplateLibrary | None = None, merged: bool = False,
@@ -104,12 +95,13 @@ class _Facts:
         leaks = report.get("leaks") if isinstance(report.get("leaks"), dict) else {}
         final = run_dir / "final"
         adapter = recipe.adapter.method != "none" and not merged
+        hub_id = base_hub_id(recipe)
         return cls(
             run_dir=run_dir, recipe=recipe, merged=merged, adapter=adapter, repo_id=repo_id,
             name=(repo_id or "").split("/")[-1] or run_dir.resolve().name,
             kind=_model_kind(final, recipe),
             method={"none": "full"}.get(recipe.adapter.method, recipe.adapter.method),
-            base=_base_label(recipe), base_hub_id=_hub_model_id(recipe),
+            base=_base_label(recipe, hub_id), base_hub_id=hub_id,
             metrics=metrics, history=metrics.get("history") or [],
             sources=_sources(recipe, report), leaks_removed=leaks.get("train"),
             templates=_templates(recipe, library),
@@ -130,6 +122,11 @@ class _Facts:
     @property
     def load_id(self) -> str:
         return self.repo_id or "your-name/your-model"
+
+    @property
+    def chat(self) -> bool:
+        """Prompts were wrapped in the tokenizer's chat template in training and evaluation."""
+        return bool(self.recipe.data.chat_template) and self.kind == "causal"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -169,16 +166,35 @@ def looks_like_hub_id(text: str | None, suffixes: frozenset[str] | set[str] = fr
     return True
 
 
-def _hub_model_id(recipe: Recipe) -> str | None:
+def base_hub_id(recipe: Recipe) -> str | None:
+    """The base model's Hub id: what others load the adapter onto (adapter config, card, snippets).
+
+    model.hub_id when set, else model.name_or_path when it is a Hub id, else for a GGUF base what the
+    file's metadata says (ift.modeling.gguf_hub_id); None when unknown (a local folder without hub_id).
+    """
     m = recipe.model
-    return m.name_or_path if m.init == "pretrained" and looks_like_hub_id(m.name_or_path, {".gguf"}) else None
+    if m.init != "pretrained":
+        return None
+    explicit = getattr(m, "hub_id", None)  # recipe key model.hub_id
+    if explicit:
+        return explicit
+    if m.gguf_file:  # name_or_path then names the GGUF's folder or repo, which transformers cannot load by id
+        from ift.modeling import _locate_gguf, gguf_hub_id
+
+        try:
+            return gguf_hub_id(_locate_gguf(m))
+        except (IftError, OSError):  # the file is gone or unreadable: the card still gets written
+            return None
+    return m.name_or_path if looks_like_hub_id(m.name_or_path, {".gguf"}) else None
 
 
-def _base_label(recipe: Recipe) -> str:
+def _base_label(recipe: Recipe, hub_id: str | None = None) -> str:
     m = recipe.model
     if m.init == "scratch":
         return "a model initialised from scratch (random weights)"
     if m.gguf_file:
+        if hub_id:
+            return f"{hub_id} (from the GGUF file {Path(m.gguf_file).name}, dequantised to full precision)"
         where = f"{m.name_or_path}/" if m.name_or_path else ""
         return f"{where}{m.gguf_file} (GGUF, dequantised to full precision)"
     return m.name_or_path or "unknown"
@@ -200,11 +216,17 @@ def _base_license(recipe: Recipe) -> str | None:
 
 def _sources(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = _rows_per_source(report)
+    per_source = report.get("sources") if isinstance(report.get("sources"), dict) else {}
     out = []
     for s in recipe.data.sources:
         name = s.name or Path(s.path).stem
-        out.append({"name": name, "path": s.path, "config": s.config, "weight": s.weight,
+        info = per_source.get(name) if isinstance(per_source.get(name), dict) else {}
+        carved = info.get("carved") if isinstance(info.get("carved"), dict) else None
+        if carved is None:  # no split report: the run's recipe pins carved splits to null
+            carved = {split: None for split in SPLITS[1:] if getattr(s.splits, split) is None}
+        out.append({"name": name, "path": s.path, "config": s.config, "revision": s.revision, "weight": s.weight,
                     "hub": looks_like_hub_id(s.path, DATA_SUFFIXES), "rows": rows.get(name, {}),
+                    "splits": {split: getattr(s.splits, split) for split in SPLITS}, "carved": carved,
                     "templates": list(s.templates), "eval_template": s.eval_template})
     return out
 
@@ -306,26 +328,47 @@ def _tag(name: str) -> str:
 
 
 def _eval_results(f: _Facts, EvalResult) -> list:
-    hub = [s["path"] for s in f.sources if s["hub"]]
-    names = [s["name"] for s in f.sources]
-    dataset_type = hub[0] if len(hub) == 1 and len(f.sources) == 1 else "+".join(names)
-    dataset_name = " + ".join(names)
-    runs = [("validation", f.metrics.get("validation"), ""), ("test", f.metrics.get("test"), "")]
-    runs.append(("test", (f.metrics.get("base") or {}).get("test"), ", base model before fine-tuning"))
+    """This model's test scores, one model-index entry per source.
+
+    Only the test split: validation chose the checkpoint, so its scores are optimistic. The base model's
+    scores stay in the body (model-index is read as this model's results). Totals over several sources
+    (and the loss, which is only kept in total) are not a score on any one dataset, so with several sources
+    only the per-source figures go in.
+    """
+    test = f.metrics.get("test")
+    if not isinstance(test, dict):
+        return []
+    by_source = test.get("by_source") if isinstance(test.get("by_source"), dict) else {}
     out = []
-    for split, values, suffix in runs:
+    for s in f.sources:
+        values = test if len(f.sources) == 1 else by_source.get(s["name"])
         if not isinstance(values, dict):
             continue
+        split, held_out = _origin(s, "test")
+        name = s["name"] if s["hub"] else f"{s['name']} (local data)"
+        if held_out:
+            name += f", {held_out}"
         for metric in INDEX_METRICS:
             value = _number(values.get(metric))
             if value is None:
                 continue
             out.append(EvalResult(
-                task_type=f.task, dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                task_type=f.task, dataset_type=s["path"] if s["hub"] else s["name"], dataset_name=name,
+                dataset_config=s["config"], dataset_split=split, dataset_revision=s["revision"] if s["hub"] else None,
                 metric_type=metric, metric_value=round(value, 4),
-                metric_name=f"{METRIC_NAMES[metric]}, {split}{suffix}",
+                metric_name=f"{METRIC_NAMES[metric]}, {held_out or split + ' split'}",
             ))
     return out
+
+
+def _origin(source: dict[str, Any], split: str) -> tuple[str, str | None]:
+    """The source's own split our `split` came from, and how it was held out when it was carved from train."""
+    train = source["splits"]["train"] or "train"
+    if split in source["carved"]:
+        rows = source["carved"][split]
+        size = f"{rows} rows" if isinstance(rows, int) and not isinstance(rows, bool) else "rows"
+        return train, f"{size} held out from {train} (not the official {split} split)"
+    return source["splits"][split] or split, None
 
 
 def _number(value: Any) -> float | None:
@@ -345,7 +388,7 @@ def _summary(f: _Facts) -> str:
     a, t = f.recipe.adapter, f.recipe.training
     if f.merged:
         what = (f"a standalone model: a {METHOD_NAMES[a.method]} adapter (r={a.r}, alpha={a.alpha:g}) merged into "
-                "the full-precision base weights")
+                "the base weights (unquantized)")
     elif f.adapter:
         quant = f", base quantised to 4-bit {a.quant_type}" if a.method == "qlora" else ""
         what = f"a {METHOD_NAMES[a.method]} adapter (r={a.r}, alpha={a.alpha:g}, dropout {a.dropout:g}{quant})"
@@ -366,6 +409,8 @@ def _base_section(f: _Facts) -> str:
     link = f"[{f.base_hub_id}](https://huggingface.co/{f.base_hub_id})" if f.base_hub_id else f"`{f.base}`"
     lines = ["## Base model\n", f"- {link} ({'encoder-decoder' if f.kind == 'seq2seq' else 'decoder-only'}, "
              f"{f.task})"]
+    if m.gguf_file and f.base_hub_id:
+        lines.append(f"- trained on its GGUF file `{m.gguf_file}`, dequantised to full precision")
     if m.revision:
         lines.append(f"- revision `{m.revision}`")
     return "\n".join(lines) + "\n"
@@ -423,7 +468,9 @@ def _results_section(f: _Facts) -> str:
     if not (test or val or base):
         return "## Results\n\nNo evaluation results were recorded for this run.\n"
     lines = ["## Results\n", "All scores on a 0–1 scale. Accuracy ranks the answer choices by log-likelihood "
-             "where a template has them, else compares the greedy generation; ROUGE is the mean F-measure.\n",
+             "where a template has them, else compares the greedy generation; ROUGE is the mean F-measure "
+             "(ROUGE-Lsum with one sentence per line). The metadata (model-index) lists this model's test "
+             "scores per source; the base model's are in this table only.\n",
              "| metric | base model (test) | fine-tuned (test) | change | fine-tuned (validation) |",
              "|---|---:|---:|---:|---:|"]
     for metric in TABLE_METRICS:
@@ -490,22 +537,32 @@ def _use_section(f: _Facts) -> str:
 def _load_section(f: _Facts) -> str:
     prompt = repr(f.example or "Your prompt, written like the templates above.")
     decode = ("outputs[0]" if f.kind == "seq2seq" else "outputs[0][inputs['input_ids'].shape[1]:]")
-    generate = (f"inputs = tokenizer({prompt}, return_tensors=\"pt\")\n"
-                "outputs = model.generate(**inputs, max_new_tokens=64)\n"
+    if f.chat:  # the model was trained on prompts inside the chat template: prompt it the same way
+        encode = (f"messages = [{{\"role\": \"user\", \"content\": {prompt}}}]\n"
+                  "text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+                  "# the chat template writes its own special tokens\n"
+                  "inputs = tokenizer(text, return_tensors=\"pt\", add_special_tokens=False)\n")
+    else:
+        encode = f"inputs = tokenizer({prompt}, return_tensors=\"pt\")\n"
+    generate = (encode + "outputs = model.generate(**inputs, max_new_tokens=64)\n"
                 f"print(tokenizer.decode({decode}, skip_special_tokens=True))")
     lines = ["## How to use\n"]
     if f.adapter:
         peft_class = "AutoPeftModelForSeq2SeqLM" if f.kind == "seq2seq" else "AutoPeftModelForCausalLM"
-        lines.append("This repository holds the adapter only; peft loads its base model automatically:\n")
+        if f.base_hub_id:
+            lines.append(f"This repository holds the adapter only; peft loads its base model ({f.base_hub_id}) "
+                         "automatically:\n")
+        else:
+            lines.append("This repository holds the adapter only. Its base was a local model without a Hub id "
+                         "(set `model.hub_id` in the recipe and push again to record one), so peft can load it "
+                         "only where that folder exists; elsewhere load the base yourself and apply the adapter "
+                         f"with `PeftModel.from_pretrained(base, \"{f.load_id}\")`:\n")
         lines.append(_fenced(f"from peft import {peft_class}\nfrom transformers import AutoTokenizer\n\n"
                              f"model = {peft_class}.from_pretrained(\"{f.load_id}\")\n"
                              f"tokenizer = AutoTokenizer.from_pretrained(\"{f.load_id}\")\n" + generate, "python"))
-        lines.append("If the adapter's `base_model_name_or_path` is not on the Hub (a local or GGUF base), load the "
-                     "base yourself and apply the adapter with `PeftModel.from_pretrained(base, "
-                     f"\"{f.load_id}\")`.\n")
         lines.append("Merged into the base (a standalone model, no peft needed at inference): "
-                     "`model = model.merge_and_unload()`, or `ift merge RUN_DIR` (the base is loaded in full "
-                     "precision, never 4-bit) and `ift push RUN_DIR --merge`, then load it with "
+                     "`model = model.merge_and_unload()`, or `ift merge RUN_DIR` (in the base's own dtype, never "
+                     "4-bit) and `ift push RUN_DIR --merge`, then load it with "
                      f"`{f.auto_class}.from_pretrained(...)`.\n")
     else:
         lines.append("A standalone model (no peft needed):\n")

@@ -1,14 +1,19 @@
 """`ift push`: publish a run (adapter, merged or full model + tokenizer + card + plots) to the Hub.
 
 What is uploaded is decided by `plan_upload` alone; the push stages exactly those files in a temporary
-folder and hands it to `HfApi.upload_folder`, so the dry-run listing and the upload cannot differ.
+folder (an adapter's config rewritten to name its base by Hub id), lists and uploads that folder, so the
+dry-run listing, a `--dry-run --out DIR` copy and the upload cannot differ. The upload is one commit that
+also deletes the files of an earlier push that this one no longer has (OWNED_FILES), so pushing a merged
+model over an adapter leaves no adapter_config.json behind.
 The token comes from the caller or huggingface_hub's own resolution (HF_TOKEN, `hf auth login`); it is
 passed to HfApi and nowhere else: never printed, logged, or written to a file.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +29,13 @@ from ift.recipe import Recipe
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REPO_ID_FIX = "use your-name/model-name (letters, digits, '-', '_', '.'; at most 96 characters each)"
 TOKEN_FIX = "set HF_TOKEN to a token with write access, or run `hf auth login`"
+# What a push owns in the repo: the files save_pretrained, the card and the plots may give it, at the root
+# (plots/*.png under plots/). One of them that the new push lacks is stale and deleted in the same commit;
+# anything else (a user's notes, .gitattributes, subfolders) is left alone.
+OWNED_FILES = ("README.md", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "config.json",
+               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+               "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 
 
 def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
@@ -57,31 +69,43 @@ def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
 
 def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = False, revision: str | None = None,
          commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
-         report: Report | None = None) -> str:
+         report: Report | None = None, out: Path | None = None) -> str:
     """Create the model repo if needed and upload the run in one commit; return its URL.
 
     dry_run: touch no network (merging and writing the card still happen locally) and return the listing
     of the files and sizes that would be uploaded.
+    out: with dry_run, also write those files to this folder (new, empty, or an earlier such copy): the
+    repo as it would be, loadable with from_pretrained(out).
     """
     say = report or (lambda _msg: None)
     run_dir = Path(run_dir)
     repo_id = check_repo_id(repo_id)
+    if out is not None and not dry_run:
+        raise IftError("--out writes the files a push would upload, without uploading", str(out),
+                       "add --dry-run, or drop --out to push to the Hub")
     recipe = load_run_recipe(run_dir)
     if merge and not has_adapter(run_dir / "final"):
         raise IftError("--merge folds an adapter into its base, but final/ holds a full model", str(run_dir / "final"),
                        "push without --merge: the full model is uploaded as it is")
+    if out is not None:
+        _check_out(Path(out), run_dir)
     if not dry_run:
         token = token or _resolve_token()
         if not token:
             raise IftError("no Hugging Face token found", repo_id, TOKEN_FIX)
     _prepare(run_dir, recipe, repo_id, merge, say)
     plan = plan_upload(run_dir, merge=merge)
+    base = _adapter_base(run_dir, recipe, merge, say)
     message = commit_message or f"Upload {_model_label(recipe)} fine-tuned with ift"
-    if dry_run:
-        return format_plan(plan, repo_id, private=private, revision=revision, commit_message=message)
-    say(f"uploading {len(plan)} files ({_size(sum(p.stat().st_size for p, _ in plan))}) to {repo_id}")
-    with _staged(run_dir, plan) as folder, _hub_errors(repo_id, revision):
-        return _upload(folder, repo_id, token, private=private, revision=revision, message=message)
+    with _staged(run_dir, plan, base) as (folder, staged):
+        if dry_run:
+            if out is not None:
+                _export(folder, Path(out))
+            return format_plan(staged, repo_id, private=private, revision=revision, commit_message=message)
+        say(f"uploading {len(staged)} files ({_size(sum(p.stat().st_size for p, _ in staged))}) to {repo_id}")
+        with _hub_errors(repo_id, revision):
+            return _upload(folder, [rel for _, rel in staged], repo_id, token, private=private, revision=revision,
+                           message=message, say=say)
 
 
 def check_repo_id(repo_id: str | None) -> str:
@@ -134,6 +158,57 @@ def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Call
         write_model_card(run_dir, recipe, repo_id=repo_id)
 
 
+def _adapter_base(run_dir: Path, recipe: Recipe, merge: bool, say: Callable[[str], None]) -> dict | None:
+    """What the published adapter config says about its base ({"base_model_name_or_path", "revision"}), or
+    None to leave it as peft wrote it.
+
+    peft records the folder the base was loaded from, which for a GGUF base is ift's local cache
+    (~/.cache/ift/gguf/<sha256>) and for a local base a path of this machine: nobody else can load that.
+    """
+    if merge or not has_adapter(run_dir / "final"):
+        return None
+    from ift.card import base_hub_id
+
+    found = base_hub_id(recipe)
+    if found is None:
+        say("warning: the base model has no known Hub id, so the adapter can only be loaded where its base "
+            "folder exists; set model.hub_id in recipe.yaml to the base's Hub id")
+        return None
+    m = recipe.model
+    # the revision trained on, when the id is the one it was loaded from (AutoPeftModel loads that revision)
+    return {"base_model_name_or_path": found, **({"revision": m.revision} if m.revision and found == m.name_or_path
+                                                  else {})}
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    """Refuse to replace a folder that is not an earlier copy of a push (a user's --out might be anything)."""
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents \
+            or run_dir.resolve() / "final" in (out.resolve(), *out.resolve().parents):
+        raise IftError("--out cannot be the run folder, final/ or a folder above them", str(out),
+                       "choose a new folder for the copy")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "README.md").is_file())):
+        raise IftError("the --out folder exists and does not hold an earlier push copy", str(out),
+                       "choose a new or empty folder (an earlier copy there is replaced)")
+
+
+def _export(folder: Path, out: Path) -> None:
+    """Copy the staged files to `out` (real copies: editing them must not edit the run), replacing it whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _merge_is_current(final: Path, merged: Path) -> bool:
     weights = list(merged.glob("*.safetensors"))
     adapter = list(final.glob("adapter_model*.safetensors"))
@@ -162,17 +237,40 @@ def _size(n: float) -> str:
 
 
 @contextmanager
-def _staged(run_dir: Path, plan: list[tuple[Path, str]]) -> Iterator[Path]:
-    """A temporary folder holding exactly the planned files (hard links: no copy of large weights)."""
+def _staged(run_dir: Path, plan: list[tuple[Path, str]],
+            base: dict | None = None) -> Iterator[tuple[Path, list[tuple[Path, str]]]]:
+    """A temporary folder holding exactly the planned files, and the plan pointing into it.
+
+    Hard links (no copy of large weights), except an adapter_config.json that must name `base`
+    differently: a new file (writing through a link would change final/ as well).
+    """
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".push-") as tmp:
+        staged = []
         for local, rel in plan:
             dest = Path(tmp) / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(local, dest)
-            except OSError:
-                shutil.copy2(local, dest)
-        yield Path(tmp)
+            if not (rel == "adapter_config.json" and base and _write_adapter_config(local, dest, base)):
+                try:
+                    os.link(local, dest)
+                except OSError:
+                    shutil.copy2(local, dest)
+            staged.append((dest, rel))
+        yield Path(tmp), staged
+
+
+def _write_adapter_config(src: Path, dest: Path, base: dict) -> bool:
+    """Write src's config with `base` to dest; False (nothing written) when src says that already."""
+    try:
+        config = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IftError(f"cannot read the adapter config: {exc}", str(src), "retrain, or restore final/") from None
+    if not isinstance(config, dict):
+        raise IftError("the adapter config is not a JSON object", str(src), "retrain, or restore final/")
+    if all(config.get(k) == v for k, v in base.items()):
+        return False
+    config.update(base)
+    dest.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")  # as peft writes it
+    return True
 
 
 # ---------------------------------------------------------------- the Hub
@@ -184,8 +282,16 @@ def _resolve_token() -> str | None:
     return get_token()
 
 
-def _upload(folder: Path, repo_id: str, token: str, *, private: bool, revision: str | None, message: str) -> str:
-    from huggingface_hub import HfApi
+def is_owned(path_in_repo: str) -> bool:
+    """A repo file that ift's pushes write (OWNED_FILES at the root, plots/*.png)."""
+    if path_in_repo.startswith("plots/"):
+        return path_in_repo.count("/") == 1 and path_in_repo.endswith(".png")
+    return "/" not in path_in_repo and any(fnmatch.fnmatchcase(path_in_repo, p) for p in OWNED_FILES)
+
+
+def _upload(folder: Path, files: list[str], repo_id: str, token: str, *, private: bool, revision: str | None,
+            message: str, say: Callable[[str], None]) -> str:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -195,8 +301,15 @@ def _upload(folder: Path, repo_id: str, token: str, *, private: bool, revision: 
     full_id = url.repo_id or repo_id  # a bare name resolves to the token owner's namespace
     if revision and revision != "main":
         api.create_branch(full_id, branch=revision, repo_type="model", exist_ok=True)
-    api.upload_folder(repo_id=full_id, folder_path=folder, repo_type="model", revision=revision,
-                      commit_message=message)
+    # one explicit commit with the deletions: upload_folder may split a large upload into several commits
+    # (hf_xet's pipeline), and a reader in between would see the new weights next to the stale files
+    remote = api.list_repo_files(full_id, revision=revision, repo_type="model")
+    stale = sorted(p for p in remote if is_owned(p) and p not in set(files))
+    if stale:
+        say(f"removing {len(stale)} files of an earlier push: {', '.join(stale)}")
+    operations = [CommitOperationDelete(path_in_repo=p) for p in stale]
+    operations += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]
+    api.create_commit(full_id, operations, commit_message=message, revision=revision, repo_type="model")
     return f"{str(url).rstrip('/')}/tree/{revision}" if revision else str(url)
 
 

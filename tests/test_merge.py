@@ -1,4 +1,4 @@
-"""`ift merge`: the merged model's outputs equal the adapter-applied model's, from a float32 base."""
+"""`ift merge`: the merged model's outputs equal the adapter-applied model's, in the base's own dtype."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from ift.recipe import load_recipe
 TEXTS = ["Headline: profits up. Sentiment:", "The bank reported a loss and its stock fell sharply."]
 
 
-def _make_run(root: Path, kind: str = "causal", method: str = "lora") -> Path:
-    """A tiny base saved to root/base and a run whose final/ holds a LoRA adapter with random B weights."""
+def _make_run(root: Path, kind: str = "causal", method: str = "lora", dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny base saved to root/base (in `dtype`) and a run whose final/ holds a LoRA adapter with random B weights."""
     from peft import LoraConfig, get_peft_model
 
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_llama(tokenizer) if kind == "causal" else build_tiny_t5(tokenizer)
+    model = (build_tiny_llama(tokenizer) if kind == "causal" else build_tiny_t5(tokenizer)).to(dtype)
     base = root / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -155,3 +155,39 @@ def test_merge_refuses_a_scratch_base(tmp_path):
     # LoRA on a random base is refused as soon as the recipe is read, before any weights load
     with pytest.raises(IftError, match="a scratch model has none"):
         merge(run)
+
+
+def _dtypes(folder: Path) -> set:
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as fh:
+        return {fh.get_tensor(k).dtype for k in fh.keys()}
+
+
+def test_merge_keeps_a_bf16_base_in_bf16(tmp_path, capsys):
+    """Issue 11 #8: a bf16 base merges to bf16 (half the float32 size) by default; --dtype chooses another."""
+    run = _make_run(tmp_path, dtype=torch.bfloat16)
+    assert main(["merge", str(run)]) == 0
+    out = run / "merged"
+    assert _dtypes(out) == {torch.bfloat16}
+    assert "loading the base model in bfloat16" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # the base's bf16 weights with the adapter applied by peft in float32, unmerged: the reference
+    expected, base, tokenizer, auto = _reference(run, "causal")
+    assert (expected - base).abs().max() > 1e-2
+    merged = auto.from_pretrained(out).eval()
+    assert merged.dtype == torch.bfloat16
+    got = _logits(merged, tokenizer, "causal").float()
+    # bf16 keeps 8 bits of mantissa: weights and activations round at about 2**-8 relative
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    assert (got - base).abs().max() > 10 * (got - expected).abs().max()  # the adapter is in, not rounded away
+
+    assert main(["merge", str(run), "--out", str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    assert _dtypes(tmp_path / "fp32") == {torch.float32}
+    size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(out) < 0.55 * size(tmp_path / "fp32")
+    with pytest.raises(SystemExit) as exited:  # argparse: an unknown --dtype
+        main(["merge", str(run), "--dtype", "int8"])
+    assert exited.value.code == 2
+    with pytest.raises(IftError, match="unknown dtype 'int8'"):
+        merge(run, dtype="int8")
