@@ -338,6 +338,8 @@ def _eval_results(f: _Facts, EvalResult) -> list:
     test = f.metrics.get("test")
     if not isinstance(test, dict):
         return []
+    if f.merged and f.recipe.adapter.method == "qlora":
+        return []  # measured on the 4-bit base: not these (unquantized, merged) weights
     by_source = test.get("by_source") if isinstance(test.get("by_source"), dict) else {}
     out = []
     for s in f.sources:
@@ -485,8 +487,29 @@ def _results_section(f: _Facts) -> str:
     best = f.metrics.get("best")
     if isinstance(best, dict) and best.get("step") is not None:
         lines.append(f"The weights are those of the best validation checkpoint (step {best['step']}, "
-                     f"{f.recipe.training.metric_for_best_model} {_fmt(_number(best.get('value')))}).\n")
+                     f"{f.recipe.training.metric_for_best_model} {_fmt(_number(best.get('value')))}); the "
+                     "validation column is that evaluation.\n")
+    lines.append(_provenance(f, test, base))
     return "\n".join(lines)
+
+
+def _provenance(f: _Facts, test: dict, base: dict) -> str:
+    """Which evaluation record (metrics.json `evaluations`) each column comes from, and what it measured."""
+    records = {r.get("id"): r for r in f.metrics.get("evaluations") or [] if isinstance(r, dict)}
+    lines = ["Where the figures come from (`metrics.json`, `evaluations`):\n"]
+    for label, section in (("base model (test)", base), ("fine-tuned (test)", test)):
+        record = records.get(section.get("record")) if section else None
+        if record is None:
+            continue
+        quant = f", {record['quantization']} 4-bit base" if record.get("quantization") else ""
+        limit = f" (limit {record['limit']})" if record.get("limit") else ""
+        lines.append(f"- {label}: record `{record['id']}` — {record.get('weights')}, {record.get('rows')} rows"
+                     f"{limit} of the {record.get('split')} split, {record.get('dtype')}{quant}, {record.get('when')}")
+    if f.merged and f.recipe.adapter.method == "qlora":
+        lines.append("- these figures were measured with the adapter on the 4-bit base it was trained on; this "
+                     "merged model holds unquantized weights, a different function, so its model-index lists no "
+                     "scores until it is evaluated itself")
+    return "\n".join(lines) + "\n" if len(lines) > 1 else ""
 
 
 def _breakdown(groups: Any, label: str) -> str | None:

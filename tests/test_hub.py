@@ -912,3 +912,36 @@ def test_dry_run_out_folder_rules(run_dir, tmp_path, capsys):
         assert main(["push", str(run_dir), "--repo-id", REPO_ID, *args]) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "mine" / "todo.txt").read_text() == "keep"
+
+
+def test_card_says_which_evaluation_record_each_figure_comes_from(run_dir):
+    from ift.card import build_model_card
+    from ift.run import RunDir
+
+    rd = RunDir(run_dir)
+    metrics = rd.metrics()
+    tuned = rd.add_evaluation(model="fine-tuned", split="test", metrics=metrics["test"], rows=25, limit=None,
+                              weights="final/ (best validation checkpoint, step 4)", dtype="float32",
+                              quantization=None, predictions=rd.predictions("test"), by="train")
+    base = rd.add_evaluation(model="base", split="test", metrics=metrics["base"]["test"], rows=25, limit=None,
+                             weights="base", dtype="float32", quantization=None, predictions=None, by="train")
+    later = rd.add_evaluation(model="fine-tuned", split="test", metrics={"accuracy": 0.01}, rows=1, limit=1,
+                              weights="final/", dtype="float32", quantization=None, predictions=None, by="ift-eval")
+    rd.record_training(history=metrics.get("history") or [], test={**metrics["test"], "record": tuned["id"]},
+                       base={"test": {**metrics["base"]["test"], "record": base["id"]}})
+    card = build_model_card(run_dir, load_recipe(run_dir / "recipe.yaml")).text
+    assert f"record `{tuned['id']}` — final/ (best validation checkpoint, step 4), 25 rows of the test split" in card
+    assert f"record `{base['id']}`" in card
+    assert later["id"] not in card and "0.010" not in card  # an ift eval --limit run is not the published figure
+
+
+def test_a_merged_qlora_card_publishes_no_scores_measured_on_the_4bit_base(run_dir):
+    from ift.card import build_model_card
+
+    recipe = load_recipe(run_dir / "recipe.yaml")  # qlora set below: bitsandbytes' CUDA check stays out
+    recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "qlora"})})
+    merged = build_model_card(run_dir, recipe, merged=True)
+    adapter = build_model_card(run_dir, recipe)
+    assert adapter.data.eval_results  # the adapter on its 4-bit base is what was tested
+    assert not merged.data.eval_results
+    assert "a different function" in merged.text
