@@ -160,8 +160,13 @@ class HubConfig(_Section):
     repo_id: str | None = None
     private: bool = False
     merge: bool = False  # push a merged model instead of the adapter
-    revision: str | None = None
+    revision: str | None = None  # a branch of the repo (created when missing)
     commit_message: str | None = None
+    # end: push once training ends; every_save: also push the weights (adapter or model + tokenizer + card) at
+    # every checkpoint, so a crashed run has published its last one; checkpoint: every_save plus the full
+    # resumable checkpoint under last-checkpoint/ (as HF Trainer's hub_strategy)
+    strategy: Literal["end", "every_save", "checkpoint"] = "end"
+    push_dataset: str | None = None  # a dataset repo id: also push the prepared splits, with a dataset card
 
 
 class Recipe(_Section):

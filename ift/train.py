@@ -356,7 +356,25 @@ class FineTune:
                            f"--resume (the previous checkpoint is intact)") from None
         if self.main:
             _prune_checkpoints(rd, self.t.save_total_limit, progress.best_step)
+        if self.recipe.hub.push and self.recipe.hub.strategy != "end":
+            self._push_checkpoint(final)
         acc.wait_for_everyone()
+
+    def _push_checkpoint(self, checkpoint: Path) -> None:
+        """hub.strategy every_save / checkpoint: the weights as they are now, loadable, on the Hub."""
+        acc = self.accelerator
+        state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
+        if not self.main:
+            return
+        from ift.hub import push_checkpoint
+
+        weights = checkpoint / "hub"
+        acc.unwrap_model(self.loss_model).model.save_pretrained(weights, state_dict=state, safe_serialization=True)
+        self.tokenizer.save_pretrained(weights)
+        hub = self.recipe.hub
+        push_checkpoint(self.run_dir, weights, step=self.progress.step, repo_id=hub.repo_id, private=hub.private,
+                        revision=hub.revision, state=checkpoint if hub.strategy == "checkpoint" else None,
+                        report=self.say)
 
     # ------------------------------------------------------------ the end
 
@@ -401,6 +419,12 @@ class FineTune:
                 target["test"] = {**r["metrics"], "record": record["id"]}
             rd.record_training(history=progress.history, best=_best(progress), **sections)
             _finish_outputs(self.run_dir, recipe, self.library)
+            if recipe.hub.push and recipe.hub.push_dataset:
+                from ift.hub import push_dataset
+
+                url = push_dataset(self.prepared, recipe, recipe.hub.push_dataset, private=recipe.hub.private,
+                                   report=self.say)
+                self.say(f"pushed the prepared splits: {url}")
             if any(r["model"] == "base" for r in records):
                 from ift.compare import print_compare
 
