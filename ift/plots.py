@@ -6,11 +6,13 @@ state and no backend switching are involved (safe inside training and in tests).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from ift import atomic
 from ift.errors import IftError
 
 # Validation metrics on a 0–1 scale drawn together in metrics.png (loss has its own figure).
@@ -121,7 +123,6 @@ def _draw_scores(history: list[dict[str, Any]]):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)  # atomic: a reader never sees half a PNG
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return atomic.write_bytes(path, png.getvalue())  # a reader never sees half a PNG

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ift.errors import IftError, IftErrors
+from ift.metrics import computed_by
 
 SPLITS = ("train", "validation", "test")
 # Keys that hold secrets: refused in recipes, so a resolved recipe written to a run folder never leaks one.
@@ -189,11 +190,9 @@ class Recipe(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        from ift import atomic
+
+        atomic.write_text(path, self.to_yaml())
 
 
 class _Contradictions(ValueError):
@@ -244,8 +243,7 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
         out.append(("training.mixed_precision", "fp16 autocast over bfloat16 weights",
                     "use training.mixed_precision: bf16 or model.dtype: float32"))
     metric = t.metric_for_best_model.removeprefix("validation.")
-    known = {"loss"} | ({"accuracy"} if "accuracy" in e.metrics else set()) | (
-        {"rouge1", "rouge2", "rougeL", "rougeLsum"} if "rouge" in e.metrics else set())
+    known = {"loss", *computed_by(e.metrics)}
     if metric not in known:
         out.append(("training.metric_for_best_model", f"'{t.metric_for_best_model}' is not among the computed metrics",
                     f"use one of {sorted(known)} or add it to evaluation.metrics"))
@@ -255,6 +253,10 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if isinstance(t.resume, str) and t.resume != "auto" and not Path(t.resume).exists():
         out.append(("training.resume", f"checkpoint '{t.resume}' does not exist",
                     "give an existing checkpoint folder, or resume: auto for the latest in output_dir"))
+    for key, value in (("strategy", h.strategy != "end"), ("push_dataset", bool(h.push_dataset))):
+        if value and not h.push:
+            out.append((f"hub.{key}", f"hub.{key} is set but hub.push is false",
+                        f"set hub.push: true (and hub.repo_id), or remove hub.{key}"))
     if h.push and not h.repo_id:
         out.append(("hub.repo_id", "hub.push is true but no repo id is given",
                     "set hub.repo_id: your-name/model-name"))

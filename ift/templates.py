@@ -15,7 +15,6 @@ import importlib.util
 import os
 import random
 import re
-import tempfile
 import types
 import uuid
 from collections import Counter
@@ -34,6 +33,7 @@ from jinja2.filters import do_center, do_format, do_indent, do_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, modifies_known_mutable
 from jinja2.utils import Namespace, pass_context
 
+from ift import atomic
 from ift.errors import IftError
 
 # promptsource's constants: every `}}` becomes `| string | truncate(2048) }}`, and a `|||` inside
@@ -1016,7 +1016,7 @@ def add_template(dataset: str, name: str, jinja_text: str, answer_choices: str |
         header += yaml.safe_dump({"subset": subset}, default_flow_style=False) if subset else ""
         text = header + "templates:\n" + _dump_entry(tpl, 2)
     _check_written(text, path, tpl)
-    _atomic_write(path, text)
+    atomic.write_text(path, text)
     written = read_file(path, dataset)
     return next(t for t in written.templates if t.id == tpl.id)
 
@@ -1039,26 +1039,6 @@ def _check_written(text: str, path: Path, tpl: Template) -> None:
     if not entry or entry.get("jinja") != tpl.jinja or entry.get("answer_choices") != tpl.answer_choices_jinja:
         raise IftError("internal check failed: the new entry does not read back unchanged", _display_path(path),
                        "please report this with the template text")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file in the same folder + rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,9 @@ if __package__ in (None, ""):
     # run as a script by `accelerate launch ift/train.py`: ift/ itself is on sys.path, not the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ift import atomic
 from ift.errors import IftError
+from ift.metrics import higher_is_better
 from ift.recipe import Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 
@@ -179,6 +181,7 @@ class FineTune:
         self.scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler_type], self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.max_steps)
         acc.register_for_checkpointing(self.scheduler)
+        acc.register_save_state_pre_hook(_drop_tied_duplicates)
 
         self.progress = Progress()
         if self.checkpoint is not None:
@@ -344,7 +347,8 @@ class FineTune:
             # every process writes its own RNG state into tmp: all of them must be done before it is renamed
             acc.wait_for_everyone()
             if self.main:
-                (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
+                atomic.write_text(tmp / STATE_FILE, json.dumps(asdict(progress)))
+                atomic.apply_umask(tmp)  # safetensors writes 0600 files
                 rd.write_manifest(tmp)  # last: a checkpoint without one is incomplete
                 if final.exists():
                     shutil.rmtree(final)
@@ -369,7 +373,7 @@ class FineTune:
         from ift.hub import push_checkpoint
 
         weights = checkpoint / "hub"
-        acc.unwrap_model(self.loss_model).model.save_pretrained(weights, state_dict=state, safe_serialization=True)
+        acc.unwrap_model(self.loss_model).model.save_pretrained(weights, state_dict=state)
         self.tokenizer.save_pretrained(weights)
         hub = self.recipe.hub
         push_checkpoint(self.run_dir, weights, step=self.progress.step, repo_id=hub.repo_id, private=hub.private,
@@ -457,6 +461,21 @@ def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------- pieces of the loop
+
+
+def _drop_tied_duplicates(models, weights: list[dict], output_dir) -> None:
+    """Tied weights (SmolLM2's head is its embedding) once in a checkpoint: safetensors cannot hold a storage
+    twice, and Accelerate drops the copy itself with a warning per save. Loading re-ties them."""
+    from accelerate.utils import id_tensor_storage
+
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            if hasattr(state[name], "untyped_storage"):
+                key = id_tensor_storage(state[name])
+                if key in seen:
+                    del state[name]
+                seen.add(key)
 
 
 def _windows(batches, size: int):
@@ -598,7 +617,7 @@ def _track_best(progress: Progress, metrics: dict, t) -> bool:
     value = metrics.get(name)
     if value is None:
         return False
-    higher = t.greater_is_better if t.greater_is_better is not None else name != "loss"
+    higher = t.greater_is_better if t.greater_is_better is not None else higher_is_better(name)
     better = progress.best_metric is None or (value > progress.best_metric if higher else value < progress.best_metric)
     if better:
         progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
@@ -698,8 +717,9 @@ def _save_final(model, state: dict, tokenizer, rd: RunDir) -> None:
     final = rd.final
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
+    atomic.apply_umask(tmp)  # safetensors writes 0600 files
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 

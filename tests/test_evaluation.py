@@ -15,6 +15,7 @@ from ift import evaluation as ev
 from ift.encoding import encode_pairs
 from ift.errors import IftError
 from ift.recipe import EvaluationConfig
+from ift.run import RunDir
 
 PROMPTS = [
     "Headline: profits up. Sentiment:",
@@ -337,10 +338,14 @@ def test_exact_match_is_a_fraction_and_checks_lengths():
 
 
 def _rouge_score_means(predictions, references, use_stemmer=True):
+    """rouge_score on the texts put one sentence per line, as the summarization scripts feed it."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ev.ROUGE_KEYS), use_stemmer=use_stemmer)
     totals = dict.fromkeys(ev.ROUGE_KEYS, 0.0)
+    lines = lambda text: "\n".join(ev.split_sentences(text))  # noqa: E731
+    predictions = [lines(p) for p in predictions]
+    references = [lines(r) if isinstance(r, str) else [lines(x) for x in r] for r in references]
     for pred, ref in zip(predictions, references):
         scores = scorer.score_multi(ref, pred) if isinstance(ref, list) else scorer.score(ref, pred)
         for k in ev.ROUGE_KEYS:
@@ -359,6 +364,26 @@ def test_rouge_parity_small_case():
     assert ev.rouge(preds[:2], multi) == pytest.approx(_rouge_score_means(preds[:2], multi), abs=1e-12)
 
 
+def test_rouge_lsum_scores_one_sentence_per_line():
+    """Issue 11 #9: rougeLsum is rouge_score's on newline-separated sentences (as the summarization scripts
+    compute it), not rougeL again."""
+    from rouge_score import rouge_scorer
+
+    pred_sents = ["The cat sat on the mat.", "Mr. Smith came home at 5 p.m. on Monday!", "Did he eat?"]
+    ref_sents = ["Mr. Smith came home on Monday.", "The cat sat on a mat.", "He ate?"]
+    pred, ref = " ".join(pred_sents), " ".join(ref_sents)
+    scorer = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+    expected = scorer.score("\n".join(ref_sents), "\n".join(pred_sents))
+    got = ev.rouge([pred], [ref])
+    assert got["rougeLsum"] == pytest.approx(expected["rougeLsum"].fmeasure, abs=1e-12)
+    assert got["rougeL"] == pytest.approx(expected["rougeL"].fmeasure, abs=1e-12)
+    assert got["rougeLsum"] > got["rougeL"] + 0.1  # the sentences' order no longer counts
+    assert scorer.score(ref, pred)["rougeLsum"].fmeasure == pytest.approx(got["rougeL"])  # what it was before
+    assert ev.split_sentences(pred) == pred_sents and ev.split_sentences(ref) == ref_sents
+    assert ev.split_sentences("One.\nTwo (e.g. this). \u201cThree.\u201d Four") == [
+        "One.", "Two (e.g. this).", "\u201cThree.\u201d", "Four"]
+
+
 def test_rouge_parity_on_dialogsum(shared_data):
     path = shared_data / "dialogsum" / "test.jsonl"
     if not path.exists():
@@ -375,22 +400,6 @@ def test_rouge_parity_on_dialogsum(shared_data):
 # ---------------------------------------------------------------- files
 
 
-def test_update_metrics_file_merges_sections(tmp_path):
-    path = tmp_path / "run" / "metrics.json"
-    ev.update_metrics_file(path, "validation", {"loss": 1.5})
-    ev.update_metrics_file(path, "test", {"loss": 1.0, "accuracy": 0.5})
-    ev.update_metrics_file(path, ("base", "test"), {"accuracy": 0.25})
-    ev.update_metrics_file(path, "test", {"accuracy": 0.75, "rouge1": 0.4})
-    ev.update_metrics_file(path, "base.validation", {"accuracy": 0.1})
-    data = json.loads(path.read_text())
-    assert data == {"validation": {"loss": 1.5}, "test": {"loss": 1.0, "accuracy": 0.75, "rouge1": 0.4},
-                    "base": {"test": {"accuracy": 0.25}, "validation": {"accuracy": 0.1}}}
-    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left
-    path.write_text("{broken")
-    with pytest.raises(IftError, match="not valid JSON"):
-        ev.update_metrics_file(path, "test", {"accuracy": 1.0})
-
-
 def test_write_predictions_jsonl(tmp_path):
     path = tmp_path / "predictions" / "test.jsonl"
     preds = [{"prompt": "p", "target": "t", "prediction": "é", "correct": True}, {"prompt": "q", "correct": None}]
@@ -400,8 +409,7 @@ def test_write_predictions_jsonl(tmp_path):
 
 
 def test_compare_table():
-    metrics = {"test": {"accuracy": 0.8, "rouge1": 0.4, "loss": 1.0}, "base": {"test": {"accuracy": 0.5}}}
-    rows = ev.compare_table(metrics)
+    rows = ev.compare_table({"accuracy": 0.5}, {"accuracy": 0.8, "rouge1": 0.4, "loss": 1.0})
     assert rows[0] == {"metric": "accuracy", "base": 0.5, "fine-tuned": 0.8, "delta": pytest.approx(0.3)}
     assert rows[1] == {"metric": "rouge1", "base": None, "fine-tuned": 0.4, "delta": None}
     assert len(rows) == 2
@@ -448,14 +456,14 @@ def fake_loading(monkeypatch, tiny_tokenizer):
 
     def load_model(recipe, run_dir, tuned):
         state["loaded_tuned"].append(tuned)
-        return SimpleNamespace(model=state["model"], tokenizer=tiny_tokenizer, kind="causal")
+        return SimpleNamespace(model=state["model"], tokenizer=tiny_tokenizer, kind="causal", source="tiny")
 
     monkeypatch.setattr(cli_eval, "load_rows", lambda recipe, split: state["rows"])
     monkeypatch.setattr(cli_eval, "load_model", load_model)
     return state
 
 
-def test_cli_writes_sections_predictions_and_compares(capsys, run_dir, fake_loading):
+def test_cli_writes_evaluation_records_predictions_and_compares(capsys, run_dir, fake_loading):
     code, out, err = _cli(capsys, run_dir, "--base", "--limit", "2")
     assert code == 0, err
     (run_dir / "final").mkdir()
@@ -463,15 +471,33 @@ def test_cli_writes_sections_predictions_and_compares(capsys, run_dir, fake_load
     assert code == 0, err
     assert fake_loading["loaded_tuned"] == [False, True]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) == {"base", "test"} and set(metrics["base"]) == {"test"}
-    for section in (metrics["test"], metrics["base"]["test"]):
-        assert {"accuracy", "accuracy_norm", "rouge1", "rougeLsum", "n", "by_source", "by_template"} <= set(section)
-    for name in ("test.jsonl", "base-test.jsonl"):
-        lines = (run_dir / "predictions" / name).read_text().splitlines()
+    assert set(metrics) == {"evaluations"}  # the training run's own sections are not ift eval's to write
+    records = metrics["evaluations"]
+    assert [(r["model"], r["split"], r["rows"], r["limit"], r["by"]) for r in records] == \
+        [("base", "test", 2, None, "ift-eval"), ("fine-tuned", "test", 2, None, "ift-eval")]
+    for record in records:
+        assert {"accuracy", "accuracy_norm", "rouge1", "rougeLsum", "n", "by_source", "by_template"} \
+            <= set(record["metrics"])
+        assert record["dtype"] == "float32" and record["when"]
+        lines = (run_dir / record["predictions"]).read_text().splitlines()
         assert [json.loads(x)["target"] for x in lines] == ["positive", "The customer asked for a refund"]
     code, out, err = _cli(capsys, "--compare", run_dir)
     assert code == 0, err
     assert "fine-tuned" in out and "rouge1" in out and "accuracy" in out
+
+
+def test_cli_eval_never_rewrites_the_training_figures(capsys, run_dir, fake_loading):
+    """A --limit evaluation is a record of its own, not mixed into the run's test section (which the card
+    publishes)."""
+    (run_dir / "final").mkdir()
+    RunDir(run_dir).record_training(history=[], test={"loss": 0.3, "accuracy": 0.9, "record": "train-1"})
+    code, out, err = _cli(capsys, run_dir, "--limit", "1")
+    assert code == 0, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"] == {"loss": 0.3, "accuracy": 0.9, "record": "train-1"}
+    (record,) = metrics["evaluations"]
+    assert (record["model"], record["rows"], record["limit"]) == ("fine-tuned", 1, 1)
+    assert not (run_dir / "predictions" / "test.jsonl").exists()  # the training run's predictions stay its own
 
 
 @pytest.mark.parametrize("case, message", [
@@ -479,7 +505,7 @@ def test_cli_writes_sections_predictions_and_compares(capsys, run_dir, fake_load
     ("no_recipe", "not a run directory"),
     ("no_final", "no final model"),
     ("bad_override", "invalid value"),
-    ("compare_no_base", "no base-model results"),
+    ("compare_no_base", "no base results"),
     ("empty_split", "split is empty"),
     ("no_targets", "has a target"),
     ("cannot_generate", "cannot generate"),
@@ -495,7 +521,7 @@ def test_cli_errors_exit_2(case, message, capsys, tmp_path, run_dir, fake_loadin
     elif case == "bad_override":
         args = [run_dir, "evaluation.metrics=[bleu]", "--base"]
     elif case == "compare_no_base":
-        ev.update_metrics_file(run_dir / "metrics.json", "test", {"accuracy": 0.5})
+        RunDir(run_dir).record_training(history=[], test={"accuracy": 0.5})
         args = ["--compare", run_dir]
     elif case == "empty_split":
         fake_loading["rows"] = []
@@ -507,3 +533,46 @@ def test_cli_errors_exit_2(case, message, capsys, tmp_path, run_dir, fake_loadin
     assert code == 2
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- current transformers API
+
+
+def test_kv_cache_decoding_calls_nothing_deprecated(tiny_tokenizer, tiny_t5, trained):
+    """Rank scoring and greedy decoding hand the KV cache over as transformers now names it (`cache`, not the
+    `past_key_values` removed in 5.40): a FutureWarning / DeprecationWarning, or a deprecation logged by
+    transformers, fails the test. Covers the shared-prefix cache copy, choice continuation, rows leaving a
+    generating batch at EOS, a peft-wrapped model and seq2seq generate."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers.utils import logging as hf_logging
+
+    model, tok = trained
+    with warnings.catch_warnings():  # peft's own use of a deprecated property, not what is tested here
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        wrapped = get_peft_model(build_tiny_llama(tiny_tokenizer, seed=2), LoraConfig(r=2, target_modules=["q_proj"]))
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    hf_logging.warning_once.cache_clear()  # a message logged once earlier in this process would not come again
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            for net, t in ((model, tok), (wrapped, tiny_tokenizer)):
+                for prompts in (PROMPTS, SHARED):
+                    ev.score_choices(net, t, "causal", prompts, CHOICES, batch_size=3)
+                    ev.generate(net, t, "causal", prompts, max_new_tokens=8, batch_size=3)
+            ev.score_choices(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS, CHOICES, batch_size=3)
+            ev.generate(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS, max_new_tokens=4, batch_size=3)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in logged if "deprecat" in r.getMessage().lower()]
+    # the trained model's rows end at EOS at different steps: the batch shrank mid-generation
+    lengths = {len(r) for r in ev._generate_ids(model, tok, "causal", PROMPTS, max_new_tokens=8, batch_size=7,
+                                                chat_template=False)}
+    assert len(lengths) > 1

