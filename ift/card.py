@@ -21,18 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from ift import atomic
 from ift.errors import IftError
+from ift.metrics import METRICS, SCORES
 from ift.recipe import SPLITS, Recipe
 
 if TYPE_CHECKING:
     from ift.templates import TemplateLibrary
 
-# The base vs fine-tuned table (the brief's headline metrics) and every metric put in model-index.
-TABLE_METRICS = ("accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum")
-INDEX_METRICS = ("loss", "accuracy", "accuracy_norm", "rouge1", "rouge2", "rougeL", "rougeLsum")
-METRIC_NAMES = {
-    "loss": "Loss", "accuracy": "Accuracy", "accuracy_norm": "Accuracy (length-normalised)",
-    "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
-}
+# The base vs fine-tuned table (the headline scores) and every figure put in model-index: from the registry.
+TABLE_METRICS = tuple(m for m in SCORES if m != "accuracy_norm")
+INDEX_METRICS = tuple(METRICS)
+METRIC_NAMES = {name: m.label for name, m in METRICS.items()}
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
 MISSING = "—"
 METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}

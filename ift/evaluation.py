@@ -34,11 +34,12 @@ from typing import Any, Iterable, Iterator, Sequence
 from ift import atomic
 from ift.encoding import encode_pairs
 from ift.errors import IftError
+from ift.metrics import FAMILIES, ROUGE, SCORES
 from ift.recipe import EvaluationConfig
 
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-KNOWN_METRICS = ("loss", "accuracy", "rouge")
-COMPARED = ("accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum")
+ROUGE_KEYS = ROUGE
+KNOWN_METRICS = FAMILIES
+COMPARED = tuple(m for m in SCORES if m != "accuracy_norm")
 ROUGE_MODULE = Path(__file__).resolve().parent / "metrics" / "rouge"
 # A prefix shared by a batch's prompts runs once when at least this long (shorter: not worth a forward pass).
 MIN_SHARED_PREFIX = 16

@@ -14,9 +14,9 @@ from typing import Any
 
 from ift import atomic
 from ift.errors import IftError
+from ift.metrics import SCORES
 
-# Validation metrics on a 0–1 scale drawn together in metrics.png (loss has its own figure).
-SCORES = ("accuracy", "accuracy_norm", "rouge1", "rouge2", "rougeL", "rougeLsum")
+# Validation metrics on a 0–1 scale are drawn together in metrics.png (SCORES; loss has its own figure).
 
 
 def write_plots(run_dir: Path) -> list[Path]:
