@@ -1,0 +1,527 @@
+"""The GPU check: one command that proves ift on a CUDA device and measures it against TRL, in one run.
+
+    python bench/gpu_check.py [--device cuda|cpu] [--size full|tiny] [--only correctness,qlora,...]
+    bash bench/gpu_check.sh            # the same on a lent GPU machine, installing wheels/ first
+
+Parts (each writes a section of the JSON; a failing part is recorded and the others still run):
+  1. correctness  recipes/tiny.yaml end to end (from scratch, bf16 autocast on CUDA): loss falls, validation
+                  accuracy above chance, and a stop/resume at a save step ends with the same weights
+  2. qlora        a Llama-shaped model (~1B parameters on `full`, random weights, no download) in 4-bit NF4,
+                  LoRA on all linear layers, 30 steps: loss falls; peak CUDA memory against `ift estimate`
+  3. throughput   ift vs TRL's SFTTrainer (completion-only loss; padding-free where TRL supports it; Liger
+                  kernels when liger-kernel imports), LoRA and full fine-tuning, SmolLM2-135M's shape and the
+                  1B shape, bf16: tokens/s, peak memory, MFU against the measured bf16 matmul peak
+  4. packing      packed vs padded batches: equal first-step loss, and the speed of each
+  5. eval         rank classification and greedy generation, examples/s, on the 1B shape
+
+`--device cpu --size tiny` runs every part at toy sizes in a few minutes (tests/test_gpu_check.py does), so
+GPU minutes go to measuring, not debugging. Output: gpu_check.json and gpu_check.log under $OUT when set,
+else bench/out/.
+
+Shapes are built from configs with random weights (no network); rows are synthetic classification prompts
+from a fixed seed, the same for every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PARTS = ("correctness", "qlora", "throughput", "packing", "eval")
+SHAPES = {  # Llama-family configs: SmolLM2-135M's and a ~1B one (Llama-3.2-1B-like, smaller vocabulary)
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+}
+WORDS = ("alpha beta gamma delta market shares profit loss revenue quarter growth decline bank stock bond "
+         "rate inflation outlook guidance merger dividend earnings forecast").split()
+LABELS = ("negative", "neutral", "positive")
+TEMPLATES = """dataset: gpu_check
+templates:
+  0e4b1c6a-1111-4b8e-9a51-7d3f2b1c0e01: !Template
+    answer_choices: negative ||| neutral ||| positive
+    id: 0e4b1c6a-1111-4b8e-9a51-7d3f2b1c0e01
+    jinja: "Text: {{text}}\\nIs the sentiment negative, neutral or positive? ||| {{answer_choices[label]}}"
+    metadata: !TemplateMetadata
+      choices_in_prompt: true
+      languages: [en]
+      metrics: [Accuracy]
+      original_task: true
+    name: sentiment
+    reference: ''
+"""
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.file = path.open("w")
+
+    def __call__(self, *parts) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def sizes(args) -> dict:
+    tiny = args.size == "tiny"
+    return dict(rows=64 if tiny else 2048, words=12 if tiny else 160, steps=4 if tiny else 30,
+                batch=4 if tiny else 16, bench_steps=3 if tiny else 20, warmup=1 if tiny else 5,
+                eval_rows=16 if tiny else 512, shapes=["tiny"] if tiny else ["135m", "1b"],
+                qlora_shape="tiny" if tiny else "1b", gen_tokens=8 if tiny else 64)
+
+
+def write_data(work: Path, n: int, words: int, seed: int = 0) -> tuple[Path, Path]:
+    """Synthetic rows whose label is a function of their words (learnable), split train/validation/test."""
+    rng = random.Random(seed)
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", n), ("validation", max(8, n // 8)), ("test", max(8, n // 8))):
+        with (data / f"{split}.jsonl").open("w") as fh:
+            for _ in range(rows):
+                label = rng.randrange(3)
+                text = " ".join(rng.choice(WORDS) for _ in range(words)) + f" {('down', 'flat', 'up')[label]}"
+                fh.write(json.dumps({"text": text, "label": label}) + "\n")
+    templates = work / "templates" / "gpu_check"
+    templates.mkdir(parents=True, exist_ok=True)
+    (templates / "templates.yaml").write_text(TEMPLATES)
+    return data, work / "templates"
+
+
+def tokenizer_folder(work: Path, data: Path) -> Path:
+    """A BPE tokenizer trained on the synthetic rows (the shapes' vocabulary is set from it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = work / "tokenizer"
+    if folder.is_dir():
+        return folder
+    texts = [json.loads(line)["text"] for line in (data / "train.jsonl").read_text().splitlines()]
+    texts += [f"Is the sentiment negative, neutral or positive? {x}" for x in LABELS]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def base_model(work: Path, shape: str, tokenizer: Path, dtype: str = "bfloat16") -> Path:
+    """A 'pretrained' Llama of the given shape with random weights, saved like a Hub checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = work / f"base-{shape}"
+    if folder.is_dir():
+        return folder
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **SHAPES[shape])
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def recipe(work: Path, data: Path, templates: Path, name: str, *, model: dict, adapter: dict | None = None,
+           **training):
+    from ift.recipe import Recipe
+
+    t = {"output_dir": str(work / "runs" / name), "seed": 7, "per_device_train_batch_size": 4,
+         "per_device_eval_batch_size": 16, "learning_rate": 2e-4, "lr_scheduler_type": "constant",
+         "logging_steps": 1, "report_to": ["none"], "overwrite_output_dir": True, **training}
+    evaluation = t.pop("evaluation", {"metrics": ["loss"], "test": False})
+    packing = t.pop("packing", False)
+    return Recipe.model_validate({
+        "model": model, "adapter": adapter or {"method": "none"},
+        "data": {"sources": [{"name": "synthetic", "path": str(data), "templates": ["gpu_check/sentiment"]}],
+                 "templates_dir": [str(templates)], "max_length": 512, "seed": 1, "packing": packing},
+        "training": t, "evaluation": evaluation,
+    })
+
+
+def peak_memory(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def losses(run: Path) -> list[float]:
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    return [h["train_loss"] for h in history if "train_loss" in h]
+
+
+def fresh_accelerate() -> None:
+    """Several in-process runs: each starts from a clean Accelerate state."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(r) -> Path:
+    from ift.train import train as ift_train
+
+    fresh_accelerate()
+    try:
+        return ift_train(r)
+    finally:
+        fresh_accelerate()
+
+
+class StepTimer:
+    """Timestamps every optimizer step (any optimizer: ift's and TRL's alike)."""
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.times: list[float] = []
+        self.handle = register_optimizer_step_post_hook(lambda *a: self.times.append(time.perf_counter()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def step_seconds(self, warmup: int) -> float:
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])][warmup:]
+        return sorted(gaps)[len(gaps) // 2] if gaps else float("nan")
+
+
+def matmul_peak(device: str, dtype: str) -> float:
+    """Best FLOP/s of large square matmuls: the MFU denominator."""
+    import torch
+
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    best = 0.0
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+# ---------------------------------------------------------------- the parts
+
+
+def part_correctness(args, work: Path, log: Log) -> dict:
+    from safetensors.torch import load_file
+
+    from ift.recipe import load_recipe
+
+    s = sizes(args)
+    steps = 40 if args.size == "full" else 8
+    bf16 = ["training.mixed_precision=bf16"] if args.device == "cuda" else []
+    common = [f"training.max_steps={steps}", f"training.save_steps={steps // 2}", f"training.eval_steps={steps}",
+              "training.report_to=[none]", "training.warmup_ratio=0.0", "training.logging_steps=1", *bf16]
+    if args.size == "tiny":
+        common += ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.vocab_size=300"]
+    a = train(load_recipe(REPO / "recipes" / "tiny.yaml", [f"training.output_dir={work / 'tiny-a'}", *common]))
+    b_recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"training.output_dir={work / 'tiny-b'}", *common])
+    b = train(b_recipe)
+    shutil.rmtree(b / "checkpoints" / f"step-{steps}")
+    shutil.rmtree(b / "final")
+    from ift.train import train as ift_train
+
+    fresh_accelerate()
+    ift_train(b_recipe, resume="auto")
+    fresh_accelerate()
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    resume_exact = wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+    metrics = json.loads((a / "metrics.json").read_text())
+    curve = losses(a)
+    accuracy = metrics.get("test", {}).get("accuracy")
+    out = {"first_loss": curve[0], "last_loss": curve[-1], "loss_falls": curve[-1] < curve[0],
+           "test_accuracy": accuracy, "chance": 1 / 3, "resume_exact": resume_exact, "steps": steps,
+           "bf16": bool(bf16)}
+    # accuracy above chance is asked of the real run; a few toy steps on CPU only prove the path works
+    out["ok"] = out["loss_falls"] and resume_exact and (args.size == "tiny" or (accuracy or 0) > 1 / 3)
+    log("correctness:", json.dumps(out))
+    del s
+    return out
+
+
+def part_qlora(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
+    from ift.estimate import estimate
+
+    s = sizes(args)
+    base = base_model(work, s["qlora_shape"], tokenizer_folder(work, data))
+    r = recipe(work, data, templates, "qlora", model={"name_or_path": str(base), "dtype": "bfloat16"},
+               adapter={"method": "qlora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
+                        "compute_dtype": "bfloat16"},
+               max_steps=s["steps"], save_steps=10_000, eval_steps=10_000, per_device_train_batch_size=s["batch"],
+               learning_rate=2e-4 if args.size == "full" else 2e-3,
+               mixed_precision="bf16" if args.device == "cuda" else "no", gradient_checkpointing=args.size == "full")
+    reset_peak(args.device)
+    run = train(r)
+    peak = peak_memory(args.device)
+    est = estimate(r, with_data=True, cache_dir=work / "estimate", device=args.device)
+    curve = losses(run)
+    out = {"shape": s["qlora_shape"], "steps": s["steps"], "first_loss": curve[0], "last_loss": curve[-1],
+           "loss_falls": curve[-1] < curve[0], "peak_memory": peak, "estimate_peak": est.memory.peak,
+           "peak_over_estimate": peak / est.memory.peak if est.memory.peak else None,
+           "memory_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process peak RSS"}
+    out["ok"] = out["loss_falls"]
+    log("qlora:", json.dumps(out))
+    return out
+
+
+def _trl_run(args, work: Path, base: Path, data: Path, method: str, s: dict) -> dict:
+    """TRL's SFTTrainer, tuned the way an expert would: completion-only loss, padding-free where supported,
+    Liger kernels when installed, bf16 on CUDA, fused AdamW."""
+    import importlib.util
+
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
+    prompts = rows.map(lambda r: {"prompt": f"Text: {r['text']}\nIs the sentiment negative, neutral or positive?",
+                                  "completion": " " + LABELS[r["label"]]}, remove_columns=rows.column_names)
+    cuda = args.device == "cuda"
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    config = SFTConfig(output_dir=str(work / f"trl-{method}"), per_device_train_batch_size=s["batch"],
+                       max_steps=s["bench_steps"] + s["warmup"] + 1, learning_rate=2e-4, lr_scheduler_type="constant",
+                       logging_steps=1000, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
+                       completion_only_loss=True, padding_free=cuda, use_liger_kernel=liger, optim="adamw_torch_fused",
+                       dataloader_num_workers=0, seed=7, max_length=512)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 attn_implementation="flash_attention_2" if cuda and config.padding_free
+                                                 and importlib.util.find_spec("flash_attn") else None)
+    peft_config = None
+    if method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=prompts, peft_config=peft_config,
+                         processing_class=AutoTokenizer.from_pretrained(base))
+    reset_peak(args.device)
+    with StepTimer() as timer:
+        trainer.train()
+    return {"step_seconds": timer.step_seconds(s["warmup"]), "peak_memory": peak_memory(args.device),
+            "liger": liger, "padding_free": config.padding_free}
+
+
+def _ift_run(args, work: Path, base: Path, data: Path, templates: Path, method: str, s: dict) -> dict:
+    adapter = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"} \
+        if method == "lora" else None
+    r = recipe(work, data, templates, f"ift-{method}", model={"name_or_path": str(base), "dtype": "float32"},
+               adapter=adapter, max_steps=s["bench_steps"] + s["warmup"] + 1, save_steps=10_000, eval_steps=10_000,
+               per_device_train_batch_size=s["batch"], mixed_precision="bf16" if args.device == "cuda" else "no")
+    reset_peak(args.device)
+    with StepTimer() as timer:
+        train(r)
+    return {"step_seconds": timer.step_seconds(s["warmup"]), "peak_memory": peak_memory(args.device)}
+
+
+def part_throughput(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
+    from transformers import AutoConfig
+
+    s = sizes(args)
+    tokens_per_row = _mean_tokens(work, data)
+    peak = matmul_peak(args.device, "bfloat16" if args.device == "cuda" else "float32")
+    out: dict = {"matmul_peak_flops": peak, "tokens_per_row": tokens_per_row, "configs": {}}
+    for shape in s["shapes"]:
+        base = base_model(work, shape, tokenizer_folder(work, data))
+        n = _parameters(AutoConfig.from_pretrained(base))
+        for method in ("lora", "full"):
+            name = f"{shape}-{method}"
+            ift = _ift_run(args, work, base, data, templates, method, s)
+            trl = _trl_run(args, work, base, data, method, s)
+            tok = s["batch"] * tokens_per_row
+            k = 4 if method == "lora" else 6  # LoRA: no weight-gradient matmuls on the frozen base
+            entry = {side: {**res, "tokens_per_second": tok / res["step_seconds"],
+                            "mfu": tok / res["step_seconds"] * k * n / peak}
+                     for side, res in (("ift", ift), ("trl", trl))}
+            entry["ift_over_trl"] = entry["ift"]["tokens_per_second"] / entry["trl"]["tokens_per_second"]
+            entry["memory_ratio"] = entry["ift"]["peak_memory"] / max(entry["trl"]["peak_memory"], 1)
+            out["configs"][name] = entry
+            log(f"throughput {name}:", json.dumps(entry))
+    out["ok"] = all(math.isfinite(c["ift"]["tokens_per_second"]) for c in out["configs"].values())
+    return out
+
+
+def part_packing(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
+    s = sizes(args)
+    shape = s["shapes"][0]
+    base = base_model(work, shape, tokenizer_folder(work, data))
+    results = {}
+    for packing in (False, True):
+        r = recipe(work, data, templates, f"packing-{packing}", model={"name_or_path": str(base), "dtype": "float32"},
+                   max_steps=s["bench_steps"] + s["warmup"] + 1, save_steps=10_000, eval_steps=10_000,
+                   per_device_train_batch_size=s["batch"], packing=packing, learning_rate=1e-12,
+                   mixed_precision="bf16" if args.device == "cuda" else "no")
+        with StepTimer() as timer:
+            run = train(r)
+        results[packing] = {"step_seconds": timer.step_seconds(s["warmup"]), "first_loss": losses(run)[0]}
+    out = {"padded": results[False], "packed": results[True],
+           "loss_difference": abs(results[True]["first_loss"] - results[False]["first_loss"])}
+    # the same rows in other batches: with a near-zero learning rate both runs measure the same function
+    out["ok"] = out["loss_difference"] < (2e-2 if args.device == "cuda" else 1e-3)
+    log("packing:", json.dumps(out))
+    return out
+
+
+def part_eval(args, work: Path, log: Log, data: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ift.evaluation import generate, score_choices
+
+    s = sizes(args)
+    base = base_model(work, s["qlora_shape"], tokenizer_folder(work, data))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(args.device).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    prompts = [f"Text: {r['text']}\nIs the sentiment negative, neutral or positive?" for r in rows]
+    prompts = (prompts * math.ceil(s["eval_rows"] / len(prompts)))[: s["eval_rows"]]
+    t0 = time.perf_counter()
+    scores = score_choices(model, tok, "causal", prompts, [list(LABELS)] * len(prompts), batch_size=s["batch"] * 4)
+    rank_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = generate(model, tok, "causal", prompts[: max(8, len(prompts) // 4)], max_new_tokens=s["gen_tokens"],
+                     batch_size=s["batch"] * 4)
+    gen_s = time.perf_counter() - t0
+    out = {"shape": s["qlora_shape"], "rank_rows": len(prompts), "rank_rows_per_second": len(prompts) / rank_s,
+           "generate_rows": len(texts), "generate_rows_per_second": len(texts) / gen_s,
+           "max_new_tokens": s["gen_tokens"], "ok": len(scores) == len(prompts) and len(texts) > 0}
+    log("eval:", json.dumps(out))
+    return out
+
+
+def _mean_tokens(work: Path, data: Path) -> float:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder(work, data))
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()[:200]]
+    texts = [f"Text: {r['text']}\nIs the sentiment negative, neutral or positive? {LABELS[r['label']]}" for r in rows]
+    return sum(len(ids) + 1 for ids in tok(texts)["input_ids"]) / len(texts)
+
+
+def _parameters(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.suppress(Exception):
+        import torch
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--size", choices=["full", "tiny"], default=None, help="default: full on cuda, tiny on cpu")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    args.size = args.size or ("full" if args.device == "cuda" else "tiny")
+    out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = Log(out_dir / "gpu_check.log")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            log("error: --device cuda but torch sees no CUDA device — run with --device cpu")
+            return 2
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    s = sizes(args)
+    data, templates = write_data(work, s["rows"], s["words"])
+    report: dict = {"device": args.device, "size": args.size, "environment": _environment(args.device), "parts": {}}
+    for part in [p for p in args.only.split(",") if p]:
+        started = time.perf_counter()
+        log(f"--- {part}")
+        try:
+            if part == "correctness":
+                result = part_correctness(args, work, log)
+            elif part == "qlora":
+                result = part_qlora(args, work, log, data, templates)
+            elif part == "throughput":
+                result = part_throughput(args, work, log, data, templates)
+            elif part == "packing":
+                result = part_packing(args, work, log, data, templates)
+            elif part == "eval":
+                result = part_eval(args, work, log, data)
+            else:
+                raise ValueError(f"unknown part {part!r}: use {', '.join(PARTS)}")
+        except Exception as err:  # noqa: BLE001 - one broken part must not cost the others their GPU minutes
+            result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            log(result["traceback"])
+        result["seconds"] = time.perf_counter() - started
+        report["parts"][part] = result
+        (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    ok = all(r.get("ok") for r in report["parts"].values())
+    log(f"done: {'all parts ok' if ok else 'some parts failed'}; {out_dir / 'gpu_check.json'}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def _environment(device: str) -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    with contextlib.suppress(Exception):
+        import trl
+
+        env["trl"] = trl.__version__
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
