@@ -5,6 +5,10 @@ folder (an adapter's config rewritten to name its base by Hub id), lists and upl
 dry-run listing, a `--dry-run --out DIR` copy and the upload cannot differ. The upload is one commit that
 also deletes the files of an earlier push that this one no longer has (OWNED_FILES), so pushing a merged
 model over an adapter leaves no adapter_config.json behind.
+During training (hub.strategy every_save / checkpoint) `push_checkpoint` pushes the weights at each save the
+same way (one commit, stale owned files deleted, the adapter naming its base by Hub id), and with
+`checkpoint` the resumable state under last-checkpoint/. `push_dataset` publishes the prepared splits as a
+dataset repo (datasets' push_to_hub) with a dataset card (ift.dataset_card).
 The token comes from the caller or huggingface_hub's own resolution (HF_TOKEN, `hf auth login`); it is
 passed to HfApi and nowhere else: never printed, logged, or written to a file.
 """
@@ -36,6 +40,8 @@ OWNED_FILES = ("README.md", "*.safetensors", "*.safetensors.index.json", "adapte
                "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+# hub.strategy checkpoint: the resumable state of the newest checkpoint, in this folder of the model repo
+LAST_CHECKPOINT = "last-checkpoint"
 
 
 def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
@@ -50,6 +56,21 @@ def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
         fix = ("run `ift merge RUN_DIR` first (`ift push --merge` does it for you)" if merge else
                "let the training finish, or resume it: ift train RUN_DIR/recipe.yaml --resume")
         raise IftError(f"no {'merged model' if merge else 'final weights'} to upload", str(weights), fix)
+    files = _weight_files(weights)
+    card = weights / "README.md" if merge and (weights / "README.md").is_file() else run_dir / "README.md"
+    if not card.is_file():
+        raise IftError("the run has no model card (README.md)", str(run_dir),
+                       "`ift push` writes it; from Python call ift.card.write_model_card(run_dir, recipe)")
+    plan = [(p, p.name) for p in files] + [(card, "README.md")]
+    plan += [(p, f"plots/{p.name}") for p in sorted((run_dir / "plots").glob("*.png"))]
+    return plan
+
+
+def _weight_files(weights: Path) -> list[Path]:
+    """The files save_pretrained wrote in `weights` (weights, configs, tokenizer; not peft's README.md).
+
+    Refuses pickle weights (.bin/.pt/...) and a folder without .safetensors weights.
+    """
     files = sorted(p for p in weights.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "README.md")
     pickles = [p.name for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
@@ -58,13 +79,7 @@ def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
     if not any(p.name.endswith(".safetensors") for p in files):
         raise IftError("no .safetensors weights in the weights folder", str(weights),
                        "save the model with save_pretrained, or rerun the training")
-    card = weights / "README.md" if merge and (weights / "README.md").is_file() else run_dir / "README.md"
-    if not card.is_file():
-        raise IftError("the run has no model card (README.md)", str(run_dir),
-                       "`ift push` writes it; from Python call ift.card.write_model_card(run_dir, recipe)")
-    plan = [(p, p.name) for p in files] + [(card, "README.md")]
-    plan += [(p, f"plots/{p.name}") for p in sorted((run_dir / "plots").glob("*.png"))]
-    return plan
+    return files
 
 
 def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = False, revision: str | None = None,
@@ -90,9 +105,7 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = Fa
     if out is not None:
         _check_out(Path(out), run_dir)
     if not dry_run:
-        token = token or _resolve_token()
-        if not token:
-            raise IftError("no Hugging Face token found", repo_id, TOKEN_FIX)
+        token = require_token(repo_id, token)
     _prepare(run_dir, recipe, repo_id, merge, say)
     plan = plan_upload(run_dir, merge=merge)
     base = _adapter_base(run_dir, recipe, merge, say)
@@ -106,6 +119,198 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = Fa
         with _hub_errors(repo_id, revision):
             return _upload(folder, [rel for _, rel in staged], repo_id, token, private=private, revision=revision,
                            message=message, say=say)
+
+
+def push_checkpoint(run_dir: Path, weights: Path, *, step: int, repo_id: str, private: bool = False,
+                    revision: str | None = None, state: Path | None = None, report: Report | None = None,
+                    token: str | None = None) -> str:
+    """hub.strategy every_save / checkpoint: publish the weights of a checkpoint while training runs; the URL.
+
+    `weights` is a save_pretrained folder (adapter or full model, safetensors) plus the tokenizer. It goes to
+    the repo root in one commit, "Training in progress, step N", with the run's card (RUN_DIR/README.md) when
+    one exists yet; an adapter config names its base by Hub id, as `push` does. Files of an earlier push that
+    this one no longer has are deleted in the same commit (weights and tokenizer files: a checkpoint push
+    leaves an earlier card when the run has none yet, and plots/ to the final push). So a run that crashes has
+    published its last checkpoint's weights, loadable with from_pretrained(repo_id).
+
+    state (hub.strategy checkpoint): that checkpoint folder (the Accelerate state, trainer_state.json,
+    manifest.json; its hub/ subfolder skipped) goes under last-checkpoint/ in the same commit, replacing the
+    previous one (its files this one lacks are deleted): download it into RUN_DIR/checkpoints/step-N and
+    `ift train RECIPE --resume` continues from it. It holds the optimizer and RNG state as Accelerate writes
+    them (torch pickles, like HF Trainer's last-checkpoint/); only the published weights are safetensors-only.
+
+    Errors stop the training: no token (checked before any network), an unreachable Hub, a refused upload
+    raise IftError naming the repo and the fix. A run asked to publish its checkpoints that cannot is
+    stopped loudly rather than left running unpublished; its checkpoint is saved locally first, so
+    `--resume` continues it once the cause is fixed (or with hub.strategy: end).
+    """
+    say = report or (lambda _msg: None)
+    run_dir, weights = Path(run_dir), Path(weights)
+    repo_id = check_repo_id(repo_id)
+    resume = (f"the checkpoint is saved locally: fix that and continue with `ift train {run_dir / 'recipe.yaml'} "
+              "--resume`, or set hub.strategy: end to push only when training ends")
+    token = token or _resolve_token()
+    if not token:
+        raise IftError(f"no Hugging Face token found to push checkpoint step {step}", repo_id, f"{TOKEN_FIX}; {resume}")
+    recipe = load_run_recipe(run_dir)
+    if not weights.is_dir():
+        raise IftError(f"no weights to push for checkpoint step {step}", str(weights),
+                       "report it as an ift bug: training writes them before pushing")
+    plan = [(p, p.name) for p in _weight_files(weights)]
+    card = run_dir / "README.md"
+    if card.is_file():
+        plan.append((card, "README.md"))
+    if state is not None:
+        plan += _state_plan(Path(state))
+    ours = {rel for _, rel in plan}
+
+    def owned(path_in_repo: str) -> bool:
+        if path_in_repo.startswith(f"{LAST_CHECKPOINT}/"):
+            return state is not None
+        return is_owned(path_in_repo) and not path_in_repo.startswith("plots/") and (
+            path_in_repo != "README.md" or "README.md" in ours)
+
+    base = _adapter_base(run_dir, recipe, False, say, weights=weights)
+    message = f"Training in progress, step {step}"
+    try:
+        with _staged(run_dir, plan, base) as (folder, staged):
+            say(f"pushing checkpoint step {step}: {len(staged)} files "
+                f"({_size(sum(p.stat().st_size for p, _ in staged))}) to {repo_id}")
+            with _hub_errors(repo_id, revision):
+                return _upload(folder, [rel for _, rel in staged], repo_id, token, private=private, revision=revision,
+                               message=message, say=say, owned=owned)
+    except IftError as err:
+        raise IftError(f"could not push checkpoint step {step} to the Hub: {err.what}", err.where or repo_id,
+                       f"{err.fix}; {resume}" if err.fix else resume) from None
+    except Exception as err:  # noqa: BLE001 - a training run stops with one line, not a traceback
+        raise IftError(f"could not push checkpoint step {step} to the Hub: {type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:300] if str(err) else ''}", repo_id, resume) from None
+
+
+def _state_plan(state: Path) -> list[tuple[Path, str]]:
+    """A checkpoint folder's files under last-checkpoint/ (not its hub/ copy of the weights, nor temporaries)."""
+    if not state.is_dir():
+        raise IftError("the checkpoint folder to push is missing", str(state),
+                       "report it as an ift bug: training writes it before pushing")
+    files = []
+    for p in sorted(state.rglob("*")):
+        rel = p.relative_to(state)
+        if p.is_file() and rel.parts[0] != "hub" and not any(part.startswith(".") for part in rel.parts) \
+                and not p.name.endswith(".tmp"):
+            files.append((p, f"{LAST_CHECKPOINT}/{rel.as_posix()}"))
+    return files
+
+
+def push_dataset(prepared, recipe: Recipe | None, repo_id: str, *, private: bool = False, token: str | None = None,
+                 dry_run: bool = False, report: Report | None = None) -> str:
+    """hub.push_dataset: publish the prepared splits (ift.data.PreparedData) as a dataset repo; its URL.
+
+    The splits go up with datasets' own DatasetDict.push_to_hub (Parquet shards under data/, the card's
+    configs and dataset_info); then one more commit replaces README.md with ift's dataset card
+    (ift.dataset_card), which keeps datasets' metadata and says where every row came from. An empty split
+    (validation_size: 0) is left out. `load_dataset(repo_id)` loads the splits.
+    dry_run: no network, no token; returns the listing of the splits, rows and card that would be pushed.
+    """
+    from ift.dataset_card import build_dataset_card
+
+    say = report or (lambda _msg: None)
+    repo_id = check_dataset_repo_id(repo_id)
+    splits = _nonempty_splits(prepared.splits)
+    if dry_run:
+        return format_dataset_plan(splits, build_dataset_card(prepared, recipe, repo_id), repo_id, private=private)
+    token = require_token(repo_id, token)
+    say(f"uploading the prepared splits ({', '.join(f'{s} {len(d):,} rows' for s, d in splits.items())}) "
+        f"to the dataset repo {repo_id}")
+    with _hub_errors(repo_id, None):
+        info = splits.push_to_hub(repo_id, private=private, token=token,
+                                  commit_message="Upload the splits prepared by ift")
+        full_id = getattr(getattr(info, "repo_url", None), "repo_id", None) or repo_id
+        pushed = _read_dataset_card(full_id, getattr(info, "oid", None), token)
+        card = build_dataset_card(prepared, recipe, full_id, metadata=pushed)
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=token)
+        api.create_commit(full_id, [CommitOperationAdd(path_in_repo="README.md",
+                                                       path_or_fileobj=str(card).encode("utf-8"))],
+                          commit_message="Dataset card written by ift", repo_type="dataset",
+                          parent_commit=getattr(info, "oid", None))
+        url = getattr(info, "repo_url", None)
+    return str(url).rstrip("/") if url else f"{_endpoint()}/datasets/{full_id}"
+
+
+def check_dataset_repo_id(repo_id: str | None) -> str:
+    """A dataset repo id ('namespace/name'); 'datasets/...' and Hub dataset URLs accepted, model ids too."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = (repo_id or "").strip()
+    for prefix in ("https://huggingface.co/", "http://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/"):
+        text = text.removeprefix(prefix)
+    text = text.rstrip("/")
+    head = text.split("/", 1)[0]
+    if head == "spaces" and text.count("/") >= 2:
+        raise IftError(f"'{repo_id}' names a space repository; the splits go to a dataset repo", "hub.push_dataset",
+                       f"use a dataset repo id such as {text.split('/', 1)[1]}")
+    if head == "datasets" and text.count("/") >= 2:
+        text = text.split("/", 1)[1]
+    try:
+        validate_repo_id(text)
+    except HFValidationError as exc:
+        raise IftError(f"malformed dataset repo id {repo_id!r}: {exc}", "hub.push_dataset", REPO_ID_FIX) from None
+    return text
+
+
+def format_dataset_plan(splits, card, repo_id: str, *, private: bool = False) -> str:
+    """The push_dataset dry-run listing: each split with its rows and where it goes, and the card's size."""
+    text = str(card).encode("utf-8")
+    where = f"{repo_id} ({'private' if private else 'public'} dataset repo, revision main)"
+    rows = sum(len(d) for d in splits.values())
+    lines = [f"dry run: would push {len(splits)} splits, {rows:,} rows, and a dataset card to {where}"]
+    width = max([len(s) for s in splits] + [len("README.md")])
+    for name, ds in splits.items():
+        lines.append(f"  {name:<{width}}  {len(ds):>9,} rows   data/{name}-*.parquet ({', '.join(ds.column_names)})")
+    lines.append(f"  {'README.md':<{width}}  {len(text):>9,} bytes  dataset card (datasets adds its dataset_info)")
+    return "\n".join(lines)
+
+
+def _nonempty_splits(splits):
+    import datasets
+
+    kept = {name: ds for name, ds in splits.items() if len(ds)}
+    if not kept:
+        raise IftError("every prepared split is empty: nothing to push", "hub.push_dataset",
+                       "check data.sources and the split sizes (`ift data stats RECIPE`)")
+    return datasets.DatasetDict(kept)
+
+
+def _read_dataset_card(repo_id: str, revision: str | None, token: str) -> dict:
+    """The metadata of the README.md that datasets' push_to_hub wrote ({} when there is none)."""
+    from huggingface_hub import DatasetCard, HfFileSystem
+
+    fs = HfFileSystem(token=token, skip_instance_cache=True)
+    path = f"datasets/{repo_id}" + (f"@{revision}" if revision else "") + "/README.md"
+    try:
+        text = fs.read_text(path, encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    return DatasetCard(text).data.to_dict()
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def require_token(repo_id: str, token: str | None = None) -> str:
+    """The token a push will use (the caller's, else HF_TOKEN / `hf auth login`); IftError when there is none.
+
+    No network. Training with hub.push can call it before the first step, so a missing token stops the run
+    at the start rather than at its first checkpoint push or after the last step.
+    """
+    token = token or _resolve_token()
+    if not token:
+        raise IftError("no Hugging Face token found", repo_id, TOKEN_FIX)
+    return token
 
 
 def check_repo_id(repo_id: str | None) -> str:
@@ -158,26 +363,33 @@ def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Call
         write_model_card(run_dir, recipe, repo_id=repo_id)
 
 
-def _adapter_base(run_dir: Path, recipe: Recipe, merge: bool, say: Callable[[str], None]) -> dict | None:
+def _adapter_base(run_dir: Path, recipe: Recipe, merge: bool, say: Callable[[str], None],
+                  weights: Path | None = None) -> dict | None:
     """What the published adapter config says about its base ({"base_model_name_or_path", "revision"}), or
     None to leave it as peft wrote it.
 
     peft records the folder the base was loaded from, which for a GGUF base is ift's local cache
     (~/.cache/ift/gguf/<sha256>) and for a local base a path of this machine: nobody else can load that.
     """
-    if merge or not has_adapter(run_dir / "final"):
+    if merge or not has_adapter(weights or run_dir / "final"):
         return None
     from ift.card import base_hub_id
 
     found = base_hub_id(recipe)
     if found is None:
-        say("warning: the base model has no known Hub id, so the adapter can only be loaded where its base "
-            "folder exists; set model.hub_id in recipe.yaml to the base's Hub id")
+        if weights is None or str(run_dir) not in _WARNED_NO_BASE_ID:  # a training run's checkpoints: once
+            say("warning: the base model has no known Hub id, so the adapter can only be loaded where its base "
+                "folder exists; set model.hub_id in recipe.yaml to the base's Hub id")
+        if weights is not None:
+            _WARNED_NO_BASE_ID.add(str(run_dir))
         return None
     m = recipe.model
     # the revision trained on, when the id is the one it was loaded from (AutoPeftModel loads that revision)
     return {"base_model_name_or_path": found, **({"revision": m.revision} if m.revision and found == m.name_or_path
                                                   else {})}
+
+
+_WARNED_NO_BASE_ID: set[str] = set()
 
 
 def _check_out(out: Path, run_dir: Path) -> None:
@@ -290,7 +502,9 @@ def is_owned(path_in_repo: str) -> bool:
 
 
 def _upload(folder: Path, files: list[str], repo_id: str, token: str, *, private: bool, revision: str | None,
-            message: str, say: Callable[[str], None]) -> str:
+            message: str, say: Callable[[str], None], owned: Callable[[str], bool] | None = None) -> str:
+    """Create the repo (and branch) if needed; one commit adding `files` and deleting the repo's files that
+    `owned` (default is_owned) claims and this push lacks. Returns the repo's (branch's) URL."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)
@@ -304,7 +518,8 @@ def _upload(folder: Path, files: list[str], repo_id: str, token: str, *, private
     # one explicit commit with the deletions: upload_folder may split a large upload into several commits
     # (hf_xet's pipeline), and a reader in between would see the new weights next to the stale files
     remote = api.list_repo_files(full_id, revision=revision, repo_type="model")
-    stale = sorted(p for p in remote if is_owned(p) and p not in set(files))
+    owned = owned or is_owned
+    stale = sorted(p for p in remote if owned(p) and p not in set(files))
     if stale:
         say(f"removing {len(stale)} files of an earlier push: {', '.join(stale)}")
     operations = [CommitOperationDelete(path_in_repo=p) for p in stale]

@@ -134,6 +134,10 @@ class FineTune:
         self.say = acc.print
         if self.main:  # one process owns the folder; a second run into it stops here
             self.lock.acquire(say=self.say)
+            if self.recipe.hub.push:  # a missing token stops the run now, not at its first push
+                from ift.hub import require_token
+
+                require_token(self.recipe.hub.repo_id)
         self.checkpoint = _find_checkpoint(self.rd, self.resume, self.say)
         if self.checkpoint is None:
             _check_fresh_run_dir(run_dir, t.overwrite_output_dir)
@@ -365,20 +369,34 @@ class FineTune:
         acc.wait_for_everyone()
 
     def _push_checkpoint(self, checkpoint: Path) -> None:
-        """hub.strategy every_save / checkpoint: the weights as they are now, loadable, on the Hub."""
+        """hub.strategy every_save / checkpoint: the weights as they are now, loadable, on the Hub.
+
+        Only the main process uploads; a failure is shared with every process, so all stop together (a run asked
+        to publish its checkpoints that cannot stops loudly, the checkpoint itself kept)."""
+        from accelerate.utils import broadcast_object_list
+
         acc = self.accelerator
         state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
-        if not self.main:
-            return
-        from ift.hub import push_checkpoint
+        failure: list = [None]
+        if self.main:
+            from ift.hub import push_checkpoint
 
-        weights = checkpoint / "hub"
-        acc.unwrap_model(self.loss_model).model.save_pretrained(weights, state_dict=state)
-        self.tokenizer.save_pretrained(weights)
-        hub = self.recipe.hub
-        push_checkpoint(self.run_dir, weights, step=self.progress.step, repo_id=hub.repo_id, private=hub.private,
-                        revision=hub.revision, state=checkpoint if hub.strategy == "checkpoint" else None,
-                        report=self.say)
+            weights = self.rd.path / "hub-staging" / checkpoint.name  # removed after the push: no second copy kept
+            try:
+                acc.unwrap_model(self.loss_model).model.save_pretrained(weights, state_dict=state)
+                self.tokenizer.save_pretrained(weights)
+                hub = self.recipe.hub
+                push_checkpoint(self.run_dir, weights, step=self.progress.step, repo_id=hub.repo_id,
+                                private=hub.private, revision=hub.revision,
+                                state=checkpoint if hub.strategy == "checkpoint" else None, report=self.say)
+            except IftError as err:
+                failure[0] = (err.what, err.where, err.fix)
+            finally:
+                shutil.rmtree(weights.parent, ignore_errors=True)
+        if acc.num_processes > 1:
+            broadcast_object_list(failure)
+        if failure[0] is not None:
+            raise IftError(*failure[0])
 
     # ------------------------------------------------------------ the end
 

@@ -5,6 +5,8 @@ The card must parse back with huggingface_hub. The push runs huggingface_hub's r
 `huggingface_hub.set_client_factory` with an httpx2 MockTransport that records every request and answers
 like the Hub. hf_xet (a Rust client with its own networking) is switched off through
 `constants.HF_HUB_DISABLE_XET` (= HF_HUB_DISABLE_XET=1), so large files take the HTTP LFS path.
+datasets' own push_to_hub (hub.push_dataset) goes through the same client, so the fake Hub also answers the
+dataset-repo requests it makes (repo info, tree listings, README.md reads, commits against a parent sha).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from test_modeling import write_tiny_gguf
 from ift.card import write_model_card
 from ift.cli import main
 from ift.errors import IftError
-from ift.hub import check_repo_id, plan_upload, push
+from ift.hub import check_repo_id, plan_upload, push, push_checkpoint, push_dataset
 from ift.plots import write_plots
 from ift.recipe import load_recipe
 
@@ -162,12 +164,19 @@ def token_env(monkeypatch, tmp_path):
 
 
 class FakeHub:
-    """Answers huggingface_hub's requests like the Hub does and records them."""
+    """Answers huggingface_hub's requests like the Hub does and records them.
+
+    Model repos are keyed by their id ("me/x"), dataset repos by "datasets/<id>" (in files, commits, branches).
+    Every commit gets a sha; a request naming a sha as its revision sees the repo as it was at that commit
+    (datasets' push_to_hub reads and commits against the head it saw).
+    """
 
     def __init__(self, *, existing: dict[str, str] | None = None, create_status: int | None = None,
                  down: bool = False, reject_card: bool = False):
         self.reject_card = reject_card
         self.files: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> the files at its head
+        self.heads: dict[tuple[str, str], str] = {}  # (repo, revision) -> sha of its head
+        self.snapshots: dict[str, dict[str, bytes]] = {}  # sha -> the files at that commit
         self.validated: list[str] = []
         self.existing = dict(existing or {})  # repo id -> its URL on the Hub (409 on create)
         self.create_status, self.down = create_status, down
@@ -199,37 +208,94 @@ class FakeHub:
                 {"oid": o["oid"], "size": o["size"], "authenticated": True,
                  "actions": {"upload": {"href": f"https://s3.fake/{o['oid']}"}}} for o in objects]})
         parts = path.split("/")
-        if path.startswith("/api/models/") and len(parts) >= 7:
-            repo, action, revision = "/".join(parts[3:5]), parts[5], "/".join(parts[6:])
-            if action == "preupload":
-                files = json.loads(request.content)["files"]
-                return httpx2.Response(200, json={"files": [
-                    {"path": f["path"], "shouldIgnore": False,
-                     "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".png")) else "regular"}
-                    for f in files]})
-            if action == "branch":
-                self.branches.append((repo, revision))
-                self.files.setdefault((repo, revision), dict(self.files.get((repo, "main"), {})))
-                return httpx2.Response(200, json={})
-            if action == "tree":  # list_repo_files (recursive, one page)
-                return httpx2.Response(200, json=[{"type": "file", "path": p, "size": len(b), "oid": "0" * 40}
-                                                  for p, b in sorted(self.files.get((repo, revision), {}).items())])
-            if action == "commit":
-                return self._commit(repo, revision, request.content)
+        if len(parts) >= 5 and parts[1] == "api" and parts[2] in ("models", "datasets"):
+            repo = "/".join(parts[3:5]) if parts[2] == "models" else "datasets/" + "/".join(parts[3:5])
+            if len(parts) == 5 or (len(parts) >= 7 and parts[5] == "revision"):  # repo_info
+                return self._info(repo, "/".join(parts[6:]) or "main")
+            if len(parts) >= 7:
+                return self._action(request, repo, parts[5], parts[6], "/".join(parts[7:]))
+        if len(parts) >= 6 and parts[1] == "datasets" and parts[4] == "resolve":  # a file's content
+            repo, revision, file = "datasets/" + "/".join(parts[2:4]), parts[5], "/".join(parts[6:])
+            content = self._at(repo, revision).get(file)
+            if content is None:
+                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "not found"})
+            return httpx2.Response(200, content=content, headers={
+                "Content-Length": str(len(content)), "ETag": '"etag"', "Accept-Ranges": "bytes",
+                "X-Repo-Commit": self.heads.get((repo, revision), revision)})
         return httpx2.Response(404, json={"error": f"Not found: {path}"})
+
+    def _at(self, repo: str, revision: str) -> dict[str, bytes]:
+        """The files of a branch's head, or of the commit a sha names."""
+        if revision in self.snapshots:
+            return self.snapshots[revision]
+        return self.files.get((repo, revision), {})
+
+    def _info(self, repo: str, revision: str) -> httpx2.Response:
+        if (repo, "main") not in self.files:
+            return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"},
+                                   json={"error": "Repository not found"})
+        sha = revision if revision in self.snapshots else self.heads.get((repo, revision), "0" * 40)
+        return httpx2.Response(200, json={"id": repo.removeprefix("datasets/"), "sha": sha, "private": False,
+                                          "siblings": [{"rfilename": p} for p in sorted(self._at(repo, revision))]})
+
+    def _action(self, request: httpx2.Request, repo: str, action: str, revision: str, rest: str) -> httpx2.Response:
+        if action == "preupload":
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(200, json={"files": [
+                {"path": f["path"], "shouldIgnore": False,
+                 "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".png", ".parquet")) else "regular"}
+                for f in files]})
+        if action == "branch":
+            self.branches.append((repo, revision))
+            self.files.setdefault((repo, revision), dict(self.files.get((repo, "main"), {})))
+            return httpx2.Response(200, json={})
+        if action == "tree":  # list_repo_files / HfFileSystem listings: one page, recursive or not
+            files = self._at(repo, revision)
+            prefix = f"{rest.strip('/')}/" if rest.strip("/") else ""
+            recursive = request.url.params.get("recursive") in ("true", "True", "1")
+            entries: dict[str, dict] = {}
+            for p, b in sorted(files.items()):
+                if not p.startswith(prefix):
+                    continue
+                below = p[len(prefix):]
+                if "/" in below and not recursive:
+                    folder = prefix + below.split("/", 1)[0]
+                    entries[folder] = {"type": "directory", "path": folder, "oid": "0" * 40}
+                else:
+                    entries[p] = {"type": "file", "path": p, "size": len(b), "oid": "0" * 40}
+            if prefix and not entries:
+                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "not found"})
+            return httpx2.Response(200, json=list(entries.values()))
+        if action == "commit":
+            return self._commit(repo, revision, request.content)
+        return httpx2.Response(404, json={"error": f"Not found: {action}"})
 
     def _create(self, payload: dict) -> httpx2.Response:
         self.created.append(payload)
         repo = f"{payload['organization'] or 'me'}/{payload['name']}"
+        kind = payload.get("type") or "model"
+        key = repo if kind == "model" else f"{kind}s/{repo}"
         if self.create_status:
             return httpx2.Response(self.create_status, json={"error": "Invalid credentials in Authorization header"})
-        if repo in self.existing:
-            return httpx2.Response(409, json={"error": "You already created this model repo", "url": self.existing[repo]})
-        self.files.setdefault((repo, "main"), {".gitattributes": b"*.safetensors filter=lfs\n"})
-        return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}"})
+        if key in self.existing:
+            return httpx2.Response(409, json={"error": "You already created this model repo", "url": self.existing[key]})
+        if (key, "main") in self.files:
+            return httpx2.Response(409, json={"error": "You already created this repo",
+                                              "url": f"https://huggingface.co/{key}"})
+        self.files[(key, "main")] = {".gitattributes": b"*.safetensors filter=lfs\n"}
+        self.heads[(key, "main")] = sha = self._new_sha()
+        self.snapshots[sha] = dict(self.files[(key, "main")])
+        return httpx2.Response(200, json={"url": f"https://huggingface.co/{key}"})
+
+    def _new_sha(self) -> str:
+        return f"{len(self.snapshots) + 1:040x}"
 
     def _commit(self, repo: str, revision: str, body: bytes) -> httpx2.Response:
         lines = [json.loads(line) for line in body.splitlines()]
+        header = lines[0]["value"]
+        parent = header.get("parentCommit")
+        if parent and parent != self.heads.get((repo, revision), parent):
+            return httpx2.Response(412, json={"error": "A commit has happened since"})
         files, deleted = {}, []
         for line in lines[1:]:
             v = line["value"]
@@ -237,14 +303,17 @@ class FakeHub:
                 deleted.append(v["path"])
                 continue
             files[v["path"]] = base64.b64decode(v["content"]) if line["key"] == "file" else self.lfs[v["oid"]]
-        self.commits.append({"repo": repo, "revision": revision, "summary": lines[0]["value"]["summary"],
-                             "files": files, "deleted": deleted})
+        sha = self._new_sha()
+        self.commits.append({"repo": repo, "revision": revision, "summary": header["summary"],
+                             "files": files, "deleted": deleted, "sha": sha})
         head = self.files.setdefault((repo, revision), {})
         for path in deleted:
             head.pop(path, None)
         head.update(files)
-        return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/abc123",
-                                          "commitOid": "abc123", "pullRequestUrl": None})
+        self.heads[(repo, revision)] = sha
+        self.snapshots[sha] = dict(head)
+        return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{sha}",
+                                          "commitOid": sha, "pullRequestUrl": None})
 
     def auth_headers(self) -> set[str]:
         """Authorization headers sent to the Hub API (not to storage, nor huggingface_hub's own registry fetch)."""
@@ -945,3 +1014,349 @@ def test_a_merged_qlora_card_publishes_no_scores_measured_on_the_4bit_base(run_d
     assert adapter.data.eval_results  # the adapter on its 4-bit base is what was tested
     assert not merged.data.eval_results
     assert "a different function" in merged.text
+
+
+
+# ---------------------------------------------------------------- pushes during training (issue 11: hub.strategy)
+
+
+def _checkpoint(run: Path, step: int, *, weights: bytes, state: dict[str, bytes] | None = None) -> Path:
+    """checkpoints/step-N as training leaves it before a push: the Accelerate state files and, in hub/, the
+    weights as save_pretrained writes them (peft's README.md included) plus the tokenizer."""
+    folder = run / "checkpoints" / f"step-{step}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(run / "final", folder / "hub")
+    (folder / "hub" / "adapter_model.safetensors").write_bytes(weights)
+    for rel, content in (state or {}).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(content)
+    return folder
+
+
+def test_every_save_pushes_the_latest_weights_naming_the_step_and_the_base(run_dir, install_hub, token_env):
+    """hub.strategy every_save: each checkpoint's weights replace the previous ones in one commit named after its
+    step; the adapter names its base by Hub id; the card goes up once the run has one; files of an earlier
+    full-model push are deleted, the user's own files and the plots are left alone."""
+    load_recipe(run_dir / "recipe.yaml", ["model.hub_id=me/tiny-base"]).save(run_dir / "recipe.yaml")
+    (run_dir / "README.md").unlink(missing_ok=True)  # training writes the card at the end
+    hub = install_hub(FakeHub(existing={REPO_ID: f"https://huggingface.co/{REPO_ID}"}))
+    hub.files[(REPO_ID, "main")] = {"model.safetensors": b"an earlier full model", "config.json": b"{}",
+                                    "plots/loss.png": b"png", "notes.md": b"mine"}
+    before = (run_dir / "final" / "adapter_config.json").read_bytes()
+    messages: list[str] = []
+    urls = []
+    for step in (4, 8):
+        ck = _checkpoint(run_dir, step, weights=f"weights at step {step}".encode())
+        if step == 8:
+            write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml"))
+        urls.append(push_checkpoint(run_dir, ck / "hub", step=step, repo_id=REPO_ID, private=True,
+                                    report=messages.append))
+    assert urls == [f"https://huggingface.co/{REPO_ID}"] * 2
+    assert [c["summary"] for c in hub.commits] == ["Training in progress, step 4", "Training in progress, step 8"]
+    assert hub.created[0].get("visibility") == "private" or hub.created[0].get("private") is True
+    first, second = hub.commits
+    assert {"model.safetensors", "config.json"} <= set(first["deleted"])
+    assert "README.md" not in first["files"] and "README.md" in second["files"]
+    head = hub.files[(REPO_ID, "main")]
+    assert head["adapter_model.safetensors"] == b"weights at step 8"
+    assert json.loads(head["adapter_config.json"])["base_model_name_or_path"] == "me/tiny-base"
+    assert {"tokenizer.json", "tokenizer_config.json", "plots/loss.png", "notes.md", "README.md"} <= set(head)
+    assert "model.safetensors" not in head and "config.json" not in head
+    assert not any(p.startswith("last-checkpoint/") for p in head)  # every_save: the weights only
+    assert head["README.md"] == (run_dir / "README.md").read_bytes()
+    assert (run_dir / "final" / "adapter_config.json").read_bytes() == before
+    assert any("pushing checkpoint step 8" in m for m in messages)
+    assert not list(run_dir.glob(".push-*")), "staging folder left behind"
+    assert hub.auth_headers() == {f"Bearer {TOKEN}"}
+
+
+def test_checkpoint_strategy_keeps_the_newest_resumable_state_under_last_checkpoint(run_dir, install_hub,
+                                                                                   token_env):
+    hub = install_hub()
+    old = {"model.safetensors": b"m4", "optimizer.bin": b"o4", "scheduler.bin": b"s4", "random_states_0.pkl": b"r4",
+           "random_states_1.pkl": b"r4-rank1", "trainer_state.json": b'{"step": 4}', "manifest.json": b"{}",
+           "extra/custom_checkpoint_0.pkl": b"c4"}
+    new = {"model.safetensors": b"m8", "optimizer.bin": b"o8", "scheduler.bin": b"s8", "random_states_0.pkl": b"r8",
+           "trainer_state.json": b'{"step": 8}', "manifest.json": b'{"files": {}}'}
+    for step, state in ((4, old), (8, new)):
+        ck = _checkpoint(run_dir, step, weights=f"w{step}".encode(), state=state)
+        push_checkpoint(run_dir, ck / "hub", step=step, repo_id=REPO_ID, revision="training", state=ck)
+    assert hub.branches == [(REPO_ID, "training")] * 2
+    assert [(c["revision"], c["summary"]) for c in hub.commits] == [("training", "Training in progress, step 4"),
+                                                                     ("training", "Training in progress, step 8")]
+    head = hub.files[(REPO_ID, "training")]
+    pushed = {p.removeprefix("last-checkpoint/"): b for p, b in head.items() if p.startswith("last-checkpoint/")}
+    assert pushed == new  # the newest state only; no hub/ copy of the weights
+    assert set(hub.commits[1]["deleted"]) == {"last-checkpoint/random_states_1.pkl",
+                                              "last-checkpoint/extra/custom_checkpoint_0.pkl"}
+    assert head["adapter_model.safetensors"] == b"w8" and "README.md" not in head  # the run has no card yet
+
+
+def test_checkpoint_push_without_a_token_stops_before_any_request(run_dir, install_hub, token_env, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    hub = install_hub()
+    ck = _checkpoint(run_dir, 4, weights=b"w")
+    with pytest.raises(IftError) as err:
+        push_checkpoint(run_dir, ck / "hub", step=4, repo_id=REPO_ID, state=ck)
+    assert hub.requests == []
+    line = err.value.line()
+    assert line.startswith("no Hugging Face token found to push checkpoint step 4 (me/tiny-ift) — set HF_TOKEN")
+    assert "--resume" in line and "hub.strategy: end" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("case, message", [
+    ("network_down", "could not push checkpoint step 4 to the Hub: cannot reach the Hugging Face Hub (ConnectError)"),
+    ("bad_token", "could not push checkpoint step 4 to the Hub: the Hub rejected the token (401)"),
+])
+def test_a_failed_checkpoint_push_is_one_line_naming_the_repo_and_resume(case, message, run_dir, install_hub,
+                                                                         token_env):
+    hub = install_hub(FakeHub(down=case == "network_down", create_status=401 if case == "bad_token" else None))
+    ck = _checkpoint(run_dir, 4, weights=b"w")
+    with pytest.raises(IftError) as err:
+        push_checkpoint(run_dir, ck / "hub", step=4, repo_id=REPO_ID)
+    line = err.value.line()
+    assert line.startswith(message) and "(me/tiny-ift)" in line and "--resume" in line
+    assert TOKEN not in line and hub.commits == []
+    assert not list(run_dir.glob(".push-*"))
+
+
+# ---------------------------------------------------------------- the prepared splits as a dataset repo
+
+
+DATASET_ID = "me/tiny-ift-data"
+
+
+@pytest.fixture()
+def prepared(tmp_path, monkeypatch):
+    """build_splits on two local sources: headlines (train only: validation and test carved, stratified, with
+    repeated rows that the leak check removes) and toy (its own three splits), mixed by weight.
+
+    load_dataset pings datasets' download counter (a HEAD to S3) even for local files: switched off here, so
+    the tests send nothing but the push's requests (and `ift push --dataset`'s rebuild none at all)."""
+    import datasets
+
+    from test_train import write_toy
+
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+
+    from ift.data import build_splits
+    from ift.templates import TemplateLibrary
+
+    (tmp_path / "templates" / "headlines").mkdir(parents=True)
+    (tmp_path / "templates" / "headlines" / "templates.yaml").write_text(TEMPLATES)
+    toy, toy_templates = write_toy(tmp_path)
+    rows = [{"headline": f"the news number {i} is {['bad', 'flat', 'good'][i % 3]}", "label": i % 3}
+            for i in range(60)]
+    rows += rows[:20]  # the same 20 headlines twice: some copies land in the carved splits
+    (tmp_path / "headlines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "recipe.yaml").write_text(f"""
+model: {{name_or_path: me/tiny-base}}
+data:
+  sources:
+    - {{path: {tmp_path / 'headlines.jsonl'}, name: headlines, splits: {{validation: null, test: null}},
+       templates: [headlines/headline_sentiment], weight: 0.6}}
+    - {{path: {toy}, name: toy, templates: [toy/word_class], weight: 0.4}}
+  templates_dir: [{tmp_path / 'templates'}]
+  validation_size: 0.1
+  test_size: 12
+  stratify_by: label
+  seed: 3
+  mixture: {{strategy: weighted, total: 100}}
+training: {{output_dir: {tmp_path / 'run'}}}
+hub: {{push: true, repo_id: {REPO_ID}, push_dataset: {DATASET_ID}}}
+""")
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    library = TemplateLibrary(dirs=(str(tmp_path / "templates"), str(toy_templates)))
+    data = build_splits(recipe.data, library)
+    assert data.report["leaks"]["train"] > 0, "the fixture should produce leaks"
+    return data, recipe
+
+
+def test_push_dataset_uploads_the_splits_and_a_card_that_parses(prepared, install_hub, token_env):
+    import io
+
+    import pyarrow.parquet as pq
+    from huggingface_hub import DatasetCard
+
+    data, recipe = prepared
+    hub = install_hub()
+    messages: list[str] = []
+    url = push_dataset(data, recipe, f"https://huggingface.co/datasets/{DATASET_ID}", private=True,
+                       report=messages.append)
+    assert url == f"https://huggingface.co/datasets/{DATASET_ID}"
+    [created] = hub.created
+    assert created["type"] == "dataset" and (created.get("visibility") == "private" or created.get("private") is True)
+    head = hub.files[(f"datasets/{DATASET_ID}", "main")]
+    for split in ("train", "validation", "test"):
+        [shard] = [p for p in head if p.startswith(f"data/{split}-") and p.endswith(".parquet")]
+        table = pq.read_table(io.BytesIO(head[shard]))
+        assert table.num_rows == len(data.splits[split])
+        assert table.column("prompt").to_pylist() == data.splits[split]["prompt"]
+        assert {"prompt", "completion", "choices", "source", "template"} <= set(table.column_names)
+    last = hub.commits[-1]
+    assert last["summary"] == "Dataset card written by ift" and list(last["files"]) == ["README.md"]
+
+    card = DatasetCard(head["README.md"].decode())  # the metadata parses with huggingface_hub
+    meta = card.data
+    assert {"ift", "instruction-tuning"} <= set(meta.tags) and meta.task_categories == ["text-generation"]
+    assert meta.size_categories == ["n<1K"]
+    # datasets' own metadata is kept, so load_dataset and the viewer read the splits as datasets wrote them
+    assert meta.configs[0]["data_files"] == [{"split": s, "path": f"data/{s}-*"}
+                                             for s in ("train", "validation", "test")]
+    assert {s["name"]: s["num_examples"] for s in meta.dataset_info["splits"]} == \
+        {s: len(data.splits[s]) for s in ("train", "validation", "test")}
+    text, report = card.text, data.report
+    carved = report["sources"]["headlines"]["carved"]
+    assert f"validation ({carved['validation']} rows) and test ({carved['test']} rows) carved from `train`, " \
+           "stratified by `label`" in text
+    assert "`data.seed: 3`" in text and "`data.validation_size: 0.1` (10% of the source's train rows)" in text
+    assert "`data.test_size: 12` (12 rows)" in text
+    assert f"Removed: {report['leaks']['train']} from train, {report['leaks']['validation']} from validation." in text
+    assert "local file `" in text and "headlines.jsonl` (not on the Hub)" in text
+    rows = {s: len(data.splits[s]) for s in ("train", "validation", "test")}
+    assert f"| **total** | {rows['train']} | {rows['validation']} | {rows['test']} |" in text
+    mix = report["mixture"]["sources"]["headlines"]
+    assert f"| headlines | {mix['available']} | {mix['rows']} | 60.0% | 60.0% |" in text
+    assert "| headlines | `headlines/headline_sentiment` |" in text and "| toy | `toy/word_class` |" in text
+    assert f'load_dataset("{DATASET_ID}")' in text
+    assert f"[{REPO_ID}](https://huggingface.co/{REPO_ID})" in text
+    assert any("uploading the prepared splits" in m for m in messages)
+    assert hub.auth_headers() == {f"Bearer {TOKEN}"}
+
+    # a second push replaces the shards and the card, no second repo, same files
+    before = set(head)
+    push_dataset(data, recipe, DATASET_ID)
+    assert set(hub.files[(f"datasets/{DATASET_ID}", "main")]) == before
+    assert DatasetCard(hub.files[(f"datasets/{DATASET_ID}", "main")]["README.md"].decode()).data.configs
+
+
+def test_push_dataset_card_for_hub_sources_and_no_leak_check(prepared):
+    from huggingface_hub import DatasetCard
+
+    from ift.dataset_card import build_dataset_card
+
+    data, recipe = prepared
+    sources = list(data.data.sources)
+    sources[1] = sources[1].model_copy(update={"path": "org/toy-words", "config": "small", "revision": "abc1234"})
+    report = json.loads(json.dumps(data.report))
+    report["sources"]["toy"]["origin"] = "hub"
+    report["leaks"] = {"checked": False}
+    changed = type(data)(data.splits, report, data.data.model_copy(update={"sources": sources}))
+    card = DatasetCard(str(build_dataset_card(changed, recipe, DATASET_ID)))
+    assert "Hub dataset [org/toy-words](https://huggingface.co/datasets/org/toy-words), config `small`, " \
+           "revision `abc1234`" in card.text
+    assert "Not run (`data.leak_check: false`)" in card.text
+
+
+def test_push_dataset_dry_run_lists_splits_and_card_without_network(prepared, install_hub, monkeypatch):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)  # a dry run needs no token
+    data, recipe = prepared
+    hub = install_hub()
+    listing = push_dataset(data, recipe, DATASET_ID, private=True, dry_run=True)
+    assert hub.requests == []
+    lines = listing.splitlines()
+    total = sum(len(data.splits[s]) for s in ("train", "validation", "test"))
+    assert lines[0] == f"dry run: would push 3 splits, {total} rows, and a dataset card to {DATASET_ID} " \
+                       "(private dataset repo, revision main)"
+    for split in ("train", "validation", "test"):
+        assert any(line.split()[:3] == [split, str(len(data.splits[split])), "rows"] for line in lines[1:]), split
+    [card_line] = [line for line in lines if line.strip().startswith("README.md")]
+    assert int(card_line.split()[1].replace(",", "")) > 1000 and "bytes" in card_line
+
+
+def test_push_dataset_errors(prepared, install_hub, token_env, monkeypatch):
+    data, recipe = prepared
+    hub = install_hub()
+    with pytest.raises(IftError, match="names a space repository"):
+        push_dataset(data, recipe, "spaces/me/demo")
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(IftError, match=r"no Hugging Face token found \(me/tiny-ift-data\)"):
+        push_dataset(data, recipe, DATASET_ID)
+    assert hub.requests == []
+
+
+def test_cli_push_dataset_rebuilds_the_runs_splits(run_dir, prepared, install_hub, token_env, capsys):
+    """`ift push RUN_DIR --dataset [ID]`: the splits rebuilt from the run's recipe.yaml (the same rows), listed
+    with --dry-run (no request), pushed next to the model otherwise; the id defaults to hub.push_dataset."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    data, recipe = prepared
+    run_recipe = load_recipe(run_dir / "recipe.yaml")
+    run_recipe.model_copy(update={"data": data.data, "hub": recipe.hub}).save(run_dir / "recipe.yaml")
+    hub = install_hub()
+    assert main(["push", str(run_dir), "--dataset", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert hub.requests == []
+    assert f"to {REPO_ID} (public model repo" in out and f"to {DATASET_ID} (public dataset repo" in out
+    assert main(["push", str(run_dir), "--dataset", "me/other-data"]) == 0
+    out = capsys.readouterr().out
+    assert "pushed: https://huggingface.co/me/tiny-ift" in out
+    assert "pushed the prepared splits: https://huggingface.co/datasets/me/other-data" in out
+    head = hub.files[("datasets/me/other-data", "main")]
+    [shard] = [p for p in head if p.startswith("data/train-")]
+    assert pq.read_table(io.BytesIO(head[shard])).column("prompt").to_pylist() == data.splits["train"]["prompt"]
+    assert "adapter_model.safetensors" in hub.files[(REPO_ID, "main")]
+    assert main(["push", str(run_dir), "--dataset", "spaces/me/x"]) == 2
+    assert "names a space repository" in capsys.readouterr().err
+    assert len(hub.commits) == 3  # the bad id stopped before the model push
+
+
+# ---------------------------------------------------------------- end to end: a training run publishing as it goes
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "checkpoint"])
+def test_training_with_every_save_pushes_each_checkpoint_and_the_end(strategy, tmp_path, install_hub, token_env):
+    """A real (tiny) training run, save_steps 4 and max_steps 8, hub.strategy every_save: the repo gets the
+    weights at step 4 and step 8 while training, then the final push (card, plots) when it ends. With
+    hub.strategy checkpoint, last-checkpoint/ also holds step 8's resumable state, complete as its manifest says."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from safetensors.torch import load_file
+    from test_train import run_train, toy_recipe
+
+    from ift.run import RunDir
+
+    path = toy_recipe(tmp_path, max_steps=8, save_steps=4, eval_steps=4)
+    raw = yaml.safe_load(path.read_text())
+    raw["hub"] = {"push": True, "repo_id": "you/x", "strategy": strategy}
+    path.write_text(yaml.safe_dump(raw))
+    hub = install_hub()
+    try:
+        run = run_train(path)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    summaries = [c["summary"] for c in hub.commits]
+    assert summaries == ["Training in progress, step 4", "Training in progress, step 8",
+                         "Upload a from-scratch model fine-tuned with ift"]
+    assert {c["repo"] for c in hub.commits} == {"you/x"}
+    step4, step8, final = hub.commits
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(step4["files"]) & set(step8["files"])
+    assert step4["files"]["model.safetensors"] != step8["files"]["model.safetensors"]  # trained in between
+    # the step-8 push holds the weights as they were at step 8: the last step, the best here (what final/ holds)
+    assert json.loads((run / "metrics.json").read_text())["best"]["step"] == 8
+    saved8 = run / "final" / "model.safetensors"
+    assert step8["files"]["model.safetensors"] == saved8.read_bytes()
+    assert not (run / "hub-staging").exists()  # the staged copy is gone once pushed
+    assert {"README.md", "model.safetensors", "plots/loss.png"} <= set(final["files"])
+    head = hub.files[("you/x", "main")]
+    assert head["model.safetensors"] == (run / "final" / "model.safetensors").read_bytes()
+    assert load_file(run / "final" / "model.safetensors").keys() == load_file(saved8).keys()
+    pushed = {p.removeprefix("last-checkpoint/"): b for p, b in head.items() if p.startswith("last-checkpoint/")}
+    if strategy == "every_save":
+        assert not pushed
+        return
+    step8_dir = run / "checkpoints" / "step-8"
+    local = {str(p.relative_to(step8_dir)): p.read_bytes() for p in step8_dir.rglob("*")
+             if p.is_file() and p.relative_to(step8_dir).parts[0] != "hub"}
+    assert pushed == local and "manifest.json" in pushed and "trainer_state.json" in pushed
+    assert not any(p.startswith("last-checkpoint/") for p in step4["deleted"] + step8["deleted"])
+    # downloaded into a run folder, it is a complete checkpoint (what --resume verifies)
+    copy = tmp_path / "downloaded" / "step-8"
+    for rel, content in pushed.items():
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).write_bytes(content)
+    assert RunDir(tmp_path / "downloaded").verify(copy) is None
