@@ -203,6 +203,11 @@ class RunDir:
             problem = self.verify(folder)
             if problem is None:
                 return folder
+            if not (folder / MANIFEST).exists() and (folder / "trainer_state.json").exists():
+                # written by an ift before manifests: an unfinished save is never renamed to step-N, so a
+                # step-N with its state file but no manifest is complete as far as anyone can tell
+                say(f"warning: checkpoint {folder} has no manifest (an older ift wrote it): not verified")
+                return folder
             say(f"warning: skipping checkpoint {folder}: {problem}")
         return None
 

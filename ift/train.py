@@ -680,7 +680,9 @@ def _find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
             raise IftError(f"'{resume}' is not a complete ift checkpoint", "training.resume",
                            f"give a folder from {rd.checkpoints} or use resume: auto")
         problem = rd.verify(path)
-        if problem:
+        if problem and not (path / "manifest.json").exists():
+            say(f"warning: checkpoint {path} has no manifest (an older ift wrote it): not verified")
+        elif problem:
             raise IftError(f"checkpoint {path} is damaged: {problem}", "training.resume",
                            f"resume from an older checkpoint in {rd.checkpoints}, or use resume: auto")
         return path

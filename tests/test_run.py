@@ -76,3 +76,6 @@ def test_manifest_finds_truncated_missing_and_altered_files(tmp_path):
     assert len(said) == 3 and all("skipping checkpoint" in s for s in said)
     (rd.checkpoint(4) / "manifest.json").unlink()
     assert "no manifest" in rd.verify(rd.checkpoint(4))
+    said.clear()  # an older ift's checkpoint (state file, no manifest) is still resumed, with a warning
+    assert rd.newest_valid_checkpoint(say=said.append) == rd.checkpoint(4)
+    assert "not verified" in said[-1]
