@@ -13,6 +13,10 @@ Parts (each writes a section of the JSON; a failing part is recorded and the oth
                   1B shape, bf16: tokens/s, peak memory, MFU against the measured bf16 matmul peak
   4. packing      packed vs padded batches: equal first-step loss, and the speed of each
   5. eval         rank classification and greedy generation, examples/s, on the 1B shape
+  6. fsdp         recipes/tiny.yaml under `accelerate launch` with FSDP2 (every GPU of the machine; one on the
+                  H200) and accuracy evaluation during training: Accelerate runs FSDP only on CUDA (on CPU it
+                  falls back to DDP), so this is where ift's sharded evaluation path (ift.train.full_weights)
+                  runs under Accelerate itself; on --device cpu it is recorded as skipped
 
 `--device cpu --size tiny` runs every part at toy sizes in a few minutes (tests/test_gpu_check.py does), so
 GPU minutes go to measuring, not debugging. Output: gpu_check.json and gpu_check.log under $OUT when set,
@@ -40,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARTS = ("correctness", "qlora", "throughput", "packing", "eval")
+PARTS = ("correctness", "qlora", "throughput", "packing", "eval", "fsdp")
 SHAPES = {  # Llama-family configs: SmolLM2-135M's and a ~1B one (Llama-3.2-1B-like, smaller vocabulary)
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
@@ -433,6 +437,52 @@ def part_eval(args, work: Path, log: Log, data: Path) -> dict:
     return out
 
 
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: {n}
+machine_rank: 0
+mixed_precision: bf16
+use_cpu: false
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+"""
+
+
+def part_fsdp(args, work: Path, log: Log) -> dict:
+    import subprocess
+
+    import torch
+
+    if args.device != "cuda":
+        out = {"ok": True, "skipped": "Accelerate runs FSDP only on CUDA; tests/test_train.py covers the sharded "
+                                      "evaluation with torch's fully_shard over gloo"}
+        log("fsdp:", json.dumps(out))
+        return out
+    n = torch.cuda.device_count()
+    config = work / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG.format(n=n))
+    run = work / "fsdp-run"
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(config), str(REPO / "ift" / "train.py"),
+                           str(REPO / "recipes" / "tiny.yaml"), f"training.output_dir={run}", "training.max_steps=40",
+                           "training.eval_steps=20", "training.save_steps=20", "training.report_to=[none]",
+                           "training.mixed_precision=bf16"], capture_output=True, text=True, timeout=600)
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
+    evals = [h["validation"] for h in metrics.get("history", []) if "validation" in h]
+    out = {"processes": n, "returncode": proc.returncode, "validation": evals, "test": metrics.get("test"),
+           "ok": proc.returncode == 0 and bool(evals) and "accuracy" in evals[-1]}
+    if not out["ok"]:
+        out["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
+    log("fsdp:", json.dumps({k: v for k, v in out.items() if k != "output_tail"}))
+    return out
+
+
 def _mean_tokens(work: Path, data: Path) -> float:
     from transformers import AutoTokenizer
 
@@ -492,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = part_packing(args, work, log, data, templates)
             elif part == "eval":
                 result = part_eval(args, work, log, data)
+            elif part == "fsdp":
+                result = part_fsdp(args, work, log)
             else:
                 raise ValueError(f"unknown part {part!r}: use {', '.join(PARTS)}")
         except Exception as err:  # noqa: BLE001 - one broken part must not cost the others their GPU minutes
