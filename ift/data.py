@@ -16,8 +16,11 @@ Collation and dataloaders live in `ift.collate` and are re-exported here.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import logging
+import os
 import random
 import socket
 from collections import Counter
@@ -36,7 +39,7 @@ from ift.errors import IftError, IftErrors
 from ift.recipe import SPLITS, DataConfig, SourceConfig
 
 __all__ = ["PreparedData", "build_splits", "check_sources", "tokenize", "Collator", "train_dataloader",
-           "eval_dataloader", "describe", "preview_rows", "mixture_counts", "carve_indices"]
+           "eval_dataloader", "describe", "preview_rows", "mixture_counts", "carve_indices", "load_preview_rows"]
 
 IGNORE = -100
 COLUMNS = ("prompt", "completion", "choices", "source", "template")  # of every prepared split
@@ -123,6 +126,7 @@ class _Source:
     raw: dict[str, Any]  # the source's own splits (columns renamed)
     origin: str  # "file", "folder", "save_to_disk" or "hub"
     ignored_files: list[str] = field(default_factory=list)
+    files: dict[str, list[str]] = field(default_factory=dict)  # the source's split -> its data files (local)
 
     @property
     def key(self) -> str:
@@ -149,17 +153,22 @@ def _split_of(file: Path) -> str | None:
     return SPLIT_ALIASES.get(stem)
 
 
+def _path_key(key: str) -> str:
+    """Where a source's path problems are reported: the recipe key, or a command-line flag as it is."""
+    return key if key.startswith("-") else f"{key}.path"
+
+
 def _folder_files(folder: Path, key: str) -> tuple[str, dict[str, list[str]], list[str]]:
     """(builder, {split: files}, ignored files) for a folder of data files."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
     if not files:
         others = sorted(f.name for f in folder.iterdir() if not f.name.startswith("."))[:8]
-        raise IftError(f"no data files in folder {folder}", f"{key}.path",
+        raise IftError(f"no data files in folder {folder}", _path_key(key),
                        f"put .jsonl/.json/.csv/.parquet/.txt files there (found: {', '.join(others) or 'nothing'}), "
                        "or point to a folder written by Dataset.save_to_disk")
     builders = {FORMATS[f.suffix.lower()] for f in files}
     if len(builders) > 1:
-        raise IftError(f"folder {folder} mixes formats ({', '.join(sorted(builders))})", f"{key}.path",
+        raise IftError(f"folder {folder} mixes formats ({', '.join(sorted(builders))})", _path_key(key),
                        "keep one format per folder, or point the source at a single file")
     by_split: dict[str, list[str]] = {}
     unnamed = []
@@ -174,42 +183,238 @@ def _folder_files(folder: Path, key: str) -> tuple[str, dict[str, list[str]], li
     return builders.pop(), by_split, unnamed
 
 
-def _load_local(src: SourceConfig, key: str) -> tuple[Any, str, list[str]]:
+def _load_local(src: SourceConfig, key: str) -> tuple[Any, str, list[str], dict[str, list[str]]]:
+    """(DatasetDict of the source's own splits, origin, ignored files, {split: files}) from a local path."""
     import datasets
 
     path = Path(src.path).expanduser()
     if not path.exists():
-        raise IftError(f"data file or folder not found: {src.path}", f"{key}.path",
+        raise IftError(f"data file or folder not found: {src.path}", _path_key(key),
                        f"check the path (relative paths start from {Path.cwd()}), or give a Hub dataset id")
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - any failure to read a saved dataset is the user's folder
-            raise IftError(f"cannot read save_to_disk folder {src.path}: {err}", f"{key}.path",
-                           "re-save it with Dataset.save_to_disk / DatasetDict.save_to_disk") from None
+            raise IftError(f"cannot read save_to_disk folder {src.path}: {type(err).__name__}: {_first_line(err)}",
+                           _path_key(key), "re-save it with Dataset.save_to_disk / DatasetDict.save_to_disk"
+                           ) from None
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({"train": loaded})
-        return loaded, "save_to_disk", []
+        return loaded, "save_to_disk", [], {}
     if path.is_dir():
         builder, data_files, ignored = _folder_files(path, key)
         origin = "folder"
     else:
         builder = FORMATS.get(path.suffix.lower())
         if builder is None:
-            raise IftError(f"unknown data format '{path.suffix or path.name}'", f"{key}.path",
+            raise IftError(f"unknown data format '{path.suffix or path.name}'", _path_key(key),
                            "use .jsonl, .json, .csv, .parquet or .txt files, or a Dataset.save_to_disk folder")
         data_files, ignored, origin = {"train": [str(path)]}, [], "file"
-    loaded = {}
-    for split, files in data_files.items():
-        # one split at a time: splits may have different columns (DialogSum's test has summary1..3)
+    # one split at a time: splits may have different columns (DialogSum's test has summary1..3)
+    loaded = {split: _read_split(builder, split, files, key) for split, files in data_files.items()}
+    return datasets.DatasetDict(loaded), origin, ignored, data_files
+
+
+# ------------------------------------------------------------------------------------- reading files
+# Every command that reads data files (training, `ift data`, `ift validate`, `ift templates preview|validate`)
+# reads them here, so the same file fails the same way everywhere: one line naming the file, the line or row,
+# and the fix.
+
+TEXT_BUILDERS = ("json", "csv", "text")
+
+
+# how to repair a file each builder could not parse
+READ_FIXES = {
+    "json": "check that every line is one complete JSON object, e.g. {\"text\": \"...\", \"label\": \"...\"}",
+    "csv": "check that the file has a header row, the same number of fields on every row, and closed quotes",
+    "parquet": "the file is cut short or not parquet: write it again (pandas.DataFrame.to_parquet, Dataset.to_parquet)",
+    "text": "check that it is plain UTF-8 text",
+}
+
+
+class _QuietLoader(logging.Filter):
+    """datasets logs its own 'Failed to load JSON / read schema ...' before raising; the raised error is reported
+    instead, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to ")
+
+
+def _first_line(err: BaseException | str, limit: int = 300) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def _read_split(builder: str, split: str, files: list[str], key: str) -> Any:
+    import datasets
+
+    for file in files:
+        _check_file(Path(file), builder, key)
+    builder_logger = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")
+    quiet = _QuietLoader()
+    builder_logger.addFilter(quiet)
+    try:
+        return datasets.load_dataset(builder, data_files={split: files}, split=split)
+    except Exception as err:  # noqa: BLE001 - parse errors surface as many exception types
+        raise _read_error(builder, files, err, key) from None
+    finally:
+        builder_logger.removeFilter(quiet)
+
+
+def _check_file(path: Path, builder: str, key: str) -> None:
+    """Problems found before parsing: an empty file, text that is not UTF-8."""
+    size = path.stat().st_size
+    if size == 0 or (builder in TEXT_BUILDERS and size < 1 << 16 and not path.read_bytes().strip()):
+        raise IftError(f"data file {path} is empty", _path_key(key),
+                       "put rows in it (one JSON object per line for .jsonl, a header row then rows for .csv), "
+                       "or remove it from the source")
+    if builder in TEXT_BUILDERS:
+        problem = _utf8_problem(path)
+        if problem:
+            source = "utf-16" if "UTF-16" in problem else "latin1"  # latin1: the usual other encoding
+            raise IftError(f"cannot read {path}: it is not UTF-8 text ({problem})", _path_key(key),
+                           f"re-save it as UTF-8, e.g. `iconv -f {source} -t utf-8 FILE > NEW`")
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """Where the first byte that is not UTF-8 is (line and column), or None; read in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, line_start = 0, 1, 0
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+        fh.seek(0)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            return "it starts with a UTF-16 byte order mark"
+        while chunk := fh.read(1 << 22):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                before = chunk[:err.start]
+                line = lines + before.count(b"\n")
+                start = (offset + before.rindex(b"\n") + 1) if b"\n" in before else line_start
+                return f"byte 0x{chunk[err.start]:02x} at line {line}, column {offset + err.start - start + 1}"
+            newlines = chunk.count(b"\n")
+            if newlines:
+                line_start = offset + chunk.rindex(b"\n") + 1
+            lines += newlines
+            offset += len(chunk)
         try:
-            loaded[split] = datasets.load_dataset(builder, data_files={split: files}, split=split)
-        except Exception as err:  # noqa: BLE001 - parse errors surface as many exception types
-            cause = err.__cause__ or err
-            raise IftError(f"cannot read {', '.join(files)} as {builder}: {type(cause).__name__}: "
-                           f"{str(cause)[:300]}", f"{key}.path", f"check that every file is valid {builder} "
-                           "(one JSON object per line for .jsonl; a header row for .csv)") from None
-    return datasets.DatasetDict(loaded), origin, ignored
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return f"the file ends inside a multi-byte character (line {lines})"
+    return None
+
+
+def _read_error(builder: str, files: list[str], err: Exception, key: str) -> IftError:
+    """The parse failure as one line: the file and line for JSON; datasets' own first line otherwise."""
+    if builder == "json":
+        for file in files:
+            found = _json_problem(Path(file))
+            if found:
+                return IftError(found, _path_key(key), "fix or remove that line: each line of a .jsonl file is "
+                                "one complete JSON object, e.g. {\"text\": \"...\", \"label\": \"...\"}")
+    cause = err.__cause__ or err
+    return IftError(f"cannot read {', '.join(files)} as {builder}: {type(cause).__name__}: {_first_line(cause)}",
+                    _path_key(key), READ_FIXES.get(builder, f"check that every file is valid {builder}"))
+
+
+def _json_problem(path: Path) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object (or the error of a whole-file JSON array)."""
+    with open(path, encoding="utf-8") as fh:
+        first = fh.read(1 << 16).lstrip()
+    if first.startswith("["):  # a .json file holding one array of objects
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            return f"cannot read {path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else None
+        return None if bad is None else f"cannot read {path}: item {bad} of its JSON array is not an object"
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                ends_early = "Unterminated" in err.msg or (err.msg.startswith("Expecting")
+                                                           and err.pos >= len(line.rstrip()))
+                cut = " (the line is cut short: a truncated file?)" if ends_early else ""
+                return f"cannot read {path}: line {number} is not valid JSON: {err.msg} (column {err.colno}){cut}"
+            if not isinstance(row, dict):
+                return f"cannot read {path}: line {number} is a JSON {type(row).__name__}, not an object"
+    return None
+
+
+# ------------------------------------------------------------------------------------- values
+
+
+def _json_kind(text: str | None) -> str | None:
+    """The JSON type of a value of a `Json` column, from the first character of its JSON text."""
+    if text is None:
+        return None
+    c = text[:1]
+    return {"\"": "string", "[": "list", "{": "object", "t": "boolean", "f": "boolean", "n": None}.get(
+        c, "number" if c else None)
+
+
+def _value_problem(ds: Any, column: str, limit: int | None) -> tuple[int, str, str] | None:
+    """(row, what, fix) for the first bad value of a column a template reads, or None.
+
+    A column whose rows hold different types (a string here, a list there) loads as JSON; a value over `limit`
+    characters cannot be rendered by a template."""
+    import pyarrow.compute as pc
+
+    feature = ds.features.get(column)
+    if feature is None or not len(ds):
+        return None
+    data = ds.with_format("arrow")[column]
+    if type(feature).__name__ == "Json":  # stored as JSON text (an Arrow extension type over strings)
+        if isinstance(data.type, pa.BaseExtensionType):
+            data = pa.chunked_array([c.storage for c in data.chunks], type=data.type.storage_type)
+        kinds = [_json_kind(v) for v in pc.utf8_slice_codeunits(pc.utf8_ltrim_whitespace(data), 0, 1).to_pylist()]
+        first = next((i for i, k in enumerate(kinds) if k is not None), None)
+        other = next((i for i, k in enumerate(kinds) if k is not None and k != kinds[first]), None) \
+            if first is not None else None
+        if other is not None:
+            return (other, f"column '{column}' mixes types: a {kinds[first]} in row {first}, a {kinds[other]} in "
+                           f"row {other}", f"give '{column}' one type in every row (e.g. all strings)")
+        return None
+    if limit is None or not pa.types.is_string(data.type) and not pa.types.is_large_string(data.type):
+        return None
+    lengths = pc.utf8_length(data)
+    longest = pc.max(lengths).as_py()
+    if longest is not None and longest > limit:
+        row = pc.index(lengths, longest).as_py()
+        return (row, f"row {row} has a {longest:,}-character value in column '{column}'",
+                f"a template renders at most {limit:,} characters: shorten or drop that row")
+    return None
+
+
+def _check_values(ds: Any, columns: Sequence[str], where: str, limit: int | None) -> None:
+    for column in sorted(set(columns)):
+        found = _value_problem(ds, column, limit)
+        if found:
+            row, what, fix = found
+            raise IftError(what, f"{where}, row {row}", fix)
+
+
+def _check_source_values(source: _Source, templates: Sequence[Any], fixed: Any | None) -> None:
+    """The values the templates (or the raw-text column) read, in every split the recipe uses."""
+    from ift.templates import MAX_SIZE
+
+    inverse = {new: old for old, new in source.cfg.columns.items()}
+    seen = set()
+    for ours in SPLITS:
+        theirs = getattr(source.cfg.splits, ours)
+        if theirs is None or theirs not in source.raw or theirs in seen:
+            continue
+        seen.add(theirs)
+        use = [fixed] if fixed is not None and ours != "train" else list(templates)
+        columns = {inverse.get(v, v) for t in use for v in t.variables()} if use else {source.cfg.text_column}
+        files = source.files.get(theirs, [])
+        where = f"{_path_key(source.key)}: {files[0]}" if len(files) == 1 else \
+            f"{_path_key(source.key)}: split '{theirs}' of {source.cfg.path}"
+        _check_values(source.raw[theirs], columns, where, MAX_SIZE if use else None)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -218,9 +423,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides; let datasets try
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
             return True
     except OSError:
         return False
@@ -229,38 +436,45 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _hub_error(src: SourceConfig, key: str, detail: str = "") -> IftError:
     return IftError(
         f"the Hugging Face Hub is not reachable, so dataset '{src.path}' cannot be loaded{detail}",
-        f"{key}.path",
+        _path_key(key),
         "check your network (or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache), or download "
         "the data and point the source at a local .jsonl/.csv/.parquet file or save_to_disk folder",
     )
 
 
-def _load_hub(src: SourceConfig, key: str) -> Any:
+def _load_hub(src: SourceConfig, key: str, split: str | None = None) -> Any:
+    """The Hub dataset's splits (only `split` when given) as a DatasetDict."""
     import datasets
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE and not hub_reachable():
         raise _hub_error(src, key)
     try:
-        return datasets.load_dataset(src.path, name=src.config, revision=src.revision)
+        loaded = datasets.load_dataset(src.path, name=src.config, revision=src.revision, split=split)
     except ConnectionError as err:
-        raise _hub_error(src, key, f" ({str(err)[:200]})") from None
+        raise _hub_error(src, key, f" ({_first_line(err, 200)})") from None
     except Exception as err:  # noqa: BLE001 - not found, bad config, gated ...
         raise IftError(f"cannot load Hub dataset '{src.path}'"
-                       + (f" (config '{src.config}')" if src.config else "") + f": {str(err)[:300]}",
-                       f"{key}.path", "check the dataset id, data.sources.N.config and revision; or use a local path"
-                       ) from None
+                       + (f" (config '{src.config}')" if src.config else "") + f": {_first_line(err)}",
+                       _path_key(key), "check the dataset id, its config (data.sources.N.config, or --data ID:CONFIG),"
+                       " revision and split; or use a local path") from None
+    return datasets.DatasetDict({split: loaded}) if split is not None else loaded
 
 
-def _load_source(index: int, src: SourceConfig) -> _Source:
+def _load_source(index: int, src: SourceConfig, templates: Sequence[Any] = (), fixed: Any | None = None,
+                 rename: bool = True) -> _Source:
+    """Load a source's own splits, check the values its templates read, rename its columns."""
     key = f"data.sources.{index}"
+    files: dict[str, list[str]] = {}
     if _looks_local(src.path):
-        loaded, origin, ignored = _load_local(src, key)
+        loaded, origin, ignored, files = _load_local(src, key)
     else:
         loaded, origin, ignored = _load_hub(src, key), "hub", []
     raw = dict(loaded.items())
-    source = _Source(index, src, source_name(src), raw, origin, ignored)
-    _rename(source)
+    source = _Source(index, src, source_name(src), raw, origin, ignored, files)
+    _check_source_values(source, templates, fixed)
+    if rename:
+        _rename(source)
     return source
 
 
@@ -437,17 +651,21 @@ def _resolve_templates(data: DataConfig, library: Any) -> tuple[list[list[Any]],
         for j, ref in enumerate(src.templates):
             try:
                 found.append(library.get(ref))
-            except IftError as err:
-                errors.append(IftError(err.what, f"data.sources.{i}.templates.{j}", err.fix))
+            except IftError as err:  # the key, then the template file's own location when it has one
+                errors.append(IftError(err.what, _join(f"data.sources.{i}.templates.{j}", err.where), err.fix))
         fixed = None
         if src.eval_template:
             try:
                 fixed = library.get(src.eval_template)
             except IftError as err:
-                errors.append(IftError(err.what, f"data.sources.{i}.eval_template", err.fix))
+                errors.append(IftError(err.what, _join(f"data.sources.{i}.eval_template", err.where), err.fix))
         per_source.append(found)
         eval_fixed.append(fixed)
     return per_source, eval_fixed, errors
+
+
+def _join(key: str, where: str | None) -> str:
+    return f"{key}: {where}" if where else key
 
 
 def _template_identity(tpl: Any) -> tuple:
@@ -654,7 +872,7 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
     per_source, eval_fixed, errors = _resolve_templates(data, library)
     if errors:
         raise IftErrors(errors)
-    sources = [_load_source(i, src) for i, src in enumerate(data.sources)]
+    sources = [_load_source(i, src, per_source[i], eval_fixed[i]) for i, src in enumerate(data.sources)]
     report: dict[str, Any] = {"sources": {}, "splits": {s: {"rows": 0, "sources": {}} for s in SPLITS}}
     carve_report: dict[str, Any] = {}
     rendered: dict[str, dict[str, Any]] = {}
@@ -754,14 +972,15 @@ def _summarise(dd: Any, report: dict) -> None:
 
 
 def check_sources(data: DataConfig, library: Any) -> list[IftError]:
-    """Cheap checks for `ift validate`: paths and formats, Hub reachability, template refs, named
-    splits, and that the columns the templates read exist in each split used (first rows only)."""
+    """Checks for `ift validate`, every problem at once: template refs; local data read as training reads it
+    (the same errors); Hub datasets by their metadata only (reachable, splits, columns); named splits; that
+    the columns the templates read exist in each split used."""
     per_source, eval_fixed, errors = _resolve_templates(data, library)
     stratify_seen: list[tuple[str, list[str]]] = []
     for i, src in enumerate(data.sources):
         key = f"data.sources.{i}"
         try:
-            by_split = _peek(src, key)
+            by_split = _peek(i, src, per_source[i], eval_fixed[i])
         except IftError as err:
             errors.append(err)
             continue
@@ -783,11 +1002,13 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
                                            "name one of its splits, or null to carve it from train"))
                 continue
             renamed = [src.columns.get(c, c) for c in by_split[theirs]]
-            fixed_here = eval_fixed[i] is not None and ours != "train"
-            errors += _check_columns(probe, [eval_fixed[i]] if fixed_here else per_source[i], renamed, ours,
-                                     "eval_template" if fixed_here else "templates")
             if ours == "train" and data.stratify_by:
                 stratify_seen.append((probe.name, renamed))
+            fixed_here = eval_fixed[i] is not None and ours != "train"
+            if (src.eval_template and ours != "train" and not fixed_here) or (src.templates and not per_source[i]):
+                continue  # its template refs did not resolve (reported): no templates is not raw text here
+            errors += _check_columns(probe, [eval_fixed[i]] if fixed_here else per_source[i], renamed, ours,
+                                     "eval_template" if fixed_here else "templates")
     if stratify_seen and not any(data.stratify_by in cols for _, cols in stratify_seen):
         name, columns = stratify_seen[0]
         errors.append(IftError(f"stratify column '{data.stratify_by}' is not in source '{name}'", "data.stratify_by",
@@ -798,68 +1019,18 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
     return list(unique.values())
 
 
-def _peek(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
-    """{split: columns} from each split's first rows; None when only the Hub could say."""
+def _peek(index: int, src: SourceConfig, templates: Sequence[Any], fixed: Any | None) -> dict[str, list[str]] | None:
+    """{split: columns (before renames)}: local data read with the training loader (its errors, its cache);
+    a Hub dataset from its metadata (None when only a download could say)."""
+    key = f"data.sources.{index}"
     if not _looks_local(src.path):
         from huggingface_hub import constants
 
         if not constants.HF_HUB_OFFLINE and not hub_reachable():
             raise _hub_error(src, key)
         return _peek_hub(src, key)
-    path = Path(src.path).expanduser()
-    if not path.exists():
-        raise IftError(f"data file or folder not found: {src.path}", f"{key}.path",
-                       f"check the path (relative paths start from {Path.cwd()}), or give a Hub dataset id")
-    if path.is_dir() and (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        return {s: _saved_columns(path / s, key) for s in splits}
-    if path.is_dir() and (path / "state.json").exists():
-        return {"train": _saved_columns(path, key)}
-    if path.is_dir():
-        _, by_split, _ = _folder_files(path, key)
-        return {s: _file_columns(Path(files[0]), key) for s, files in by_split.items()}
-    if path.suffix.lower() not in FORMATS:
-        raise IftError(f"unknown data format '{path.suffix or path.name}'", f"{key}.path",
-                       "use .jsonl, .json, .csv, .parquet or .txt files, or a Dataset.save_to_disk folder")
-    return {"train": _file_columns(path, key)}
-
-
-def _saved_columns(folder: Path, key: str) -> list[str]:
-    try:
-        info = json.loads((folder / "dataset_info.json").read_text())
-        return list(info.get("features") or {})
-    except (OSError, ValueError) as err:
-        raise IftError(f"cannot read {folder / 'dataset_info.json'}: {err}", f"{key}.path",
-                       "re-save the dataset with save_to_disk") from None
-
-
-def _file_columns(path: Path, key: str) -> list[str]:
-    """Column names from the first rows of one file."""
-    import csv
-
-    fmt = FORMATS[path.suffix.lower()]
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.ParquetFile(path).schema_arrow.names)
-        if fmt == "text":
-            return ["text"]
-        with path.open(encoding="utf-8", newline="") as handle:
-            if fmt == "csv":
-                return next(csv.reader(handle))
-            head = handle.read(1 << 16).lstrip()
-        if head.startswith("["):
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            return sorted({k for r in rows[:20] for k in r})
-        rows = [json.loads(line) for line in head.splitlines()[:20] if line.strip() and line.rstrip().endswith("}")]
-        if not rows:
-            raise ValueError("no JSON object on the first lines")
-        return sorted({k for r in rows for k in r})
-    except (OSError, UnicodeDecodeError, ValueError, StopIteration) as err:
-        raise IftError(f"cannot read {path} as {fmt}: {err}", f"{key}.path",
-                       f"check that it is valid {fmt} (one JSON object per line for .jsonl; a header row for .csv)"
-                       ) from None
+    source = _load_source(index, src, templates, fixed, rename=False)
+    return {split: list(ds.column_names) for split, ds in source.raw.items()}
 
 
 def _peek_hub(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
@@ -876,6 +1047,43 @@ def _peek_hub(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
     if not features or not splits:
         return None
     return {s: list(features) for s in splits}
+
+
+def load_preview_rows(source: str, split: str = "train", n: int | None = None,
+                      columns: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (dicts) and column names of one split of a local file/folder or a Hub dataset `id[:config]`, read
+    as training reads a source (the same errors, `--data` named as where); `columns`: those a template reads,
+    checked in every row as training checks them. `n`: the first n rows (0 or None: all). For
+    `ift templates preview|validate --data`."""
+    import datasets
+    from ift.templates import MAX_SIZE
+
+    key = "--data"
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a preview prints rows, not progress bars
+    try:
+        if _looks_local(source):
+            loaded, _, _, files = _load_local(SourceConfig(path=source), key)
+        else:
+            name, _, config = source.partition(":")
+            loaded, files = _load_hub(SourceConfig(path=name, config=config or None), key, split), {}
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    if Path(source).expanduser().is_file():
+        chosen = next(iter(loaded))  # a single file has no splits: it is the one
+    else:
+        chosen = SPLIT_ALIASES.get(split.lower(), split) if split not in loaded else split
+        if chosen not in loaded:
+            raise IftError(f"split '{split}' is not in {source} (it has: {', '.join(loaded)})", "--split",
+                           f"choose --split among: {', '.join(loaded)}")
+    ds = loaded[chosen]
+    split_files = files.get(chosen, [])
+    where = f"{key}: {split_files[0]}" if len(split_files) == 1 else f"{key}: split '{chosen}' of {source}"
+    _check_values(ds, [c for c in columns if c in ds.column_names], where, MAX_SIZE)
+    if n:
+        ds = ds.select(range(min(n, len(ds))))
+    return ds.to_list(), list(ds.column_names)
 
 
 # ------------------------------------------------------------------------------------- tokenization

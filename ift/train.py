@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 from ift import atomic
 from ift.errors import IftError
 from ift.metrics import higher_is_better
-from ift.recipe import Recipe, load_recipe, parse_args
+from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 
 STATE_FILE = "trainer_state.json"
@@ -160,10 +160,6 @@ class FineTune:
                  f"({100 * trainable / max(total, 1):.2f}%)")
         with acc.main_process_first():
             self.tokens, token_report = tokenize(self.prepared.splits, self.tokenizer, self.kind, self.recipe.data)
-        if self.main:
-            self.recipe.save(self.rd.recipe)
-            self.rd.write_json(self.rd.data_report, {"splits": self.prepared.report, "tokens": token_report})
-            self.tokenizer.save_pretrained(self.rd.tokenizer)
 
         self.collator = Collator(self.tokenizer, self.kind, packing=self.recipe.data.packing)
         train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, self.collator, seed=t.seed,
@@ -191,6 +187,10 @@ class FineTune:
         if self.checkpoint is not None:
             self.progress = _load_checkpoint(acc, self.checkpoint)
             self.say(f"resumed from {self.checkpoint} at step {self.progress.step}")
+        if self.main:  # only now: a resume that fails leaves the run folder as it was
+            self.recipe.save(self.rd.recipe)
+            self.rd.write_json(self.rd.data_report, {"splits": self.prepared.report, "tokens": token_report})
+            self.tokenizer.save_pretrained(self.rd.tokenizer)
         _check_sharded_evaluation(acc, self.recipe)
         if self.main and acc.log_with:
             acc.init_trackers("ift", config=_flat_config(self.recipe))
@@ -705,7 +705,8 @@ def _load_checkpoint(acc, folder: Path) -> Progress:
         acc.load_state(str(folder))
         return Progress(**json.loads((folder / STATE_FILE).read_text()))
     except Exception as err:  # safetensors, pickle, shape mismatches: all mean this checkpoint is unusable
-        raise IftError(f"checkpoint {folder} does not load: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+        detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise IftError(f"checkpoint {folder} does not load: {type(err).__name__}: {detail[:400]}",
                        str(folder), "it was written by another model or recipe, or damaged: move it away to "
                        "resume from the previous one") from None
 
@@ -715,7 +716,8 @@ def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
         return
     if overwrite:
         return
-    if (run_dir / "final").exists() or (run_dir / "checkpoints").exists():
+    # only a finished run or a complete checkpoint count: a save killed before its rename leaves step-N.tmp
+    if (run_dir / "final").exists() or RunDir(run_dir).checkpoint_steps():
         raise IftError(f"{run_dir} already holds a run", "training.output_dir",
                        "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
 
@@ -808,7 +810,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ift/train.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog="ift/train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parse_args(parser, argv)  # overrides may follow flags, as with the `ift` command
     try:

@@ -131,13 +131,32 @@ def test_preview_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, news
     code, _, err = run(capsys, "preview", "support_summaries/tldr", "--data", data)
     assert (code, err) == (2, f"error: template 'support_summaries/tldr' uses 'summary', 'text', not a column of the "
                               f"data ({data}) — available columns: headline, label\n")
+    # the loader training uses reads --data: the same wording as a recipe's source, with --data as where
     code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", str(tmp_path / "missing.jsonl"))
-    assert (code, err) == (2, f"error: data file or folder not found ({tmp_path / 'missing.jsonl'}) — check the path\n")
-    monkeypatch.setattr("ift.cli.templates._hub_reachable", lambda timeout=3.0: False)
+    assert (code, err) == (2, f"error: data file or folder not found: {tmp_path / 'missing.jsonl'} (--data) — check "
+                              f"the path (relative paths start from {Path.cwd()}), or give a Hub dataset id\n")
+    monkeypatch.setattr("ift.data.hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", "someone/finance_news:default")
-    assert (code, err) == (2, "error: the Hugging Face Hub is not reachable, so dataset 'someone/finance_news' cannot "
-                              "be loaded (someone/finance_news:default) — pass a local json/jsonl/csv/parquet file or "
-                              "folder with --data\n")
+    assert code == 2 and err.startswith("error: the Hugging Face Hub is not reachable, so dataset 'someone/finance_news' "
+                                        "cannot be loaded (--data) — ")
+    assert "local .jsonl/.csv/.parquet file" in err and err.count("\n") == 1
+    (tmp_path / "empty.jsonl").write_text("")  # was an IndexError from a second, different loader
+    code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", str(tmp_path / "empty.jsonl"))
+    assert (code, err.split(" — ")[0]) == (2, f"error: data file {tmp_path / 'empty.jsonl'} is empty (--data)")
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(news_rows_text(news_rows))
+    (folder / "dev.jsonl").write_text(news_rows_text(news_rows[:1]))
+    code, out, _ = run(capsys, "preview", "finance_news/headline_sentiment", "--data", str(folder), "--split", "dev")
+    assert code == 0 and out.startswith(f"finance_news/headline_sentiment on 1 rows of {folder} (dev)")
+    code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", str(folder), "--split", "test")
+    assert (code, err) == (2, f"error: split 'test' is not in {folder} (it has: validation, train) (--split) — choose "
+                              "--split among: validation, train\n")
+
+
+def news_rows_text(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def test_preview_skipped_rows(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

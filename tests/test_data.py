@@ -496,7 +496,7 @@ def test_error_stratify_column_missing(tmp_path, library):
     assert "'sentiment'" in err.what and err.where == "data.stratify_by" and "label" in err.fix
 
 
-def test_check_sources_reads_only_headers(tmp_path, library):
+def test_check_sources_reports_every_problem_at_once(tmp_path, library):
     path = write_jsonl(tmp_path / "peek.jsonl", toy_rows(10))
     ok = cfg(sources=[src(path, columns={"id": "row_id"})], stratify_by="label")
     assert D.check_sources(ok, library) == []

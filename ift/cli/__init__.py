@@ -8,14 +8,16 @@ import os
 import sys
 
 from ift.errors import IftError
+from ift.recipe import Parser  # noqa: F401  (one-line usage errors; lives beside the override parsing)
 from ift.recipe import parse_args as parse  # the override-aware parse lives beside load_recipe
 
 # Order = order in `ift --help`.
-COMMANDS = ["train", "eval", "templates", "data", "validate", "estimate", "merge", "push", "env"]
+COMMANDS = ["train", "eval", "templates", "data", "validate", "estimate", "merge", "push", "chat", "generate",
+            "export", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ift",
         description="Instruction fine-tuning: templates, splits, training, evaluation and Hub publishing.",
     )

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import textwrap
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
 from ift.errors import IftError, IftErrors
 from ift.templates import (
@@ -23,9 +20,6 @@ from ift.templates import (
     repo_templates_dir,
     validate,
 )
-
-DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("templates", help="list, show, create, preview and validate prompt templates",
@@ -82,7 +76,8 @@ def _library_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser, default_n: int, required: bool = True) -> None:
     p.add_argument("--data", required=required, metavar="SOURCE",
-                   help="local json/jsonl/csv/parquet file or folder, or a Hub dataset id[:config]")
+                   help="local json/jsonl/csv/parquet/txt file, folder of them or save_to_disk folder, "
+                        "or a Hub dataset id[:config]")
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--n", type=int, default=default_n, help=f"rows to use, 0 = all (default: {default_n})")
 
@@ -157,8 +152,10 @@ def run_new(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
+    from ift.data import load_preview_rows  # the loader training uses: the same file fails the same way
+
     tpl = _library(args).get(args.ref)
-    rows, columns = load_rows(args.data, args.split, args.n)
+    rows, columns = load_preview_rows(args.data, args.split, args.n, sorted(tpl.variables()))
     missing = sorted(tpl.variables() - set(columns))
     if missing:
         raise IftError(f"template {tpl.ref!r} uses {', '.join(map(repr, missing))}, not a column of the data",
@@ -182,7 +179,10 @@ def run_validate(args: argparse.Namespace) -> int:
     templates, files, findings, what = _targets(args)
     rows = columns = None
     if args.data:
-        rows, columns = load_rows(args.data, args.split, args.n)
+        from ift.data import load_preview_rows
+
+        used = sorted({v for t in templates for v in t.variables()})
+        rows, columns = load_preview_rows(args.data, args.split, args.n, used)
         what += f", against {len(rows)} rows of {args.data}"
     findings += validate(templates, rows, columns, files)
     if findings:
@@ -217,96 +217,3 @@ def _targets(args: argparse.Namespace) -> tuple[list[Template], list[TemplateFil
             findings.append(err)
     templates = [t for f in files for t in f.templates]
     return templates, files, findings, f"{len(templates)} templates in {len(paths)} file(s)"
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-def load_rows(source: str, split: str = "train", n: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows (as dicts) and column names from a local file/folder or a Hub dataset `id[:config]`."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a preview should print rows, not progress bars
-    try:
-        path = Path(source)
-        if path.exists():
-            ds = _load_local(path, split)
-        elif _looks_like_path(source):
-            raise IftError("data file or folder not found", source, "check the path")
-        else:
-            ds = _load_hub(source, split)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-    if n:
-        ds = ds.select(range(min(n, len(ds))))
-    return ds.to_list(), list(ds.column_names)
-
-
-def _looks_like_path(source: str) -> bool:
-    # Hub ids contain '/' too (user/dataset): only a path-like start or a data suffix means a path
-    return source.startswith((".", "/", "~")) or Path(source).suffix in DATA_BUILDERS
-
-
-def _data_files(path: Path, split: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix in DATA_BUILDERS and p.is_file())
-    named = [p for p in files if p.stem == split or p.stem.startswith(f"{split}-") or p.stem.endswith(f".{split}")]
-    if named:
-        return named
-    if len(files) == 1 or (files and not any(p.stem in ("train", "validation", "test") for p in files)):
-        return files  # e.g. a folder with just all.jsonl
-    if not files:
-        raise IftError("no json/jsonl/csv/parquet files in the folder", str(path), "point --data at a data file")
-    raise IftError(f"no {split!r} file in the folder", str(path),
-                   f"choose --split among: {', '.join(sorted({p.stem for p in files}))}")
-
-
-def _load_local(path: Path, split: str) -> Any:
-    import datasets
-
-    files = _data_files(path, split)
-    builders = {DATA_BUILDERS.get(p.suffix) for p in files}
-    if None in builders or len(builders) != 1:
-        raise IftError("unsupported or mixed data file types", str(path),
-                       "use .json, .jsonl, .csv or .parquet files of one kind")
-    try:
-        return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
-    except Exception as err:  # noqa: BLE001 - any parse failure is a data problem for the user
-        raise IftError(f"cannot read data: {type(err).__name__}: {str(err).splitlines()[0][:300]}",
-                       str(path), "check that the file is valid json lines / csv / parquet") from None
-
-
-def _load_hub(source: str, split: str) -> Any:
-    import datasets
-
-    name, _, config = source.partition(":")
-    if not _hub_reachable():
-        raise IftError(f"the Hugging Face Hub is not reachable, so dataset {name!r} cannot be loaded", source,
-                       "pass a local json/jsonl/csv/parquet file or folder with --data")
-    try:
-        return datasets.load_dataset(name, config or None, split=split)
-    except Exception as err:  # noqa: BLE001 - report any loading failure as one line
-        raise IftError(f"cannot load dataset {name!r} from the Hub: {type(err).__name__}: "
-                       f"{str(err).splitlines()[0][:300]}", source,
-                       "check the dataset id, config and split, or pass a local file with --data") from None
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Fail fast: datasets retries an unreachable Hub for ~25 s before giving up."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a proxy decides; let datasets try
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False

@@ -1,4 +1,6 @@
-"""`ift validate RECIPE`: every recipe error at once — keys, types, templates, data sources — nothing loaded."""
+"""`ift validate RECIPE`: every recipe error at once — keys, types, templates, data sources — without loading a
+model. Local data files are read as training reads them (the same errors; datasets caches them for the run);
+Hub datasets are checked from their metadata, without a download."""
 
 from __future__ import annotations
 
