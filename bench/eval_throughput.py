@@ -5,6 +5,9 @@
    LM head on the choice positions only — a fair, not a strawman, baseline).
 2. Greedy generation, new tokens/s: `ift.evaluation.generate` batched (left padding, KV cache) against the same
    function one prompt at a time. The outputs must be identical.
+3. `--decode-paths`: the one decoding path for evaluation, `ift chat` and `ift generate` — ift's own KV-cache
+   loop (`ift.evaluation._generate_ids`) against transformers' `generate` (greedy, left padding, the model's
+   generation config with EOS / pad / max_new_tokens set), on the same batches of the same prompt ids.
 
 Prompts: few-shot Financial PhraseBank sentiment prompts of ~150 tokens in the chat template, 4 choices.
 `--gen-data dialogsum` generates DialogSum summaries instead (the first `--gen-prompts` test dialogues in the
@@ -12,6 +15,7 @@ shipped `dialogsum/summarize_dialogue` template, chat template on: what recipes/
 
     python bench/eval_throughput.py [--rank-examples 32] [--gen-prompts 16] [--batch-size 16] [--max-new-tokens 64]
                                     [--threads N] [--choices a,b,c,d] [--gen-data phrasebank|dialogsum]
+                                    [--decode-paths]
 
 Each pair runs alternately, one batch of examples at a time, so a machine busy with other work slows both alike.
 """
@@ -19,6 +23,7 @@ Each pair runs alternately, one batch of examples at a time, so a machine busy w
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -163,6 +168,47 @@ def bench_generate(model, tokenizer, prompts: list[str], batch_size: int, max_ne
             "speedup_cpu": t_single.cpu / t_batched.cpu}
 
 
+def hf_generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool) -> list[list[int]]:
+    """transformers' `generate` on one batch: the prompt ids ift encodes, left-padded; new ids up to the first EOS."""
+    from ift.evaluation import _encode_prompts, _eos_ids, _pad, _pad_id, _until_eos
+
+    encoded = _encode_prompts(tokenizer, "causal", prompts, chat)
+    eos = _eos_ids(model, tokenizer)
+    ids, mask = _pad(encoded, _pad_id(tokenizer, eos), left=True)
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                  pad_token_id=_pad_id(tokenizer, eos), temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return [_until_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def bench_decode_paths(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, chat: bool) -> dict:
+    """ift's KV-cache loop against transformers' generate, alternating batch by batch on the same batches."""
+    from ift.evaluation import _generate_ids
+
+    ift_ids = lambda chunk: _generate_ids(model, tokenizer, "causal", chunk, max_new_tokens=max_new_tokens,  # noqa: E731
+                                          batch_size=batch_size, chat_template=chat)
+    ift_ids(prompts[:2])
+    hf_generate_ids(model, tokenizer, prompts[:2], 4, chat)  # warm-up both
+    ours, theirs, t_ours, t_theirs = [], [], Clock(), Clock()
+    for k, chunk in enumerate(_rounds(prompts, batch_size)):
+        for which in ((0, 1) if k % 2 == 0 else (1, 0)):  # alternate who goes first
+            if which == 0:
+                with t_ours:
+                    ours += ift_ids(chunk)
+            else:
+                with t_theirs:
+                    theirs += hf_generate_ids(model, tokenizer, chunk, max_new_tokens, chat)
+    tokens_ours, tokens_theirs = sum(map(len, ours)), sum(map(len, theirs))
+    return {"prompts": len(prompts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "identical_rows": sum(a == b for a, b in zip(ours, theirs)), "new_tokens_ift": tokens_ours,
+            "new_tokens_hf": tokens_theirs, "ift_s": t_ours.wall, "hf_s": t_theirs.wall,
+            "ift_tok_per_s": tokens_ours / t_ours.wall, "hf_tok_per_s": tokens_theirs / t_theirs.wall,
+            "ift_over_hf": t_theirs.wall / t_ours.wall, "ift_cpu_s": t_ours.cpu, "hf_cpu_s": t_theirs.cpu,
+            "ift_over_hf_cpu": t_theirs.cpu / t_ours.cpu}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank-examples", type=int, default=32)
@@ -175,6 +221,9 @@ def main() -> None:
     ap.add_argument("--no-chat-template", action="store_true")
     ap.add_argument("--gen-data", choices=["phrasebank", "dialogsum"], default="phrasebank",
                     help="generation prompts: few-shot sentiment explanations, or DialogSum dialogues to summarize")
+    ap.add_argument("--decode-paths", action="store_true",
+                    help="compare ift's KV-cache loop with transformers' generate on the generation prompts "
+                         "(instead of batched vs one at a time)")
     ap.add_argument("--choices", default=",".join(CHOICES),
                     help="verbalizers for negative, neutral, positive, mixed (comma-separated; may be several tokens)")
     args = ap.parse_args()
@@ -195,6 +244,11 @@ def main() -> None:
     if args.gen_prompts:
         prompts = (dialogsum_prompts(args.gen_prompts) if args.gen_data == "dialogsum"
                    else [p for p, _ in few_shot_prompts(rows, args.gen_prompts, "generate")])
+        if args.decode_paths:
+            paths = bench_decode_paths(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, chat)
+            print("decode paths:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in paths.items()}))
+            print(f"load average at the end {os.getloadavg()[0]:.1f}")
+            return
         gen = bench_generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, chat)
         from ift.evaluation import _encode_prompts
 

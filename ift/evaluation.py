@@ -462,30 +462,12 @@ def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str], *, max_ne
 
 def _greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad: int,
                    device) -> list[list[int]]:
-    """Greedy decoding with the KV cache; a row leaves the batch once it emits EOS, so no step is spent on it."""
-    import torch
+    """Greedy decoding with the KV cache: the one causal decoding loop (ift.generation), which chat and
+    generate use too; a row leaves the batch once it emits EOS, so no step is spent on it."""
+    from ift.generation import Decoding, _decode_causal
 
-    logits, cache, mask = _prefill(model, prompts, pad, device)
-    out: list[list[int]] = [[] for _ in prompts]
-    alive = torch.arange(len(prompts))  # batch row -> prompt index
-    pos = mask.sum(-1)  # the next token's position in each row
-    stop = torch.tensor(eos)
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1).cpu()
-        for r, i in enumerate(alive.tolist()):
-            out[i].append(int(nxt[r]))
-        going = ~torch.isin(nxt, stop)
-        if step == max_new_tokens - 1 or not going.any():
-            break
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
-            alive, nxt, pos, mask = alive[keep], nxt[keep], pos[keep], mask[keep]
-            cache = _select_cache(cache, keep.to(device))
-        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
-        step_out = model(input_ids=nxt.unsqueeze(1).to(device), attention_mask=mask.to(device),
-                         position_ids=pos.unsqueeze(1).to(device), **_with_cache(model, cache), use_cache=True)
-        logits, cache, pos = step_out.logits[:, -1].float(), _returned_cache(step_out), pos + 1
-    return out
+    return _decode_causal(model, prompts, [max_new_tokens] * len(prompts), Decoding(max_new_tokens=max_new_tokens),
+                          None, eos, pad, device, None)
 
 
 def _greedy_seq2seq(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad: int,
