@@ -9,13 +9,15 @@ if [[ "${1:-}" == "--prepare" ]]; then
   # pure-Python packages (and pydantic-core for CPython 3.12 x86_64) that the GPU image may not have;
   # bitsandbytes (~43 MB) only if the image lacks it: check with `pip show bitsandbytes` in a first short run
   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-      -d bench/wheels datasets pydantic pydantic-core annotated-types typing-inspection trl rouge_score gguf \
-      pyarrow dill xxhash multiprocess
+      -d bench/wheels datasets pydantic pydantic-core annotated-types typing-inspection trl gguf \
+      pyarrow dill xxhash multiprocess evaluate
+  # rouge_score ships only as an sdist (pure Python); pip builds it there without network
+  pip download --no-deps --no-binary=:all: -d bench/wheels "rouge_score>=0.1.2"
   du -sh bench/wheels
   exit 0
 fi
 if [[ -d bench/wheels ]]; then
-  pip install -q --no-index --no-deps bench/wheels/*.whl
+  pip install -q --no-index --no-deps --no-build-isolation bench/wheels/*
 fi
 pip install -q --no-deps --no-build-isolation -e .
 exec python bench/gpu_check.py --device cuda "$@"
