@@ -157,14 +157,15 @@ class PromptFormat:
         return list(ids)
 
 
-def _json_object(text: str, where: str | None) -> dict:
+def _json_object(text: str, where: str | None, example: str = '{"field": "value"}') -> dict:
+    """One JSON object from a typed prompt or a JSON Lines line; IftError naming where otherwise."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise IftError(f"not valid JSON: {err.msg} at character {err.pos}", where,
-                       'type one JSON object, e.g. {"field": "value"}') from None
+        raise IftError(f"not valid JSON: {err.msg} (column {err.colno})", where,
+                       f"give one JSON object, e.g. {example}") from None
     if not isinstance(value, dict):
-        raise IftError(f"expected a JSON object, got {type(value).__name__}", where, 'e.g. {"field": "value"}')
+        raise IftError(f"expected a JSON object, got {type(value).__name__}", where, f"e.g. {example}")
     return value
 
 
@@ -682,14 +683,7 @@ def read_records(path: Path, *, field_name: str = "prediction") -> list[tuple[in
         if not line.strip():
             continue
         where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise IftError(f"not valid JSON: {err.msg} (column {err.colno})", where,
-                           "give one JSON object per line (JSON Lines)") from None
-        if not isinstance(record, dict):
-            raise IftError(f"expected a JSON object, got {type(record).__name__}", where,
-                           'give one object per line, e.g. {"prompt": "..."}')
+        record = _json_object(line, where, '{"prompt": "..."} per line (JSON Lines)')
         if field_name in record:
             raise IftError(f"the line already has a '{field_name}' field, which the output would overwrite", where,
                            "rename that field, or choose another output field with --field")

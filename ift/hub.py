@@ -240,23 +240,13 @@ def push_dataset(prepared, recipe: Recipe | None, repo_id: str, *, private: bool
 
 def check_dataset_repo_id(repo_id: str | None) -> str:
     """A dataset repo id ('namespace/name'); 'datasets/...' and Hub dataset URLs accepted, model ids too."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    text = (repo_id or "").strip()
-    for prefix in ("https://huggingface.co/", "http://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/"):
-        text = text.removeprefix(prefix)
-    text = text.rstrip("/")
-    head = text.split("/", 1)[0]
-    if head == "spaces" and text.count("/") >= 2:
+    text, head = _strip_hub_url(repo_id)
+    if head == "spaces":
         raise IftError(f"'{repo_id}' names a space repository; the splits go to a dataset repo", "hub.push_dataset",
                        f"use a dataset repo id such as {text.split('/', 1)[1]}")
-    if head == "datasets" and text.count("/") >= 2:
+    if head == "datasets":
         text = text.split("/", 1)[1]
-    try:
-        validate_repo_id(text)
-    except HFValidationError as exc:
-        raise IftError(f"malformed dataset repo id {repo_id!r}: {exc}", "hub.push_dataset", REPO_ID_FIX) from None
-    return text
+    return _validated(text, f"malformed dataset repo id {repo_id!r}", "hub.push_dataset")
 
 
 def format_dataset_plan(splits, card, repo_id: str, *, private: bool = False) -> str:
@@ -315,20 +305,30 @@ def require_token(repo_id: str, token: str | None = None) -> str:
 
 def check_repo_id(repo_id: str | None) -> str:
     """A model repo id ('name' or 'namespace/name'); Hub URLs are accepted, dataset/Space ids refused."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    text, head = _strip_hub_url(repo_id)
+    if head in ("datasets", "spaces"):
+        raise IftError(f"'{repo_id}' names a {head[:-1]} repository; ift pushes models", "--repo-id / hub.repo_id",
+                       f"use a model repo id such as {text.split('/', 1)[1]}")
+    return _validated(text, f"malformed repo id {repo_id!r}", "--repo-id / hub.repo_id")
 
+
+def _strip_hub_url(repo_id: str | None) -> tuple[str, str | None]:
+    """The id without a Hub URL prefix, and its repo-type prefix ('datasets', 'spaces') when it has one."""
     text = (repo_id or "").strip()
     for prefix in ("https://huggingface.co/", "http://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/"):
         text = text.removeprefix(prefix)
     text = text.rstrip("/")
     head = text.split("/", 1)[0]
-    if head in ("datasets", "spaces") and text.count("/") >= 2:
-        raise IftError(f"'{repo_id}' names a {head[:-1]} repository; ift pushes models", "--repo-id / hub.repo_id",
-                       f"use a model repo id such as {text.split('/', 1)[1]}")
+    return text, head if head in ("datasets", "spaces") and text.count("/") >= 2 else None
+
+
+def _validated(text: str, problem: str, where: str) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
         validate_repo_id(text)
     except HFValidationError as exc:
-        raise IftError(f"malformed repo id {repo_id!r}: {exc}", "--repo-id / hub.repo_id", REPO_ID_FIX) from None
+        raise IftError(f"{problem}: {exc}", where, REPO_ID_FIX) from None
     return text
 
 
