@@ -1,13 +1,15 @@
 """How a prompt/completion pair becomes token ids — the one definition training and evaluation share.
 
-Loss masks come from token spans: the prompt is tokenized alone and together with the completion;
-the completion's tokens are what follows the prompt's. Never a search for a response marker, never
+Loss masks come from token spans: the prompt's tokens are those of the prompt tokenized alone, the
+completion's tokens are what follows them in prompt+completion (read off one pass over the full text
+where that is provably the same, see `_prompt_tokens`). Never a search for a response marker, never
 a mask of every pad-id token (that would also hide the real EOS when pad == eos).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import bisect
+from typing import Any, Literal, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -73,9 +75,22 @@ def encode_pairs(
         p_texts = list(prompts)
         f_texts = [join(p, c) for p, c in zip(prompts, completions)]
         special = True
-    p_ids = tokenizer(p_texts, add_special_tokens=special)["input_ids"]
-    f_ids = tokenizer(f_texts, add_special_tokens=special)["input_ids"]
     eos = tokenizer.eos_token_id
+    head = _single_pass_head(tokenizer, special)
+    if head is None:  # not a tokenizer whose prompt tokens we can read off the full text: two passes
+        f_ids = tokenizer(f_texts, add_special_tokens=special)["input_ids"]
+        p_ids: list[Any] = tokenizer(p_texts, add_special_tokens=special)["input_ids"]
+    else:
+        enc = tokenizer(f_texts, add_special_tokens=special, return_offsets_mapping=True)
+        f_ids, p_ids = enc["input_ids"], [None] * len(f_texts)
+        for i, (f, offs) in enumerate(zip(f_ids, enc["offset_mapping"])):
+            k = _prompt_tokens(p_texts[i], f_texts[i], offs, len(head))
+            if k is not None and f[:len(head)] == head:
+                p_ids[i] = f[:k]
+        doubtful = [i for i, p in enumerate(p_ids) if p is None]
+        if doubtful:  # only these rows pay for tokenizing the prompt alone
+            for i, p in zip(doubtful, tokenizer([p_texts[i] for i in doubtful], add_special_tokens=special)["input_ids"]):
+                p_ids[i] = p
     out = []
     for i, (p, f) in enumerate(zip(p_ids, f_ids)):
         if f[: len(p)] == p:
@@ -96,6 +111,68 @@ def encode_pairs(
             c = c[:-1]
         out.append((list(p), list(c)))
     return out
+
+
+# One tokenizer pass per row (causal): the prompt's ids are read off the full text's ids, at the token that
+# ends where the prompt text ends. That equals tokenizing the prompt alone only when (1) the tokenizer adds
+# special tokens at the start only, (2) nothing rewrites text across the boundary (no normalizer, no added
+# token that strips spaces, no BPE dropout), and (3) the pre-tokenizer splits the full text at the boundary
+# into the same pieces as the prompt alone. (3) is proven for GPT-2's byte-level regex (SmolLM2, GPT-2, the
+# test tokenizer): `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, each
+# piece a run of one class (plus one leading " "), so
+#   A. the prompt ends in a non-space and the rest starts with " ", "\t", "\n" or "\r" (plain `join`): every
+#      run stops at that whitespace in both texts, and only whitespace continues from there;
+#   B. the prompt ends in one "\n"/"\t"/"\r" after a non-space, the rest starts with a non-space (a chat
+#      template's "assistant\n"): that character is the piece `\s+(?!\S)` alone, `\s+` in context.
+# Anything else ("Answer: " + "yes" merges into " yes"; "\n\n" alone is one piece, two in context) and any
+# other tokenizer take the old two passes, so the ids are the same as tokenizing prompt and full text apart.
+_WS = " \t\n\r"
+
+
+def _single_pass_head(tokenizer: PreTrainedTokenizerBase, special: bool) -> list[int] | None:
+    """The special tokens the tokenizer puts before any text, when the one-pass reading is exact; else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    try:
+        from tokenizers import models, pre_tokenizers, processors
+
+        pre, post, model = backend.pre_tokenizer, backend.post_processor, backend.model
+        if not (isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space):
+            return None
+        if not (isinstance(model, models.BPE) and not model.dropout):
+            return None
+        if post is not None and not isinstance(post, processors.TemplateProcessing):
+            return None  # e.g. a ByteLevel post-processor that trims offsets
+        if any(t.lstrip or t.rstrip or t.single_word for t in backend.get_added_tokens_decoder().values()):
+            return None
+    except (ImportError, AttributeError):
+        return None
+    head = tokenizer("", add_special_tokens=special)["input_ids"]
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    if tokenizer("a b", add_special_tokens=special)["input_ids"] != head + plain:
+        return None  # special tokens after the text (an appended EOS): the old path handles those
+    return head
+
+
+def _prompt_tokens(p_text: str, f_text: str, offs: Sequence[tuple[int, int]], n_head: int) -> int | None:
+    """How many of the full text's tokens are exactly the prompt's own tokens; None when not provable."""
+    n = len(p_text)
+    if not f_text.startswith(p_text):
+        return None
+    if n == len(f_text):
+        return len(offs)  # the same text
+    if n == 0:
+        return n_head
+    last, nxt = p_text[-1], f_text[n]
+    rule_a = not last.isspace() and nxt in _WS
+    rule_b = last in "\t\n\r" and (n == 1 or not p_text[-2].isspace()) and not nxt.isspace()
+    if not (rule_a or rule_b):
+        return None
+    k = bisect.bisect_right(offs, n, lo=n_head, key=lambda o: o[1])
+    if k <= n_head or offs[k - 1][1] != n or offs[k - 1][0] >= n or (k < len(offs) and offs[k][0] < n):
+        return None
+    return k
 
 
 def encode_pair(
