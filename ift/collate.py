@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ift.errors import IftError
 
-IGNORE = -100
+from ift.encoding import IGNORE
 FEATURES = ("input_ids", "attention_mask", "labels")
 
 

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from ift.errors import IftError
 
-IGNORE = -100  # the label ignore index, as in ift.data / ift.collate / ift.loss
+from ift.encoding import IGNORE
 
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")
 Format = Literal["messages", "sharegpt", "prompt_completion", "alpaca"]

@@ -34,14 +34,13 @@ import numpy as np
 import pyarrow as pa
 
 from ift.collate import Collator, eval_dataloader, train_dataloader
-from ift.encoding import encode_pairs
+from ift.encoding import IGNORE, encode_pairs
 from ift.errors import IftError, IftErrors
 from ift.recipe import SPLITS, DataConfig, SourceConfig
 
 __all__ = ["PreparedData", "build_splits", "check_sources", "tokenize", "Collator", "train_dataloader",
            "eval_dataloader", "describe", "preview_rows", "mixture_counts", "carve_indices", "load_preview_rows"]
 
-IGNORE = -100
 COLUMNS = ("prompt", "completion", "choices", "source", "template")  # of every prepared split
 # `truncated` codes written by tokenize(): how a row got into the tokenized split
 INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW = 0, 1, 2, 3

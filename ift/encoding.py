@@ -9,11 +9,13 @@ a mask of every pad-id token (that would also hide the real EOS when pad == eos)
 from __future__ import annotations
 
 import bisect
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: the ignore index and Kind are imported by light modules too
+    from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["causal", "seq2seq"]
+IGNORE = -100  # the label of a position that carries no loss (PyTorch's cross-entropy ignore_index)
 
 
 def join(prompt: str, completion: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 from ift import atomic
+from ift.encoding import IGNORE
 from ift.errors import IftError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -838,7 +839,7 @@ def _count(split: Any, kind: str) -> TokenCount:
         labels = table.column("labels")
         offsets = np.asarray(pc.list_value_length(labels).to_numpy(zero_copy_only=False))
         flat = np.asarray(pc.list_flatten(labels).to_numpy(zero_copy_only=False))
-        keep = (flat != -100).astype(np.int64)
+        keep = (flat != IGNORE).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(offsets)[:-1]]).astype(np.int64)
         per_row = np.add.reduceat(keep, starts) if len(flat) else np.zeros(len(offsets), np.int64)
         per_row = np.where(offsets > 0, per_row, 0)

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-IGNORE = -100
+from ift.encoding import IGNORE
 OPEN, CLOSE = "⟦", "⟧"  # marks the tokens that carry loss, readable without colour too
 
 
