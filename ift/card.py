@@ -82,6 +82,7 @@ class _Facts:
     templates: list[dict[str, Any]]
     example: str | None  # a test prompt for the usage snippet
     license: str | None
+    chat_setup: dict[str, Any]  # data_report.json's "chat": the chat template trained with, end of turn, added tokens
     has_loss_plot: bool
     other_plots: list[str] = field(default_factory=list)
 
@@ -105,6 +106,7 @@ class _Facts:
             templates=_templates(recipe, library),
             example=_example_prompt(run_dir),
             license=_base_license(recipe),
+            chat_setup=(_read_json(run_dir / "data_report.json").get("chat") or {}),
             has_loss_plot=(run_dir / "plots" / "loss.png").exists(),
             other_plots=sorted(p.name for p in (run_dir / "plots").glob("*.png") if p.name != "loss.png"),
         )
@@ -124,7 +126,7 @@ class _Facts:
     @property
     def chat(self) -> bool:
         """Prompts were wrapped in the tokenizer's chat template in training and evaluation."""
-        return bool(self.recipe.data.chat_template) and self.kind == "causal"
+        return self.recipe.data.chat_run and self.kind == "causal"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -438,8 +440,22 @@ def _data_section(f: _Facts) -> str:
     if len(f.sources) > 1:
         weights = ", ".join(f"{s['name']} {s['weight']:g}" for s in f.sources if s["weight"] is not None)
         notes.append(f"Mixture: {d.mixture.strategy}" + (f" ({weights})" if weights else "") + ".")
-    notes.append(f"Sequences up to {d.max_length} tokens; "
-                 + ("loss on every token." if d.train_on_prompt else "loss on the completion only (prompt masked)."))
+    if d.conversational:
+        notes.append(f"Conversations up to {d.max_length} tokens (earliest exchanges dropped first); loss on "
+                     + ("every assistant reply" if d.train_on == "all_assistant" else "the last assistant reply")
+                     + " and its end-of-turn token, never on system or user text.")
+    if not d.conversational or any(s.get("templates") for s in f.sources):
+        notes.append(f"Sequences up to {d.max_length} tokens; " + (
+            "loss on every token." if d.train_on_prompt else "loss on the completion only (prompt masked)."))
+    chat = f.chat_setup
+    if f.chat and chat:
+        named = chat.get("chat_template")
+        what = {"auto": "the base tokenizer's own", "tokenizer": "the base tokenizer's own"}.get(
+            named, f"`{named}`")
+        notes.append(f"Chat template: {what}, saved with the tokenizer (serve with it)"
+                     + (f"; end of turn `{chat['end_of_turn']}`" if chat.get("end_of_turn") else "")
+                     + (f"; tokens added: {', '.join(f'`{t}`' for t in chat['added_tokens'])}"
+                        if chat.get("added_tokens") else "") + ".")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 

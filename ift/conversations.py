@@ -41,6 +41,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -284,6 +285,55 @@ def resolve_chat_template(tokenizer: Any, spec: str) -> tuple[str | None, str | 
                    "use tokenizer, none, " + ", ".join(CHAT_TEMPLATES) + " or a path to a .jinja file")
 
 
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The token that ends an assistant turn in the tokenizer's chat template, when one can be told: the first
+    known end-of-turn string the template writes that is one token of this vocabulary (ChatML ``<|im_end|>``,
+    Llama-3 ``<|eot_id|>``, ...). Generation stops there too, so a chat model's answer ends with its turn."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        return None
+    vocab = tokenizer.get_vocab()
+    return next((t for t in _EOT_CANDIDATES if t in template and t in vocab), None)
+
+
+@dataclass(frozen=True)
+class ChatSetup:
+    """What `setup_chat_tokenizer` did: recorded in the run's data report and named in the model card."""
+
+    template: str  # "auto", "none", "tokenizer", a name of CHAT_TEMPLATES or the .jinja path given
+    has_template: bool  # the tokenizer now has a chat template
+    end_of_turn: str | None
+    added_tokens: tuple[str, ...]  # tokens the vocabulary did not have (the embeddings grow by these)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"chat_template": self.template, "has_template": self.has_template, "end_of_turn": self.end_of_turn,
+                "added_tokens": list(self.added_tokens)}
+
+
+def setup_chat_tokenizer(tokenizer: Any, spec: str = "auto", special_tokens: Sequence[str] = ()) -> ChatSetup:
+    """Give the tokenizer the chat template `spec` names (data.chat_template) and the special tokens it needs.
+
+    auto/tokenizer keep the tokenizer's own template (tokenizer: an error when it has none); a name or path
+    replaces it (``tokenizer.chat_template``), so every later step — encoding, evaluation, ``ift chat``, the
+    tokenizer saved in ``final/`` — uses the template the model was trained with. A named template's tokens
+    (TEMPLATE_TOKENS) and `special_tokens` missing from the vocabulary are added as special tokens (never split,
+    never normalised); the caller resizes the embeddings. Running it twice changes nothing the second time.
+    """
+    if spec not in ("auto", "none"):
+        text, _ = resolve_chat_template(tokenizer, spec)
+        if spec != "tokenizer":
+            tokenizer.chat_template = text
+    wanted = [*TEMPLATE_TOKENS.get(spec, []), *special_tokens]
+    vocab = tokenizer.get_vocab()
+    new = list(dict.fromkeys(t for t in wanted if t not in vocab))
+    if new:
+        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    has = bool(getattr(tokenizer, "chat_template", None)) and spec != "none"
+    return ChatSetup(spec, has, end_of_turn_token(tokenizer) if has else None, tuple(new))
+
+
 # --------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------
@@ -378,6 +428,15 @@ def assistant_spans(
     return full, spans
 
 
+def history_ids(tokenizer: Any, history: Sequence[Mapping[str, str]]) -> list[int]:
+    """The ids a model is given to answer the last turn of `history`: the conversation rendered with the
+    generation prompt and tokenized as training tokenized whole conversations (no special tokens added: the
+    template writes its own)."""
+    text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in history],
+                                         tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _token_mask(tokenizer: Any, full: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
     """Token ids of `full` and, per token, whether it overlaps a span by at least one character."""
     if getattr(tokenizer, "is_fast", False):
@@ -420,7 +479,8 @@ def encode_conversation(
     end_of_turn: str | None = None,
     source: str = "conversation",
     index: int | None = None,
-) -> EncodedConversation:
+    drop_overlong: bool = False,
+) -> EncodedConversation | None:
     """Token ids and labels of a conversation: labels are IGNORE (-100) except on assistant replies.
 
     Each labelled reply carries loss on its content and the template's end-of-turn token (see the
@@ -432,7 +492,8 @@ def encode_conversation(
     exchange starts at a user turn; a leading system message is kept) until it fits or only the last
     exchange is left; if that is still too long, the tokens past max_length are cut, which can only
     cut the final assistant reply's tail (its end-of-turn token included). If the final prompt alone
-    is too long, nothing would be learned: an IftError. The result records ``dropped_messages`` and
+    is too long, nothing would be learned: an IftError (None with drop_overlong, for a dataset that counts the
+    rows it drops). The result records ``dropped_messages`` and
     ``cut_tokens`` so callers can count and report truncated rows.
     """
     where = _where(source, index)
@@ -462,6 +523,8 @@ def encode_conversation(
         while first > 0 and labels[first - 1] != IGNORE:
             first -= 1
         if last < 0 or max_length <= first:  # the final reply would lose every token
+            if drop_overlong:
+                return None
             raise IftError(f"the last exchange's prompt alone reaches max_length {max_length}", where,
                            "raise max_length or shorten the prompt; no token of the final reply would be left")
         ids, labels = ids[:max_length], labels[:max_length]

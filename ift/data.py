@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from ift.collate import Collator, eval_dataloader, train_dataloader
+from ift.conversations import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, conversation_hash,
+                                detect_format, encode_conversation, end_of_turn_token, normalize_row)
 from ift.encoding import IGNORE, encode_pairs
 from ift.errors import IftError, IftErrors
 from ift.recipe import SPLITS, DataConfig, SourceConfig
@@ -41,9 +43,14 @@ from ift.recipe import SPLITS, DataConfig, SourceConfig
 __all__ = ["PreparedData", "build_splits", "check_sources", "tokenize", "Collator", "train_dataloader",
            "eval_dataloader", "describe", "preview_rows", "mixture_counts", "carve_indices", "load_preview_rows"]
 
-COLUMNS = ("prompt", "completion", "choices", "source", "template")  # of every prepared split
-# `truncated` codes written by tokenize(): how a row got into the tokenized split
-INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW = 0, 1, 2, 3
+# of every prepared split; `messages` holds a conversational row's whole conversation (empty for template rows),
+# `prompt`/`completion` its last user turn and final reply (what evaluation answers and scores)
+COLUMNS = ("prompt", "completion", "choices", "source", "template", "messages")
+# `truncated` codes written by tokenize(): how a row got into the tokenized split. A conversation too long for
+# max_length first loses whole earliest exchanges (TURNS_DROPPED); only if the last exchange alone is too long is
+# its reply's tail cut (REPLY_CUT), and a final prompt that alone fills max_length drops the row
+INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW, TURNS_DROPPED, REPLY_CUT = 0, 1, 2, 3, 4, 5
+ALPACA_TEMPLATE = "alpaca/instruction_input"  # the shipped template that renders format: alpaca rows
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 SPLIT_ALIASES = {
@@ -73,7 +80,7 @@ def _code_version() -> str:
     """Prepared data depends on this code and the template/encoding code: edits invalidate caches."""
     here = Path(__file__).resolve().parent
     h = hashlib.blake2b(digest_size=8)
-    for name in ("data.py", "templates.py", "encoding.py"):
+    for name in ("data.py", "templates.py", "encoding.py", "conversations.py"):
         path = here / name
         if path.exists():
             h.update(path.read_bytes())
@@ -101,6 +108,12 @@ def _pair_hash(prompt: str, completion: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+def _conversation_hash(messages: Sequence[dict]) -> int:
+    """The whole conversation's hash (ift.conversations) as a signed int64, the `_pair` column's type."""
+    h = conversation_hash(messages)
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
 def source_name(src: SourceConfig) -> str:
     """How reports and the `source` column name a source (the recipe checks these are distinct)."""
     return src.name or Path(src.path.rstrip("/\\")).stem or src.path
@@ -126,6 +139,7 @@ class _Source:
     origin: str  # "file", "folder", "save_to_disk" or "hub"
     ignored_files: list[str] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)  # the source's split -> its data files (local)
+    format: str = "template"  # template, text, or a conversational format (resolve_format)
 
     @property
     def key(self) -> str:
@@ -416,6 +430,69 @@ def _check_source_values(source: _Source, templates: Sequence[Any], fixed: Any |
         _check_values(source.raw[theirs], columns, where, MAX_SIZE if use else None)
 
 
+def resolve_format(cfg: SourceConfig, has_templates: bool, columns: Sequence[str], first_row: dict | None = None,
+                   key: str = "data.sources") -> str:
+    """What a source's rows are: its `format`, or (auto) template when it has templates, else the conversational
+    format its columns show, else raw text. An undecidable source is an error naming what it has."""
+    if cfg.format != "auto":
+        return cfg.format
+    if has_templates:
+        return "template"
+    cols = set(columns)
+    if cfg.conversation_column and cfg.conversation_column in cols:
+        turn = next(iter((first_row or {}).get(cfg.conversation_column) or []), None)
+        if isinstance(turn, dict) and {"from", "value"} <= set(turn):
+            return "sharegpt"
+        return "messages"
+    found = detect_format(cols)
+    if found:
+        return found
+    if cfg.text_column in cols:
+        return "text"
+    candidates = [f for f in CONVERSATION_FORMATS if detect_format({*_format_columns(f)})]
+    raise IftError(f"cannot tell what the rows of source '{source_name(cfg)}' are (columns: "
+                   f"{', '.join(sorted(cols)) or 'none'})", f"{key}.format",
+                   "give it templates, or set format: " + ", ".join(["text", *candidates])
+                   + f" (text reads column '{cfg.text_column}'; rename columns with {key}.columns)")
+
+
+def _format_columns(fmt: str, cfg: SourceConfig | None = None) -> list[str]:
+    """The columns a conversational format reads."""
+    if fmt in DEFAULT_COLUMNS:
+        return [(cfg.conversation_column if cfg else None) or DEFAULT_COLUMNS[fmt]]
+    return {"prompt_completion": ["prompt", "completion"], "alpaca": ["instruction", "output"]}.get(fmt, [])
+
+
+def _normalize(cfg: SourceConfig, fmt: str, row: dict, name: str, where: str, index: int,
+               system_prompt: str | None) -> list[dict[str, str]]:
+    return normalize_row(row, fmt, source=where, index=index, column=cfg.conversation_column,
+                         system_prompt=system_prompt)
+
+
+def _check_conversations(source: _Source, system_prompt: str | None) -> None:
+    """Every row of every split the recipe reads is a conversation there is something to learn from: the first
+    that is not is an error naming the file (or split) and the row as the file numbers it, before any carving."""
+    if source.format not in ("messages", "sharegpt", "prompt_completion"):
+        return
+    seen = set()
+    for ours in SPLITS:
+        theirs = getattr(source.cfg.splits, ours)
+        if theirs is None or theirs not in source.raw or theirs in seen:
+            continue
+        seen.add(theirs)
+        ds, files = source.raw[theirs], source.files.get(theirs, [])
+        where = f"{_path_key(source.key)}: {files[0]}" if len(files) == 1 else \
+            f"{_path_key(source.key)}: split '{theirs}' of {source.cfg.path}"
+        wanted = [c for c in _format_columns(source.format, source.cfg) if c in ds.column_names]
+        if len(wanted) < len(_format_columns(source.format, source.cfg)):
+            continue  # reported by _check_columns, with the columns there are
+        table = ds.with_format("arrow").select_columns(wanted) if len(ds) else None
+        for start in range(0, len(ds), BATCH):
+            rows = table[start:start + BATCH].to_pylist()
+            for k, row in enumerate(rows):
+                _normalize(source.cfg, source.format, row, source.name, where, start + k, system_prompt)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Can we open a connection to the Hub? (A quick probe: datasets itself retries for ~25 s.)"""
     from huggingface_hub import constants
@@ -639,6 +716,7 @@ def _features() -> Any:
         "prompt": datasets.Value("string"), "completion": datasets.Value("string"),
         "choices": datasets.List(datasets.Value("string")), "source": datasets.Value("string"),
         "template": datasets.Value("string"), "_pair": datasets.Value("int64"),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
     })
 
 
@@ -677,6 +755,16 @@ def _check_columns(source: _Source, templates: list[Any], columns: Sequence[str]
     errors = []
     cols = set(columns)
     where = f"split '{split}' of source '{source.name}'" if split else f"source '{source.name}'"
+    if source.format in ("messages", "sharegpt", "prompt_completion"):
+        missing = [c for c in _format_columns(source.format, source.cfg) if c not in cols]
+        if missing:
+            which = "conversation_column" if source.format in DEFAULT_COLUMNS else "columns"
+            errors.append(IftError(
+                f"{source.format} {where} has no column {', '.join(repr(m) for m in missing)}",
+                f"{source.key}.{which}", f"columns are: {', '.join(sorted(cols))}; "
+                + (f"set {source.key}.conversation_column to the column of turns" if which == "conversation_column"
+                   else f"rename them with {source.key}.columns: {{old_name: {missing[0]}}}") + ", or set format"))
+        return errors
     if not templates:
         if source.cfg.text_column not in cols:
             errors.append(IftError(
@@ -700,15 +788,24 @@ def _check_columns(source: _Source, templates: list[Any], columns: Sequence[str]
 class _Renderer:
     """datasets.map function: raw rows -> prompt/completion/choices/source/template/_pair rows."""
 
-    def __init__(self, source: str, templates: list[Any], picks: np.ndarray | None, text_column: str, seed: tuple):
+    def __init__(self, source: str, templates: list[Any], picks: np.ndarray | None, text_column: str, seed: tuple,
+                 fmt: str = "template", cfg: SourceConfig | None = None, system_prompt: str | None = None):
         self.source, self.templates, self.picks = source, templates, picks
         self.text_column, self.seed = text_column, seed
+        self.fmt, self.cfg, self.system_prompt = fmt, cfg, system_prompt
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         from ift.templates import render_row
 
-        out: dict[str, list] = {k: [] for k in ("prompt", "completion", "choices", "source", "template", "_pair")}
+        out: dict[str, list] = {k: [] for k in ("prompt", "completion", "choices", "source", "template", "_pair",
+                                                "messages")}
         columns = list(batch)
+        if self.fmt in ("messages", "sharegpt", "prompt_completion"):
+            for pos, index in enumerate(indices):  # every row was checked on load (_check_conversations)
+                row = {c: batch[c][pos] for c in columns}
+                messages = _normalize(self.cfg, self.fmt, row, self.source, self.source, index, self.system_prompt)
+                self._add_conversation(out, messages, [], f"({self.fmt})")
+            return out
         if not self.templates:
             for text in batch[self.text_column]:
                 if text is None or not str(text).strip():
@@ -725,7 +822,13 @@ class _Renderer:
                 if pair is None:
                     continue  # the template does not apply to this row (promptsource convention)
                 choices = tpl.answer_choices(row, rng=rng) or []
-                self._add(out, pair[0], pair[1], choices, tpl.ref)
+                if self.fmt == "alpaca":  # the template's pair is a one-exchange conversation
+                    messages = [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+                    if self.system_prompt is not None:
+                        messages.insert(0, {"role": "system", "content": self.system_prompt})
+                    self._add_conversation(out, messages, choices, tpl.ref)
+                else:
+                    self._add(out, pair[0], pair[1], choices, tpl.ref)
         return out
 
     def _add(self, out: dict[str, list], prompt: str, completion: str, choices: list[str], template: str) -> None:
@@ -735,6 +838,17 @@ class _Renderer:
         out["source"].append(self.source)
         out["template"].append(template)
         out["_pair"].append(_pair_hash(prompt, completion))
+        out["messages"].append([])
+
+    def _add_conversation(self, out: dict[str, list], messages: list[dict], choices: list[str], template: str) -> None:
+        """A conversation hashed whole (leak check); prompt/completion are its last user turn and final reply."""
+        out["prompt"].append(next(m["content"] for m in reversed(messages[:-1]) if m["role"] != "assistant"))
+        out["completion"].append(messages[-1]["content"])
+        out["choices"].append(list(choices))
+        out["source"].append(self.source)
+        out["template"].append(template)
+        out["_pair"].append(_conversation_hash(messages))
+        out["messages"].append(messages)
 
 
 def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: DataConfig) -> tuple[Any, dict]:
@@ -751,12 +865,17 @@ def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: Da
             expected[tpl.ref] = expected.get(tpl.ref, 0) + int(count)
     elif templates:
         expected = {tpl.ref: len(ds) for tpl in templates}
+    elif source.format in ("messages", "sharegpt", "prompt_completion"):
+        expected = {f"({source.format})": len(ds)}
     else:
         expected = {"": len(ds)}
     seed = (data.seed, source.name, split)
+    conversational = source.format in CONVERSATION_FORMATS
     fp = _fingerprint("render", ds._fingerprint, seed, mode, [_template_identity(t) for t in templates],
-                      cfg.text_column if not templates else None, CODE_VERSION)
-    fn = _Renderer(source.name, templates, picks, cfg.text_column, seed)
+                      cfg.text_column if not templates else None, source.format,
+                      (cfg.conversation_column, data.system_prompt) if conversational else None, CODE_VERSION)
+    fn = _Renderer(source.name, templates, picks, cfg.text_column, seed, source.format, cfg,
+                   data.system_prompt if conversational else None)
     if not len(ds):  # datasets skips the function on empty input and keeps no columns
         import datasets
 
@@ -872,6 +991,8 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
     if errors:
         raise IftErrors(errors)
     sources = [_load_source(i, src, per_source[i], eval_fixed[i]) for i, src in enumerate(data.sources)]
+    for source in sources:
+        _set_format(source, per_source, eval_fixed, library, data)
     report: dict[str, Any] = {"sources": {}, "splits": {s: {"rows": 0, "sources": {}} for s in SPLITS}}
     carve_report: dict[str, Any] = {}
     rendered: dict[str, dict[str, Any]] = {}
@@ -897,8 +1018,10 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
                 "rendered": {tpl: k for (_, tpl), k in _template_counts(ds).items()}}
         report["sources"][source.name] = {
             "path": source.cfg.path, "origin": source.origin, "columns": source.columns(),
+            "format": source.format,
             "templates": [t.ref for t in templates], "eval_template": fixed.ref if fixed is not None else None,
-            "template_mode": source.cfg.template_mode if templates else "raw text",
+            "template_mode": source.cfg.template_mode if templates else (
+                "raw text" if source.format == "text" else "conversation"),
             **carve_report[source.name], **({"ignored_files": source.ignored_files} if source.ignored_files else {}),
         }
     leaks = _remove_leaks(rendered) if data.leak_check else {n: {"train": 0, "validation": 0} for n in rendered}
@@ -914,13 +1037,30 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
             parts[0] if parts else rendered[sources[0].name][split])
     dd = datasets.DatasetDict({s: final[s].remove_columns("_pair") for s in SPLITS})
     _summarise(dd, report)
-    return PreparedData(dd, report, _pin_carved(data, assignments))
+    return PreparedData(dd, report, _pin_carved(data, assignments, [s.format for s in sources]))
 
 
-def _pin_carved(data: DataConfig, assignments: list[dict[str, Any | None]]) -> DataConfig:
+def _first_row(source: _Source) -> dict | None:
+    ds = source.raw.get(source.cfg.splits.train or "") or next(iter(source.raw.values()), None)
+    return ds[0] if ds is not None and len(ds) else None
+
+
+def _set_format(source: _Source, per_source: list[list[Any]], eval_fixed: list[Any], library: Any,
+                data: DataConfig) -> None:
+    """Decide the source's format; alpaca rows get the shipped template unless the source names its own; every
+    conversation is checked before any carving, so a bad row is named as its file numbers it."""
+    i = source.index
+    source.format = resolve_format(source.cfg, bool(per_source[i]), source.columns(), _first_row(source), source.key)
+    if source.format == "alpaca" and not per_source[i]:
+        per_source[i] = [library.get(ALPACA_TEMPLATE)]
+        _check_source_values(source, per_source[i], eval_fixed[i])
+    _check_conversations(source, data.system_prompt)
+
+
+def _pin_carved(data: DataConfig, assignments: list[dict[str, Any | None]], formats: list[str]) -> DataConfig:
     sources = [src.model_copy(update={"splits": src.splits.model_copy(
-                   update={split: None for split, ds in assigned.items() if ds is None})})
-               for src, assigned in zip(data.sources, assignments)]
+                   update={split: None for split, ds in assigned.items() if ds is None}), "format": fmt})
+               for src, assigned, fmt in zip(data.sources, assignments, formats)]
     return data.model_copy(update={"sources": sources})
 
 
@@ -989,6 +1129,12 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
         every = sorted({c for cols in by_split.values() for c in cols})
         errors += [IftError(f"column '{old}' to rename is not in the source", f"{key}.columns",
                             f"columns are: {', '.join(every)}") for old in src.columns if old not in every]
+        try:
+            probe.format = _validated_format(i, src, per_source, eval_fixed, library, data,
+                                             [src.columns.get(c, c) for c in every])
+        except IftError as err:
+            errors.append(err)
+            continue
         explicit = _explicit_splits(src)
         for ours in SPLITS:
             theirs = getattr(src.splits, ours)
@@ -1016,6 +1162,21 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
     for err in errors:  # a template checked against several splits fails the same way once
         unique.setdefault(err.line(), err)
     return list(unique.values())
+
+
+def _validated_format(i: int, src: SourceConfig, per_source: list[list[Any]], eval_fixed: list[Any], library: Any,
+                      data: DataConfig, columns: list[str]) -> str:
+    """`ift validate`'s view of a source's format; a local conversational source has every row checked, as
+    training checks them."""
+    if src.format in ("auto", "messages", "sharegpt", "prompt_completion", "alpaca") and _looks_local(src.path) \
+            and not (src.templates and src.format == "auto"):
+        source = _load_source(i, src, per_source[i], eval_fixed[i])
+        _set_format(source, per_source, eval_fixed, library, data)
+        return source.format
+    fmt = resolve_format(src, bool(per_source[i]) or bool(src.templates), columns, None, f"data.sources.{i}")
+    if fmt == "alpaca" and not per_source[i]:
+        per_source[i] = [library.get(ALPACA_TEMPLATE)]
+    return fmt
 
 
 def _peek(index: int, src: SourceConfig, templates: Sequence[Any], fixed: Any | None) -> dict[str, list[str]] | None:
@@ -1136,7 +1297,9 @@ class _Encoder:
     def __init__(self, tokenizer: Any, kind: str, data: DataConfig):
         self.tokenizer, self.kind = tokenizer, kind
         self.max_length, self.mode = data.max_length, data.truncation
-        self.train_on_prompt, self.chat = data.train_on_prompt, data.chat_template
+        self.train_on_prompt, self.chat = data.train_on_prompt, data.wraps_pairs
+        self.train_on, self.template_spec = data.train_on, data.chat_template
+        self.end_of_turn = end_of_turn_token(tokenizer)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         # a chat-wrapped prompt with no content: its head (system turn, user tag) and tail (end of turn,
         # assistant tag) stay when a long prompt is cut, so the model still sees a well-formed chat
@@ -1147,9 +1310,20 @@ class _Encoder:
         prompts = table.column("prompt").to_pylist()
         completions = table.column("completion").to_pylist()
         raw = [t == "" for t in table.column("template").to_pylist()]
-        pairs = self._encode(prompts, completions, raw)
-        rows, heads, tails, status, override = [], [], [], [], {}
+        convs = self._conversations(table)
+        pairs = self._encode(prompts, completions, [r and not convs.get(i) for i, r in enumerate(raw)], set(convs))
+        rows, heads, tails, status, override, labels = [], [], [], [], {}, {}
         for i, (p, c) in enumerate(pairs):
+            if i in convs:
+                encoded = convs[i]
+                if encoded is not None:  # None: the final prompt alone fills max_length (dropped, counted)
+                    labels[len(rows)] = encoded.labels
+                    rows.append(i)
+                    heads.append([])
+                    tails.append(encoded.input_ids)
+                    status.append(REPLY_CUT if encoded.cut_tokens else TURNS_DROPPED if encoded.dropped_messages
+                                  else INTACT)
+                continue
             for head, tail, code in (self._raw(p, c) if raw[i] else self._pair(p, c)):
                 if code in (FIRST_WINDOW, LATER_WINDOW):
                     override[len(rows)] = self.tokenizer.decode(tail, skip_special_tokens=True)
@@ -1163,12 +1337,41 @@ class _Encoder:
             for j, text in override.items():
                 comp[j] = text
             out = out.set_column(out.schema.get_field_index("completion"), "completion", pa.array(comp, pa.string()))
-        return self._columns(out, heads, tails, status)
+        return self._columns(out, heads, tails, status, labels)
 
-    def _encode(self, prompts: list[str], completions: list[str], raw: list[bool]) -> list[tuple[list[int], list[int]]]:
-        pairs: list[Any] = [None] * len(prompts)
+    def _conversations(self, table: pa.Table) -> dict[int, Any]:
+        """Row -> its EncodedConversation (None when dropped), for the rows that are conversations."""
+        if "messages" not in table.column_names:
+            return {}
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(table.column("messages")).fill_null(0).to_numpy(zero_copy_only=False)
+        idx = np.flatnonzero(lengths > 0)
+        if not len(idx):
+            return {}
+        if self.kind == "seq2seq":
+            raise IftError("conversational sources train a decoder-only model in a chat template; a seq2seq model "
+                           "has none", "data.sources", "use a causal model, or give the source templates")
+        if self.template_spec == "none" or not getattr(self.tokenizer, "chat_template", None):
+            raise IftError("conversations need a chat template, but " + (
+                "data.chat_template is none" if self.template_spec == "none" else "the tokenizer has none"),
+                "data.chat_template", "set data.chat_template: chatml or llama3 (their tokens are added to the "
+                "tokenizer), or a .jinja file")
+        messages = table.column("messages").take(pa.array(idx)).to_pylist()
+        sources = table.column("source").take(pa.array(idx)).to_pylist()
+        limit = None if self.mode == "drop" else self.max_length  # drop: an over-long conversation leaves whole
+        out = {}
+        for i, m, src in zip(idx, messages, sources):
+            encoded = encode_conversation(self.tokenizer, m, train_on=self.train_on, max_length=limit,
+                                          end_of_turn=self.end_of_turn, source=f"source '{src}'", drop_overlong=True)
+            out[int(i)] = None if encoded is not None and len(encoded.input_ids) > self.max_length else encoded
+        return out
+
+    def _encode(self, prompts: list[str], completions: list[str], raw: list[bool],
+                skip: set[int] = frozenset()) -> list[tuple[list[int], list[int]]]:
+        pairs: list[Any] = [([], [])] * len(prompts)
         for is_raw in (False, True):
-            idx = [i for i, r in enumerate(raw) if r == is_raw]
+            idx = [i for i, r in enumerate(raw) if r == is_raw and i not in skip]
             if not idx:
                 continue
             if is_raw and self.kind == "seq2seq":
@@ -1181,7 +1384,9 @@ class _Encoder:
                 pairs[i] = pair
         return pairs
 
-    def _columns(self, out: pa.Table, heads: list[list[int]], tails: list[list[int]], status: list[int]) -> pa.Table:
+    def _columns(self, out: pa.Table, heads: list[list[int]], tails: list[list[int]], status: list[int],
+                 explicit: dict[int, list[int]] | None = None) -> pa.Table:
+        """explicit: output row -> its labels, for conversations (loss on every assistant reply, not one tail)."""
         h = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
         t = np.fromiter(map(len, tails), dtype=np.int64, count=len(tails))
         if self.kind == "seq2seq":
@@ -1196,6 +1401,8 @@ class _Encoder:
                 starts = np.repeat(ids_off[:-1], h + t)
                 within = np.arange(len(ids), dtype=np.int64) - starts
                 labels[within < np.repeat(h, h + t)] = IGNORE
+            for j, lab in (explicit or {}).items():
+                labels[ids_off[j]:ids_off[j + 1]] = lab
             length = h + t
         mask = np.ones(len(ids), dtype=np.int8)
         return (out.append_column("input_ids", pa.ListArray.from_arrays(pa.array(ids_off), pa.array(ids)))
@@ -1271,13 +1478,15 @@ def tokenize(splits: Any, tokenizer: Any, kind: str, data: DataConfig) -> tuple[
 
     if kind not in ("causal", "seq2seq"):
         raise IftError(f"unknown model kind '{kind}'", "model.kind", "use causal or seq2seq")
-    if data.chat_template and kind == "causal" and not getattr(tokenizer, "chat_template", None):
-        raise IftError("data.chat_template is true but the tokenizer has no chat template", "data.chat_template",
-                       "set data.chat_template: false, or use an instruct model whose tokenizer has one")
+    if data.wraps_pairs and kind == "causal" and not getattr(tokenizer, "chat_template", None):
+        raise IftError(f"data.chat_template is {data.chat_template} but the tokenizer has no chat template",
+                       "data.chat_template", "set data.chat_template: auto (or none), a named template (chatml, "
+                       "llama3), or use an instruct model whose tokenizer has one")
     tok_fp = tokenizer_fingerprint(tokenizer)
-    settings = (kind, data.max_length, data.truncation, data.train_on_prompt, data.chat_template)
+    settings = (kind, data.max_length, data.truncation, data.train_on_prompt, data.chat_template, data.train_on)
     out, report = {}, {"settings": {"kind": kind, "max_length": data.max_length, "truncation": data.truncation,
-                                    "train_on_prompt": data.train_on_prompt, "chat_template": data.chat_template}}
+                                    "train_on_prompt": data.train_on_prompt, "chat_template": data.chat_template,
+                                    "train_on": data.train_on, "end_of_turn": end_of_turn_token(tokenizer)}}
     encoder = _Encoder(tokenizer, kind, data)
     for split, ds in splits.items():
         fp = _fingerprint("tokenize", ds._fingerprint, tok_fp, settings, CODE_VERSION)
@@ -1350,9 +1559,13 @@ def token_report(before: Any, after: Any) -> dict:
 
 def _counts(length: np.ndarray, status: np.ndarray, loss: np.ndarray, rows_in: int) -> dict[str, int]:
     originals = int((status != LATER_WINDOW).sum())
-    return {"tokens": int(length.sum()), "loss_tokens": int(loss.sum()), "truncated": int((status == PROMPT_CUT).sum()),
-            "split_into_windows": int((status == FIRST_WINDOW).sum()), "windows": int((status >= FIRST_WINDOW).sum()),
-            "dropped": rows_in - originals}
+    out = {"tokens": int(length.sum()), "loss_tokens": int(loss.sum()), "truncated": int((status == PROMPT_CUT).sum()),
+           "split_into_windows": int((status == FIRST_WINDOW).sum()),
+           "windows": int(((status == FIRST_WINDOW) | (status == LATER_WINDOW)).sum()), "dropped": rows_in - originals}
+    dropped_turns, reply_cut = int((status == TURNS_DROPPED).sum()), int((status == REPLY_CUT).sum())
+    if dropped_turns or reply_cut:  # conversations: earliest exchanges dropped / the last reply's tail cut
+        out.update(turns_dropped=dropped_turns, reply_cut=reply_cut)
+    return out
 
 
 # ------------------------------------------------------------------------------------- stats
@@ -1376,6 +1589,24 @@ def label_distribution(ds: Any) -> dict[str, dict[str, int]]:
     return out
 
 
+def conversation_stats(ds: Any) -> dict[str, dict[str, Any]]:
+    """Per source with conversations: how many, turns per conversation (percentiles), assistant turns."""
+    table = _table(ds)
+    if table is None or "messages" not in table.column_names:
+        return {}
+    import pyarrow.compute as pc
+
+    turns = pc.list_value_length(table.column("messages")).fill_null(0).to_numpy(zero_copy_only=False)
+    sources = np.array(table.column("source").to_pylist(), dtype=object)
+    out = {}
+    for name in sorted(set(sources[turns > 0].tolist())):
+        m = (sources == name) & (turns > 0)
+        roles = pc.struct_field(pc.list_flatten(table.column("messages").filter(pa.array(m))), "role")
+        out[name] = {"conversations": int(m.sum()), "turns": _percentiles(turns[m]),
+                     "assistant_turns": int(pc.sum(pc.equal(roles, "assistant")).as_py() or 0)}
+    return out
+
+
 def describe(prepared: PreparedData, tokens: Any | None = None, token_report_: dict | None = None) -> dict:
     """Everything `ift data stats` shows, JSON-able: splits, sources, labels, tokens, leaks, mixture."""
     out = {"splits": {}, "sources": prepared.report.get("sources", {}), "leaks": prepared.report.get("leaks", {}),
@@ -1384,6 +1615,7 @@ def describe(prepared: PreparedData, tokens: Any | None = None, token_report_: d
         base = prepared.report["splits"][split]
         entry = {"rows": base["rows"], "sources": {}}
         labels = label_distribution(prepared.splits[split])
+        conversations = conversation_stats(prepared.splits[split])
         tok = (token_report_ or {}).get(split, {})
         for name, info in base["sources"].items():
             src = {k: info[k] for k in ("rows", "templates", "skipped", "leaks_removed") if k in info}
@@ -1391,6 +1623,9 @@ def describe(prepared: PreparedData, tokens: Any | None = None, token_report_: d
                 src["labels"] = labels[name]
             if tok:
                 src["tokens"] = tok["sources"].get(name, {})
+            if name in conversations:  # assistant tokens: the loss-carrying tokens of a conversational source
+                src["conversation"] = {**conversations[name],
+                                       "assistant_tokens": src.get("tokens", {}).get("loss_tokens")}
             entry["sources"][name] = src
         if tok:
             entry["tokens"] = {k: v for k, v in tok.items() if k != "sources"}

@@ -813,6 +813,7 @@ def count_tokens(recipe: Any, kind: str, cache_dir: Path | None) -> TokenCount:
             return TokenCount(**json.loads(cache.read_text()))
         except (ValueError, TypeError):
             pass  # a damaged cache is recomputed
+    from ift.conversations import setup_chat_tokenizer
     from ift.data import build_splits, tokenize
     from ift.modeling import load_tokenizer
     from ift.templates import TemplateLibrary
@@ -821,6 +822,7 @@ def count_tokens(recipe: Any, kind: str, cache_dir: Path | None) -> TokenCount:
     train = prepared.splits["train"]
     texts = (p + " " + c for p, c in zip(train["prompt"], train["completion"]))  # for a scratch tokenizer
     tokenizer = load_tokenizer(recipe.model, train_texts=texts)
+    setup_chat_tokenizer(tokenizer, recipe.data.chat_template, recipe.data.special_tokens)  # as training does
     tokens, _ = tokenize(prepared.splits, tokenizer, kind, recipe.data)
     count = _count(tokens["train"], kind)
     if cache is not None:

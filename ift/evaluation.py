@@ -285,13 +285,23 @@ def _check_prompt(ids: list[int], index: int) -> None:
         raise IftError("the prompt has no tokens", f"row {index}", "give every row a non-empty prompt")
 
 
-def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
-    """Prompt ids exactly as training put them before the completion."""
-    pairs = encode_pairs(tokenizer, kind, list(prompts), [""] * len(prompts), chat_template=chat_template,
-                         add_eos=False)
-    for i, (p, _) in enumerate(pairs):
+def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], chat_template: bool) -> list[list[int]]:
+    """Prompt ids exactly as training put them before the completion. A prompt that is a list of messages is a
+    conversation's history: rendered in the tokenizer's chat template with the generation prompt."""
+    from ift.conversations import history_ids
+
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    pairs = encode_pairs(tokenizer, kind, [prompts[i] for i in texts], [""] * len(texts), chat_template=chat_template,
+                         add_eos=False) if texts else []
+    out: list[list[int]] = [[] for _ in prompts]
+    for i, (p, _) in zip(texts, pairs):
+        out[i] = p
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            out[i] = history_ids(tokenizer, p)
+    for i, p in enumerate(out):
         _check_prompt(p, i)
-    return [p for p, _ in pairs]
+    return out
 
 
 # ---------------------------------------------------------------- rank scoring
@@ -429,7 +439,7 @@ def _score_seq2seq(model, encoded, batch_size: int, pad: int, bar) -> list[list[
 # ---------------------------------------------------------------- generation
 
 
-def generate(model, tokenizer, kind: str, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
+def generate(model, tokenizer, kind: str, prompts: list[str | list[dict]], *, max_new_tokens: int, batch_size: int = 16,
              chat_template: bool = False, desc: str | None = None) -> list[str]:
     """Greedy continuations (new tokens only, special tokens skipped, stripped), batched with left padding."""
     ids = _generate_ids(model, tokenizer, kind, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -437,7 +447,7 @@ def generate(model, tokenizer, kind: str, prompts: list[str], *, max_new_tokens:
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 
-def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str | list[dict]], *, max_new_tokens: int, batch_size: int,
                   chat_template: bool, desc: str | None = None) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS (if one came)."""
     _check_kind(kind)
@@ -488,9 +498,13 @@ def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's (e.g. a chat template's end of turn)."""
+    from ift.conversations import end_of_turn_token
+
     found: list[int] = []
     gen_cfg = getattr(_unwrap(model), "generation_config", None)
-    for source in (tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None)):
+    turn = end_of_turn_token(tokenizer)  # a chat template's end of turn, e.g. ChatML set on a base model
+    turn_id = tokenizer.convert_tokens_to_ids(turn) if turn else None
+    for source in (tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None), turn_id):
         for t in source if isinstance(source, (list, tuple)) else [source]:
             if t is not None and t not in found:
                 found.append(int(t))
@@ -605,13 +619,14 @@ def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, ch
     """One prediction dict per row with a target, in row order."""
     rows = [r for r in rows if _target(r)]
     want_acc, want_rouge = "accuracy" in cfg.metrics, "rouge" in cfg.metrics
+    # conversations are answered, not ranked: the reply to the last user turn, given the history
     rank = [i for i, r in enumerate(rows)
-            if want_acc and cfg.accuracy_mode in ("auto", "rank") and r.get("choices")]
+            if want_acc and cfg.accuracy_mode in ("auto", "rank") and r.get("choices") and not r.get("messages")]
     ranked = set(rank)
     # Exact match on free-form targets (summaries) is meaningless; in auto mode with ROUGE asked for,
     # rows without choices are scored by ROUGE alone, so the headline accuracy stays a classification figure.
     exact = want_acc and (cfg.accuracy_mode == "generate" or (cfg.accuracy_mode == "auto" and not want_rouge))
-    gen = [i for i in range(len(rows)) if i not in ranked and (exact or want_rouge)]
+    gen = [i for i in range(len(rows)) if i not in ranked and (exact or want_rouge or rows[i].get("messages"))]
     preds = [_blank_prediction(r) for r in rows]
     if gen:
         check_can_generate(model)  # before any scoring: fail fast
@@ -623,21 +638,32 @@ def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, ch
         for i, g, sc in zip(rank, gold, scores):
             _fill_rank(preds[i], rows[i]["choices"], sc, g)
     if gen:
-        texts = generate(model, tokenizer, kind, [rows[i]["prompt"] for i in gen],
+        texts = generate(model, tokenizer, kind, [_prompt(rows[i]) for i in gen],
                          max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, chat_template=chat_template,
                          desc=f"{desc}: generate" if desc else None)
         for i, text in zip(gen, texts):
             p = preds[i]
             p["prediction"], p["mode"] = text, "generate"
+            same = normalize_answer(text) == normalize_answer(p["target"])
             if exact:
-                p["correct"] = normalize_answer(text) == normalize_answer(p["target"])
+                p["correct"] = same
+            if rows[i].get("messages"):
+                p["exact_match"] = same
     return preds
 
 
+def _prompt(row: dict) -> str | list[dict]:
+    """What the model answers: a template row's prompt, or a conversation's history up to its last user turn."""
+    return [dict(m) for m in row["messages"][:-1]] if row.get("messages") else row["prompt"]
+
+
 def _blank_prediction(row: dict) -> dict:
-    return {"prompt": row["prompt"], "target": row["completion"], "prediction": None, "correct": None,
-            "correct_norm": None, "choice_scores": None, "mode": None,
-            "source": row.get("source") or "", "template": row.get("template") or ""}
+    out = {"prompt": row["prompt"], "target": row["completion"], "prediction": None, "correct": None,
+           "correct_norm": None, "choice_scores": None, "mode": None,
+           "source": row.get("source") or "", "template": row.get("template") or ""}
+    if row.get("messages"):  # the history the model answered, saved with the prediction
+        out["history"] = [dict(m) for m in row["messages"][:-1]]
+    return out
 
 
 def _gold_index(row: dict, index: int, desc: str | None) -> int:
@@ -687,6 +713,9 @@ def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[s
     norm = [predictions[i]["correct_norm"] for i in idx if predictions[i]["correct_norm"] is not None]
     if norm:
         out["accuracy_norm"] = sum(norm) / len(norm)
+    exact = [predictions[i]["exact_match"] for i in idx if predictions[i].get("exact_match") is not None]
+    if exact:
+        out["exact_match"] = sum(exact) / len(exact)
     scored = [rouge_of[i] for i in idx if i in rouge_of]
     for k in ROUGE_KEYS if scored else ():
         out[k] = sum(s[k] for s in scored) / len(scored)

@@ -207,7 +207,7 @@ def run_prompt_format(recipe: Recipe, kind: str, *, template: str | None = None,
     chat template whose first templated source has a template fill the prompt of that source's eval_template
     (else its first template) — the only format such a run has seen.
     """
-    chat = bool(recipe.data.chat_template) and kind == "causal" and not raw
+    chat = recipe.data.chat_run and kind == "causal" and not raw
     fmt = PromptFormat(kind=kind, chat_template=chat, origin=origin)
     if raw or template == "none":
         return fmt
@@ -287,8 +287,8 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
             loaded = load_final(final, recipe.model, adapter=recipe.adapter)
             label = f"fine-tuned run {run_dir}"
         fmt = run_prompt_format(recipe, loaded.kind, template=template, raw=raw,
-                                origin=f"{run_dir / 'recipe.yaml'} (data.chat_template: "
-                                       f"{str(bool(recipe.data.chat_template)).lower()})")
+                                origin=f"{run_dir / 'recipe.yaml'} (data.chat_template: {recipe.data.chat_template}"
+                                       + (", conversational sources)" if recipe.data.conversational else ")"))
         _to_accelerator(loaded.model)
         return Target(loaded, fmt, label, recipe, run_dir)
     if base:

@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -637,8 +637,12 @@ def _torch_dtype(name: str, config: PretrainedConfig | None) -> torch.dtype:
 
 def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: bool = False,
          train_texts: Iterable[str] | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-         dtype_override: str | None = None) -> Loaded:
-    """Model + tokenizer as the recipe says, adapters attached; returned in eval mode (as from_pretrained)."""
+         dtype_override: str | None = None, new_tokens: Sequence[int] = ()) -> Loaded:
+    """Model + tokenizer as the recipe says, adapters attached; returned in eval mode (as from_pretrained).
+
+    new_tokens: ids the tokenizer gained (data.special_tokens, a named chat template's tokens): the embeddings
+    grow to the tokenizer, and under LoRA these rows train (peft's trainable tokens) while the rest stay frozen.
+    """
     if adapter.method == "qlora":
         _check_4bit(model)  # before any weights load
     if adapter.method == "lora" and model.init == "scratch":
@@ -677,7 +681,7 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
         with _peft_calls(four_bit=adapter.method == "qlora"):
             from peft import get_peft_model
 
-            net = get_peft_model(net, _lora_config(adapter, kind, net))
+            net = get_peft_model(net, _lora_config(adapter, kind, net, new_tokens))
     return Loaded(model=net, tokenizer=tok, kind=kind, source=source)
 
 
@@ -736,7 +740,18 @@ def _match_tokenizer(net: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None
     """Embeddings large enough for the tokenizer (a pad token may have been added); pad id known to the model."""
     embeddings = net.get_input_embeddings()
     if embeddings is not None and len(tok) > embeddings.num_embeddings:
-        net.resize_token_embeddings(len(tok))
+        from transformers.utils import logging as hf_logging
+
+        before = embeddings.num_embeddings
+        # transformers logs a paragraph about mean resizing at warning level; ift says it in one line instead
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            net.resize_token_embeddings(len(tok))  # new rows drawn around the old rows' mean (mean_resizing)
+        finally:
+            hf_logging.set_verbosity(level)
+        _say(f"embeddings grown from {before:,} to {len(tok):,} rows for the tokenizer's added tokens "
+             "(new rows start near the mean of the old ones)")
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tok.pad_token_id
     generation = getattr(net, "generation_config", None)
@@ -755,7 +770,21 @@ def _enable_checkpointing(net: PreTrainedModel, adapters: bool) -> None:
         net.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed blocks
 
 
-def _lora_config(adapter: AdapterConfig, kind: Kind, net: nn.Module):
+def _trainable_tokens(net: nn.Module, ids: Sequence[int]) -> list[int] | dict[str, list[int]] | None:
+    """peft's trainable_token_indices for the new tokens: the input embedding's rows, and the output head's
+    too when it is a separate matrix (a tied head shares the rows, and peft keeps the tie)."""
+    if not ids:
+        return None
+    ids = sorted(set(int(i) for i in ids))
+    out_emb = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    in_emb = net.get_input_embeddings()
+    if out_emb is None or out_emb.weight is in_emb.weight:
+        return ids
+    names = {id(m): n for n, m in net.named_modules()}
+    return {names[id(in_emb)]: ids, names[id(out_emb)]: ids}
+
+
+def _lora_config(adapter: AdapterConfig, kind: Kind, net: nn.Module, new_tokens: Sequence[int] = ()):
     from peft import LoraConfig, TaskType
 
     if adapter.target_modules == "auto":
@@ -766,7 +795,7 @@ def _lora_config(adapter: AdapterConfig, kind: Kind, net: nn.Module):
         targets = list(adapter.target_modules)
         _check_targets(net, targets)
     return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=targets,
-                      bias=adapter.bias,
+                      bias=adapter.bias, trainable_token_indices=_trainable_tokens(net, new_tokens),
                       task_type=TaskType.CAUSAL_LM if kind == "causal" else TaskType.SEQ_2_SEQ_LM)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ift.errors import IftError, IftErrors
 from ift.metrics import computed_by
@@ -68,9 +68,18 @@ class SplitNames(_Section):
     test: str | None = "test"
 
 
+SourceFormat = Literal["auto", "template", "text", "messages", "sharegpt", "prompt_completion", "alpaca"]
+CONVERSATIONAL = ("messages", "sharegpt", "prompt_completion", "alpaca")
+
+
 class SourceConfig(_Section):
     path: str  # local file/folder (json, jsonl, csv, parquet, save_to_disk) or a Hub dataset id
     name: str | None = None  # how reports name it; default from the path
+    # what a row is: template (promptsource templates render it), text (loss on every token), or a
+    # conversation (messages, sharegpt, prompt_completion, alpaca); auto: template when templates are given,
+    # else the conversational format the columns show, else text
+    format: SourceFormat = "auto"
+    conversation_column: str | None = None  # messages/sharegpt: the column of turns (default messages/conversations)
     config: str | None = None  # Hub config (subset)
     revision: str | None = None
     splits: SplitNames = SplitNames()
@@ -100,11 +109,39 @@ class DataConfig(_Section):
     max_length: int = Field(1024, ge=8)
     truncation: Literal["left", "right", "drop"] = "left"  # what to do with an over-long prompt
     train_on_prompt: bool = False
-    chat_template: bool = False
+    # auto: conversations in the tokenizer's own chat template, template pairs as plain text;
+    # tokenizer | <name> (chatml, llama3) | <path.jinja>: that template, pairs wrapped in it too; none: no template
+    # (true/false, the older form, mean tokenizer/none)
+    chat_template: str = "auto"
+    system_prompt: str | None = None  # conversations without a system message of their own get this one
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # conversations: which replies carry loss
+    special_tokens: list[str] = []  # added to the tokenizer (embeddings resized; with LoRA the new rows train)
     packing: bool = False
     group_by_length: bool = False
     leak_check: bool = True
     num_proc: int = Field(1, ge=1)
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_template_bool(cls, value: Any) -> Any:
+        return {True: "tokenizer", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @property
+    def wraps_pairs(self) -> bool:
+        """Template pairs are wrapped in the chat template (as a one-turn conversation)."""
+        return self.chat_template not in ("auto", "none")
+
+    @property
+    def conversational(self) -> bool:
+        """Some source is declared conversational (auto-detected ones are known once loaded: a run's saved
+        recipe has every source's format pinned)."""
+        return any(s.format in CONVERSATIONAL for s in self.sources)
+
+    @property
+    def chat_run(self) -> bool:
+        """The model trains in its chat template (wrapped pairs or conversations): chat, generate and the card
+        prompt it that way."""
+        return self.wraps_pairs or self.conversational
 
 
 class TrainingConfig(_Section):
@@ -231,9 +268,26 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
                         "pip install 'ift[qlora]' (bitsandbytes >= 0.45), or use adapter.method: lora"))
         if m.dtype == "float32" and a.compute_dtype != "float32":
             pass  # allowed: compute dtype governs the 4-bit matmuls
-    if m.kind == "seq2seq" and d.chat_template:
+    if m.kind == "seq2seq" and d.wraps_pairs:
         out.append(("data.chat_template", "chat templates wrap decoder-only conversations; a seq2seq model has none",
-                    "set data.chat_template: false for seq2seq models"))
+                    "set data.chat_template: none (or auto) for seq2seq models"))
+    for i, s in enumerate(d.sources):
+        if s.format in CONVERSATIONAL and m.kind == "seq2seq":
+            out.append((f"data.sources.{i}.format", f"a {s.format} source is a conversation for a decoder-only "
+                        "model; a seq2seq model has no chat template", "use a causal model, or format: template"))
+        if s.format in CONVERSATIONAL and d.chat_template == "none":
+            out.append((f"data.sources.{i}.format", f"a {s.format} source needs a chat template, but "
+                        "data.chat_template is none", "set data.chat_template: auto (the tokenizer's), chatml, "
+                        "llama3 or a .jinja path"))
+        if s.templates and s.format not in ("auto", "template", "alpaca"):
+            out.append((f"data.sources.{i}.templates", f"templates given on a {s.format} source",
+                        "remove the templates, or set format: template"))
+        if s.format == "template" and not s.templates:
+            out.append((f"data.sources.{i}.templates", "format: template but no templates given",
+                        "list template refs under templates, or use another format"))
+        if s.conversation_column and s.format not in ("auto", "messages", "sharegpt"):
+            out.append((f"data.sources.{i}.conversation_column", f"conversation_column set on a {s.format} source",
+                        "it names the turns column of messages/sharegpt sources; remove it"))
     if d.packing and m.kind == "seq2seq":
         out.append(("data.packing", "packing concatenates decoder-only sequences; it does not apply to seq2seq",
                     "set data.packing: false"))

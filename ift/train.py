@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 from ift import atomic
 from ift.errors import IftError
 from ift.metrics import higher_is_better
-from ift.recipe import Parser, Recipe, load_recipe, parse_args
+from ift.recipe import ModelConfig, Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 
 STATE_FILE = "trainer_state.json"
@@ -119,7 +119,8 @@ class FineTune:
 
         from ift.data import Collator, build_splits, eval_dataloader, tokenize, train_dataloader
         from ift.loss import CompletionLoss
-        from ift.modeling import count_parameters, load
+        from ift.conversations import setup_chat_tokenizer
+        from ift.modeling import count_parameters, load, load_tokenizer
         from ift.templates import TemplateLibrary
 
         t, run_dir = self.t, self.run_dir
@@ -151,8 +152,14 @@ class FineTune:
         self.recipe = self.recipe.model_copy(update={"data": self.prepared.data})
         train_rows = self.prepared.splits["train"]
         train_texts = (p + " " + c for p, c in zip(train_rows["prompt"], train_rows["completion"]))
+        # the chat template and special tokens are set on the tokenizer before the model loads: the embeddings
+        # grow to it, under LoRA the new rows train, and every later step sees the template the run trains with
+        tokenizer = _saved_tokenizer(self.checkpoint, self.recipe.model) or load_tokenizer(self.recipe.model, train_texts)
+        data = self.recipe.data
+        self.chat = setup_chat_tokenizer(tokenizer, data.chat_template, data.special_tokens)
+        new_tokens = tokenizer.convert_tokens_to_ids(list(self.chat.added_tokens)) if self.chat.added_tokens else []
         self.loaded = load(self.recipe.model, self.recipe.adapter, gradient_checkpointing=t.gradient_checkpointing,
-                           train_texts=train_texts, tokenizer=_saved_tokenizer(self.checkpoint))
+                           tokenizer=tokenizer, new_tokens=new_tokens)
         model, self.tokenizer, self.kind = self.loaded.model, self.loaded.tokenizer, self.loaded.kind
         _fp32_master_weights(model, self.say)
         total, trainable = count_parameters(model)
@@ -189,7 +196,8 @@ class FineTune:
             self.say(f"resumed from {self.checkpoint} at step {self.progress.step}")
         if self.main:  # only now: a resume that fails leaves the run folder as it was
             self.recipe.save(self.rd.recipe)
-            self.rd.write_json(self.rd.data_report, {"splits": self.prepared.report, "tokens": token_report})
+            self.rd.write_json(self.rd.data_report, {"splits": self.prepared.report, "tokens": token_report,
+                                                     "chat": self.chat.as_dict()})
             self.tokenizer.save_pretrained(self.rd.tokenizer)
         _check_sharded_evaluation(acc, self.recipe)
         if self.main and acc.log_with:
@@ -332,7 +340,7 @@ class FineTune:
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
             with full_weights(self.loss_model, bool(getattr(plugin, "reshard_after_forward", True))):
                 scores, predictions = evaluate(self.accelerator.unwrap_model(self.loss_model).model, self.tokenizer,
-                                               self.kind, rows, ev, chat_template=self.recipe.data.chat_template,
+                                               self.kind, rows, ev, chat_template=self.recipe.data.wraps_pairs,
                                                accelerator=self.accelerator, limit=limit, desc=desc)
             metrics.update(scores)
             self._predictions = predictions
@@ -434,7 +442,7 @@ class FineTune:
         # every process takes part in gathering a sharded (FSDP/DeepSpeed) state dict; the main one writes it
         state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
         if self.main:
-            _save_final(unwrapped, state, self.tokenizer, rd)
+            _save_final(unwrapped, state, self.tokenizer, rd, resized=bool(self.chat.added_tokens))
             for r in records:
                 record = self._record(r, len(test_rows))
                 target = sections if r["model"] == "fine-tuned" else sections.setdefault("base", {})
@@ -616,11 +624,11 @@ def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer) -> t
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             scores, predictions = evaluate(model, tokenizer, loaded.kind, rows, ev, accelerator=accelerator,
-                                           chat_template=recipe.data.chat_template, desc="base test")
+                                           chat_template=recipe.data.wraps_pairs, desc="base test")
     else:
         base = load(recipe.model, AdapterConfig(), tokenizer=tokenizer).model.to(accelerator.device)
         scores, predictions = evaluate(base, tokenizer, loaded.kind, rows, ev, accelerator=accelerator,
-                                       chat_template=recipe.data.chat_template, desc="base test")
+                                       chat_template=recipe.data.wraps_pairs, desc="base test")
     accelerator.print("base test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(scores).items()))
     return scores, predictions
 
@@ -722,9 +730,10 @@ def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
                        "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
 
 
-def _saved_tokenizer(checkpoint: Path | None):
-    """On resume a trained (init: scratch) tokenizer must be the one the run started with."""
-    if checkpoint is None:
+def _saved_tokenizer(checkpoint: Path | None, model: ModelConfig):
+    """On resume a trained (init: scratch) tokenizer must be the one the run started with. Any other is loaded
+    again and set up again (deterministic), so the tokens the chat setup adds are known as new, as they were."""
+    if checkpoint is None or model.tokenizer or model.name_or_path:
         return None
     folder = checkpoint.parent.parent / "tokenizer"
     if not folder.is_dir():
@@ -734,12 +743,16 @@ def _saved_tokenizer(checkpoint: Path | None):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _save_final(model, state: dict, tokenizer, rd: RunDir) -> None:
-    """Adapter or full model + tokenizer, safetensors, renamed into place when complete."""
+def _save_final(model, state: dict, tokenizer, rd: RunDir, resized: bool = False) -> None:
+    """Adapter or full model + tokenizer, safetensors, renamed into place when complete.
+
+    resized: the tokenizer gained tokens, so the base's embeddings were grown; an adapter then carries the
+    grown embedding matrices too (a reloaded base would draw its new rows afresh)."""
     final = rd.final
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state)
+    extra = {"save_embedding_layers": True} if resized and hasattr(model, "peft_config") else {}
+    model.save_pretrained(tmp, state_dict=state, **extra)
     tokenizer.save_pretrained(tmp)
     atomic.apply_umask(tmp)  # safetensors writes 0600 files
     shutil.rmtree(final, ignore_errors=True)

@@ -78,7 +78,7 @@ BAD = [
      "or a Hub dataset id"),
     ("seq2seq with chat template", merged(model__kind="seq2seq", data__chat_template=True),
      "chat templates wrap decoder-only conversations; a seq2seq model has none ({f}: data.chat_template) — "
-     "set data.chat_template: false for seq2seq models"),
+     "set data.chat_template: none (or auto) for seq2seq models"),
     ("both warmups", merged(training__warmup_steps=10, training__warmup_ratio=0.1),
      "both warmup_steps and warmup_ratio are set ({f}: training.warmup_steps) — keep one of "
      "training.warmup_steps / training.warmup_ratio"),

@@ -46,10 +46,13 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _tokenizer_and_kind(recipe: Any, prepared: Any) -> tuple[Any, str]:
     from ift import modeling
+    from ift.conversations import setup_chat_tokenizer
 
     train = prepared.splits["train"]
     texts = (p + " " + c for p, c in zip(train["prompt"], train["completion"]))
     tokenizer = modeling.load_tokenizer(recipe.model, train_texts=texts)
+    # as training sets it up: the recipe's chat template and special tokens
+    setup_chat_tokenizer(tokenizer, recipe.data.chat_template, recipe.data.special_tokens)
     if recipe.model.kind != "auto":
         return tokenizer, recipe.model.kind
     resolve = getattr(modeling, "resolve_kind", None) or getattr(modeling, "_kind_for_tokenizer")
@@ -156,6 +159,9 @@ def _fmt_tokens(t: dict) -> str:
     if ln:
         text += f" · length p50 {ln['p50']:g} / p95 {ln['p95']:g} / max {ln['max']}"
     text += f" · truncated {t.get('truncated', 0)} · dropped {t.get('dropped', 0)}"
+    if "turns_dropped" in t:
+        text += (f" · earliest exchanges dropped in {t['turns_dropped']} conversations"
+                 + (f", last reply cut in {t['reply_cut']}" if t.get("reply_cut") else ""))
     if t.get("split_into_windows"):
         text += f" · {t['split_into_windows']} long texts split into {t['windows']} windows"
     return text
@@ -184,6 +190,11 @@ def _print_stats(stats: dict) -> None:
                 console.print(f"    labels:    {_fmt_counts(src['labels'])}")
             if src.get("tokens"):
                 console.print(f"    tokens:    {_fmt_tokens(src['tokens'])}")
+            if src.get("conversation"):
+                c, turns = src["conversation"], src["conversation"].get("turns") or {}
+                console.print(f"    chat:      {c['conversations']:,} conversations · turns per conversation "
+                              f"p50 {turns.get('p50', 0):g} / max {turns.get('max', 0)} · {c['assistant_turns']:,} "
+                              f"assistant turns, {c.get('assistant_tokens') or 0:,} assistant tokens (with loss)")
     mix = stats.get("mixture", {})
     console.print(f"\n[bold]training mixture[/] ({mix.get('strategy')}): {mix.get('total', 0):,} rows")
     table = Table(pad_edge=False, box=None)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     label = f"{'' if tuned else 'base '}{args.split}"
     began = time.perf_counter()
     metrics, predictions = evaluate(loaded.model, loaded.tokenizer, loaded.kind, rows, recipe.evaluation,
-                                    chat_template=recipe.data.chat_template, batch_size=args.batch_size,
+                                    chat_template=recipe.data.wraps_pairs, batch_size=args.batch_size,
                                     limit=args.limit, desc=label)
     seconds = time.perf_counter() - began
     rd = RunDir(run_dir)

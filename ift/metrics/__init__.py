@@ -28,6 +28,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "generation"),
     Metric("accuracy_norm", "Accuracy (length-normalised)", True, "accuracy",
            "answer choices ranked by log-likelihood divided by their token count"),
+    Metric("exact_match", "Exact match", True, "accuracy",
+           "normalised exact match of the greedy reply to a held-out conversation's last user turn, given the "
+           "history (conversational sources)"),
     Metric("rouge1", "ROUGE-1", True, "rouge", "unigram overlap, mean F-measure (rouge_score)"),
     Metric("rouge2", "ROUGE-2", True, "rouge", "bigram overlap, mean F-measure (rouge_score)"),
     Metric("rougeL", "ROUGE-L", True, "rouge", "longest common subsequence, mean F-measure (rouge_score)"),

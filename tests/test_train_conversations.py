@@ -1,0 +1,89 @@
+"""Training on conversations: a chat template and its tokens set up on a base tokenizer that has neither, the new
+embedding rows trained under LoRA, the template saved in final/ and named in the card, held-out conversations
+answered from their history, and reload / resume exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ift.conversations import CHAT_TEMPLATES
+from test_train import assert_same_weights, final_weights, fresh_accelerate_state, run_train, tiny_base  # noqa: F401
+
+NAMES = ["Ada", "Bo", "Cy", "Di"]
+
+
+def chat_recipe(tmp: Path, *, tied: bool = False, **training) -> Path:
+    rows = []
+    for i in range(80):
+        conv = [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {NAMES[i % 4]}"}]
+        if i % 2:
+            conv += [{"from": "human", "value": "who are you"}, {"from": "gpt", "value": "I am Vic"}]
+        rows.append({"id": i, "conversations": conv})
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "model": {"name_or_path": str(tiny_base(tmp)), "dtype": "float32"},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"sources": [{"path": str(tmp / "chat.jsonl")}], "chat_template": "chatml", "max_length": 64,
+                 "validation_size": 8, "test_size": 8, "special_tokens": ["<|vic|>"]},
+        "training": {"output_dir": str(tmp / "run"), "seed": 3, "max_steps": 8, "per_device_train_batch_size": 8,
+                     "learning_rate": 5e-3, "lr_scheduler_type": "constant", "report_to": ["none"],
+                     "eval_steps": 4, "save_steps": 4, "save_total_limit": 5, **training},
+        "evaluation": {"metrics": ["loss", "rouge"], "max_new_tokens": 4},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_added_chat_tokens_train_under_lora_and_the_run_reloads_exactly(tmp_path, capsys):
+    from ift.cli import main as cli_main
+
+    run = run_train(chat_recipe(tmp_path))
+    final = run / "final"
+    # the template trained with is the one saved with the tokenizer, and the card names it
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template == CHAT_TEMPLATES["chatml"]
+    new = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|vic|>"])
+    assert min(new) >= 400  # beyond the base vocabulary of the tiny tokenizer
+    report = json.loads((run / "data_report.json").read_text())["chat"]
+    assert report == {"chat_template": "chatml", "has_template": True, "end_of_turn": "<|im_end|>",
+                      "added_tokens": ["<|im_start|>", "<|im_end|>", "<|vic|>"]}
+    card = (run / "README.md").read_text()
+    assert "Chat template: `chatml`" in card and "`<|im_end|>`" in card
+    # the new rows trained (peft's trainable tokens, input embedding and the untied head), the rest stayed
+    weights = final_weights(run)
+    deltas = {k: v for k, v in weights.items() if "trainable_tokens_delta" in k}
+    assert len(deltas) == 2 and all(v.shape[0] == 3 and v.abs().sum() > 0 for v in deltas.values())
+    # a held-out conversation is answered from its history, saved with the prediction
+    preds = [json.loads(line) for line in (run / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert preds and all(p["history"][-1] == {"role": "user", "content": p["prompt"]} for p in preds)
+    assert all(isinstance(p["exact_match"], bool) for p in preds)
+    # `ift eval` on final/ (the saved adapter on a freshly loaded base) reproduces training's own test answers
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "--split", "test"]) == 0
+    again = sorted((run / "predictions").glob("test-*.jsonl")) or sorted((run / "predictions").glob("test*.jsonl"))
+    latest = [json.loads(line) for line in again[-1].read_text().splitlines()]
+    assert [p["prediction"] for p in latest] == [p["prediction"] for p in preds]
+
+
+def test_resume_with_added_chat_tokens_ends_exact(tmp_path):
+    a = run_train(chat_recipe(tmp_path / "a"))
+    b_recipe = chat_recipe(tmp_path / "b")
+    b = run_train(b_recipe)
+    assert_same_weights(final_weights(a), final_weights(b))
+    shutil.rmtree(b / "checkpoints" / "step-8", ignore_errors=True)
+    shutil.rmtree(b / "final")
+    run_train(b_recipe, resume="auto")
+    assert_same_weights(final_weights(a), final_weights(b))
+    ma, mb = (json.loads((r / "metrics.json").read_text())["test"] for r in (a, b))
+    assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+    assert torch.isfinite(torch.tensor(ma["loss"]))
