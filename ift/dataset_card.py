@@ -21,11 +21,12 @@ from ift.recipe import SPLITS, Recipe
 CARD_TAGS = ["ift", "instruction-tuning"]
 # the columns ift.data writes, in the order the card explains them
 COLUMNS = {
-    "prompt": "the templated input",
-    "completion": "the target the model is trained to produce",
+    "prompt": "the templated input (a conversation's last user turn)",
+    "completion": "the target the model is trained to produce (a conversation's final reply)",
     "choices": "the answer choices of the row's template (rank-classification accuracy), or null",
     "source": "the name of the source the row came from (`data.sources[].name`)",
-    "template": "the template reference that rendered the row (empty for raw text)",
+    "template": "the template reference that rendered the row (empty for raw text, `(format)` for conversations)",
+    "messages": "a conversational row's whole conversation ({role, content} turns; empty for template rows)",
     "label": "the source's label column, when it has one",
 }
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),

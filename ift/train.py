@@ -123,7 +123,9 @@ class FineTune:
         from ift.modeling import count_parameters, load, load_tokenizer
         from ift.templates import TemplateLibrary
 
-        t, run_dir = self.t, self.run_dir
+        self.recipe = _runnable_precision(self.recipe)
+        t = self.t = self.recipe.training
+        run_dir = self.run_dir
         # Accumulation is done here, window by window (see the module docstring): Accelerate is told
         # nothing about it, so it neither divides the loss nor syncs at the end of a dataloader.
         self.accelerator = acc = Accelerator(
@@ -728,6 +730,25 @@ def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
     if (run_dir / "final").exists() or RunDir(run_dir).checkpoint_steps():
         raise IftError(f"{run_dir} already holds a run", "training.output_dir",
                        "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
+
+
+def _runnable_precision(recipe: Recipe) -> Recipe:
+    """bf16 autocast on a CPU without native bf16 matmul (no AVX512-BF16/AMX: e.g. AVX2-only AMD EPYC) runs
+    torch's reference GEMM, measured 24x slower than fp32 here: such a run trains in fp32 instead, says so, and
+    its saved recipe and records say fp32 (what ran)."""
+    import torch
+    from accelerate import PartialState
+
+    t = recipe.training
+    if t.mixed_precision != "bf16" or PartialState().device.type != "cpu":
+        return recipe
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return recipe
+    if PartialState().is_main_process:
+        print(f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, "
+              "so bf16 autocast would run many times slower than fp32: training in fp32 "
+              "(training.mixed_precision: no)", flush=True)
+    return recipe.model_copy(update={"training": t.model_copy(update={"mixed_precision": "no"})})
 
 
 def _saved_tokenizer(checkpoint: Path | None, model: ModelConfig):

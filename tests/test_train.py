@@ -714,3 +714,22 @@ def test_tied_weights_are_saved_once_and_resume_exactly(tmp_path, caplog):
     assert_same_weights(final_weights(a), final_weights(b))
     state = load_file(b / "checkpoints" / "step-8" / "model.safetensors")
     assert sum("embed_tokens" in k or "lm_head" in k for k in state) == 1
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(tmp_path, monkeypatch, capsys):
+    """bf16 autocast on an AVX2-only CPU runs torch's reference GEMM (24x slower than fp32 measured): fp32 instead."""
+    import yaml as _yaml
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    run = run_train(toy_recipe(tmp_path, max_steps=2, mixed_precision="bf16", eval_steps=2, save_steps=2))
+    assert "no native bf16 matrix multiply" in capsys.readouterr().out
+    saved = _yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["training"]["mixed_precision"] == "no"
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    run = run_train(toy_recipe(tmp_path / "native", max_steps=2, mixed_precision="bf16", eval_steps=2, save_steps=2))
+    assert _yaml.safe_load((run / "recipe.yaml").read_text())["training"]["mixed_precision"] == "bf16"
