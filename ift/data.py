@@ -2,10 +2,12 @@
 
     sources (local files/folders or Hub ids) ─ load, rename columns
       └ keep the source's own splits; carve missing ones from train (seeded, optionally stratified)
-        └ render templates per row (one drawn at random, or every one) ─ raw text when none
-          └ leak check: a (prompt, completion) pair also in validation/test leaves the training side
+        └ render templates per row (one drawn at random, or every one) ─ raw text when none ─ or, for a
+          conversational format (messages, sharegpt, prompt_completion, alpaca), one message list per row
+          └ leak check: a (prompt, completion) pair, or a whole conversation, also in validation/test leaves train
             └ training mixture (weighted to a total, or examples-proportional with caps)
-              └ tokenize: prompt tokens masked with -100, targets never cut silently
+              └ tokenize: prompt tokens masked with -100, targets never cut silently; conversations in the chat
+                template with loss on assistant replies only (ift.conversations)
 
 Every expensive step is a `datasets` map or select with a fingerprint computed here from its inputs
 (parent fingerprint, settings, templates, tokenizer, this code), so a second identical run reuses the
@@ -69,7 +71,7 @@ class PreparedData:
     splits: Any  # datasets.DatasetDict with "train", "validation", "test"
     report: dict = field(default_factory=dict)
     # the data section as run: a default split name the source lacks (so the split was carved) pinned to null,
-    # so that a run's saved recipe.yaml, where every name is explicit, rebuilds the same splits
+    # and every source's format as detected, so that a run's saved recipe.yaml rebuilds the same splits
     data: DataConfig | None = None
 
 
@@ -463,7 +465,7 @@ def _format_columns(fmt: str, cfg: SourceConfig | None = None) -> list[str]:
     return {"prompt_completion": ["prompt", "completion"], "alpaca": ["instruction", "output"]}.get(fmt, [])
 
 
-def _normalize(cfg: SourceConfig, fmt: str, row: dict, name: str, where: str, index: int,
+def _normalize(cfg: SourceConfig, fmt: str, row: dict, where: str, index: int,
                system_prompt: str | None) -> list[dict[str, str]]:
     return normalize_row(row, fmt, source=where, index=index, column=cfg.conversation_column,
                          system_prompt=system_prompt)
@@ -490,7 +492,7 @@ def _check_conversations(source: _Source, system_prompt: str | None) -> None:
         for start in range(0, len(ds), BATCH):
             rows = table[start:start + BATCH].to_pylist()
             for k, row in enumerate(rows):
-                _normalize(source.cfg, source.format, row, source.name, where, start + k, system_prompt)
+                _normalize(source.cfg, source.format, row, where, start + k, system_prompt)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -803,7 +805,7 @@ class _Renderer:
         if self.fmt in ("messages", "sharegpt", "prompt_completion"):
             for pos, index in enumerate(indices):  # every row was checked on load (_check_conversations)
                 row = {c: batch[c][pos] for c in columns}
-                messages = _normalize(self.cfg, self.fmt, row, self.source, self.source, index, self.system_prompt)
+                messages = _normalize(self.cfg, self.fmt, row, self.source, index, self.system_prompt)
                 self._add_conversation(out, messages, [], f"({self.fmt})")
             return out
         if not self.templates:
