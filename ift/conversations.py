@@ -34,6 +34,10 @@ own renderings, never from searching for markers in token ids:
   transformers uses for ``return_assistant_tokens_mask``), so a token straddling a boundary is
   trained on;
 - system, user and tool tokens never carry loss.
+
+Set-up and use: ``setup_chat_tokenizer`` gives a tokenizer the recipe's template (data.chat_template) and the
+special tokens it needs, once, before the model loads; ``end_of_turn_token`` names the token generation stops at;
+``history_ids`` encodes a held-out conversation's history for answering its last user turn.
 """
 
 from __future__ import annotations
@@ -407,7 +411,8 @@ def assistant_spans(
             raise IftError("conversation starts with an assistant turn", where,
                            "there is no prompt to condition it on; add a user turn or a system prompt")
         head = _render(tokenizer, messages[:i], chat_template, True, where)
-        turn = _render(tokenizer, messages[: i + 1], chat_template, False, where)
+        # the last message's rendering is the whole conversation's (rendered once above)
+        turn = full if i + 1 == len(messages) else _render(tokenizer, messages[: i + 1], chat_template, False, where)
         for part, what in ((head, f"messages[:{i}] with the generation prompt"), (turn, f"messages[:{i + 1}]")):
             if not full.startswith(part):
                 raise IftError(f"the chat template is not prefix-stable: the rendering of {what} is not a prefix "
@@ -437,13 +442,61 @@ def history_ids(tokenizer: Any, history: Sequence[Mapping[str, str]]) -> list[in
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _overlaps(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token (character offsets), whether it overlaps a span by at least one character."""
+    if not spans or not len(offsets):
+        return [False] * len(offsets)
+    import numpy as np
+
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    sp = np.asarray(spans, dtype=np.int64)
+    hit = (off[:, :1] < sp[None, :, 1]) & (off[:, 1:] > sp[None, :, 0])
+    return hit.any(axis=1).tolist()
+
+
+def encode_conversations(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    *,
+    train_on: TrainOn = "all_assistant",
+    max_length: int | None = None,
+    end_of_turn: str | None = None,
+    sources: Sequence[str] | None = None,
+    drop_overlong: bool = False,
+) -> list[EncodedConversation | None]:
+    """`encode_conversation` over many conversations (the tokenizer's own template), equal to it row by row
+    (tests compare): the renderings and spans per conversation, then one batched tokenizer call for all of them
+    (the fast tokenizer's parallel batch); only conversations over max_length are encoded again alone."""
+    if not getattr(tokenizer, "is_fast", False) or not conversations:
+        return [encode_conversation(tokenizer, m, train_on=train_on, max_length=max_length, end_of_turn=end_of_turn,
+                                    source=(sources[k] if sources else "conversation"), drop_overlong=drop_overlong)
+                for k, m in enumerate(conversations)]
+    rendered = []
+    for k, messages in enumerate(conversations):
+        where = sources[k] if sources else "conversation"
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        check_conversation(messages, where)
+        rendered.append(assistant_spans(tokenizer, messages, end_of_turn=end_of_turn, train_on=train_on,
+                                        where=where))
+    enc = tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out: list[EncodedConversation | None] = []
+    for k, ((full, spans), ids, offsets) in enumerate(zip(rendered, enc["input_ids"], enc["offset_mapping"])):
+        if max_length is not None and len(ids) > max_length:  # truncation: the one-at-a-time path
+            out.append(encode_conversation(tokenizer, conversations[k], train_on=train_on, max_length=max_length,
+                                           end_of_turn=end_of_turn, source=sources[k] if sources else "conversation",
+                                           drop_overlong=drop_overlong))
+            continue
+        mask = _overlaps(offsets, spans)
+        ids = list(ids)
+        out.append(EncodedConversation(ids, [t if m else IGNORE for t, m in zip(ids, mask)]))
+    return out
+
+
 def _token_mask(tokenizer: Any, full: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
     """Token ids of `full` and, per token, whether it overlaps a span by at least one character."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        mask = [any(ts < e and te > s for s, e in spans) for ts, te in offsets]
-        return ids, mask
+        return list(enc["input_ids"]), _overlaps(enc["offset_mapping"], spans)
     # slow tokenizer: token boundaries from tokenizing prefixes of the text
     ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
     mask = [False] * len(ids)

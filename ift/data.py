@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from ift.collate import Collator, eval_dataloader, train_dataloader
 from ift.conversations import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, conversation_hash,
-                                detect_format, encode_conversation, end_of_turn_token, normalize_row)
+                                detect_format, encode_conversations, end_of_turn_token, normalize_row)
 from ift.encoding import IGNORE, encode_pairs
 from ift.errors import IftError, IftErrors
 from ift.recipe import SPLITS, DataConfig, SourceConfig
@@ -1362,12 +1362,11 @@ class _Encoder:
         messages = table.column("messages").take(pa.array(idx)).to_pylist()
         sources = table.column("source").take(pa.array(idx)).to_pylist()
         limit = None if self.mode == "drop" else self.max_length  # drop: an over-long conversation leaves whole
-        out = {}
-        for i, m, src in zip(idx, messages, sources):
-            encoded = encode_conversation(self.tokenizer, m, train_on=self.train_on, max_length=limit,
-                                          end_of_turn=self.end_of_turn, source=f"source '{src}'", drop_overlong=True)
-            out[int(i)] = None if encoded is not None and len(encoded.input_ids) > self.max_length else encoded
-        return out
+        encoded = encode_conversations(self.tokenizer, messages, train_on=self.train_on, max_length=limit,
+                                       end_of_turn=self.end_of_turn, sources=[f"source '{s}'" for s in sources],
+                                       drop_overlong=True)
+        return {int(i): None if e is not None and len(e.input_ids) > self.max_length else e
+                for i, e in zip(idx, encoded)}
 
     def _encode(self, prompts: list[str], completions: list[str], raw: list[bool],
                 skip: set[int] = frozenset()) -> list[tuple[list[int], list[int]]]:

@@ -392,3 +392,25 @@ def test_smollm2_own_chatml_template():
     ids, labels = encode_conversation(tokenizer, CONVO[1:])  # its template adds its own system prompt
     assert "You are a helpful AI assistant named SmolLM" in tokenizer.decode(ids)
     assert labelled_runs(tokenizer, ids, labels) == ["positive<|im_end|>", "negative, the stock fell<|im_end|>"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "separated"])
+def test_batched_encoding_equals_one_at_a_time(tok, shared_data, template):
+    """encode_conversations (one batched tokenizer call, vectorised masks) is encode_conversation row by row,
+    on the real ShareGPT rows where present, truncation included."""
+    import json as _json
+
+    t = copy.deepcopy(tok)
+    t.chat_template = SEPARATED if template == "separated" else CHAT_TEMPLATES[template]
+    convos = [CONVO, CONVO[1:], CONVO[:3], _long_convo()]
+    path = shared_data / "vicuna_identity" / "all.jsonl"
+    if path.exists():
+        rows = [_json.loads(line) for line in path.read_text().splitlines()[:120]]
+        convos += [normalize_row(r, "sharegpt") for r in rows]
+    for max_length in (None, 40):
+        batched = conv.encode_conversations(t, convos, max_length=max_length, drop_overlong=True)
+        single = [encode_conversation(t, c, max_length=max_length, drop_overlong=True) for c in convos]
+        assert [tuple(b) if b is not None else None for b in batched] == \
+            [tuple(s) if s is not None else None for s in single]
+        assert [(b.dropped_messages, b.cut_tokens) for b in batched if b is not None] == \
+            [(s.dropped_messages, s.cut_tokens) for s in single if s is not None]
