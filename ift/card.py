@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ift import atomic
 from ift.errors import IftError
 from ift.metrics import METRICS, SCORES
-from ift.recipe import SPLITS, Recipe
+from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
 
 if TYPE_CHECKING:
     from ift.templates import TemplateLibrary
@@ -256,7 +256,8 @@ def _templates(recipe: Recipe, library: Any | None) -> list[dict[str, Any]]:
     refs: list[tuple[str, str]] = []
     for s in recipe.data.sources:
         name = s.name or Path(s.path).stem
-        for ref in [*s.templates, *([s.eval_template] if s.eval_template else [])]:
+        shipped = [ALPACA_TEMPLATE] if s.format == "alpaca" and not s.templates else []  # format: alpaca's own
+        for ref in [*s.templates, *shipped, *([s.eval_template] if s.eval_template else [])]:
             if (name, ref) not in refs:
                 refs.append((name, ref))
     if not refs:
@@ -460,7 +461,13 @@ def _data_section(f: _Facts) -> str:
 
 
 def _templates_section(f: _Facts) -> str:
+    conversations = [s.name or Path(s.path).stem for s in f.recipe.data.sources
+                     if s.format in ("messages", "sharegpt", "prompt_completion")]
     if not f.templates:
+        if conversations:
+            return ("## Prompt templates\n\nNo promptsource templates: the sources are conversations ("
+                    + ", ".join(f"`{n}`" for n in conversations) + "), rendered in the chat template named under "
+                    "Training data.\n")
         return "## Prompt templates\n\nNo templates: the sources were used as raw text.\n"
     lines = ["## Prompt templates\n",
              "Rows were turned into prompt/completion pairs with these promptsource-format templates "

@@ -40,7 +40,7 @@ from ift.conversations import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS,
                                 detect_format, encode_conversations, end_of_turn_token, normalize_row)
 from ift.encoding import IGNORE, encode_pairs
 from ift.errors import IftError, IftErrors
-from ift.recipe import SPLITS, DataConfig, SourceConfig
+from ift.recipe import ALPACA_TEMPLATE, SPLITS, DataConfig, SourceConfig
 
 __all__ = ["PreparedData", "build_splits", "check_sources", "tokenize", "Collator", "train_dataloader",
            "eval_dataloader", "describe", "preview_rows", "mixture_counts", "carve_indices", "load_preview_rows"]
@@ -52,7 +52,6 @@ COLUMNS = ("prompt", "completion", "choices", "source", "template", "messages")
 # max_length first loses whole earliest exchanges (TURNS_DROPPED); only if the last exchange alone is too long is
 # its reply's tail cut (REPLY_CUT), and a final prompt that alone fills max_length drops the row
 INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW, TURNS_DROPPED, REPLY_CUT = 0, 1, 2, 3, 4, 5
-ALPACA_TEMPLATE = "alpaca/instruction_input"  # the shipped template that renders format: alpaca rows
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 SPLIT_ALIASES = {

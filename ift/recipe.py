@@ -70,6 +70,7 @@ class SplitNames(_Section):
 
 SourceFormat = Literal["auto", "template", "text", "messages", "sharegpt", "prompt_completion", "alpaca"]
 CONVERSATIONAL = ("messages", "sharegpt", "prompt_completion", "alpaca")
+ALPACA_TEMPLATE = "alpaca/instruction_input"  # the shipped template (templates/alpaca) that renders alpaca rows
 
 
 class SourceConfig(_Section):
