@@ -51,7 +51,7 @@ def test_list_one_dataset_and_unknown(capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0 and len(out.splitlines()) == 4 and "glue_sst2/did_reviewer_like" in out
     code, out, err = run(capsys, "list", "nope_nothing", "--no-promptsource")
     assert code == 2 and out == ""
-    assert err.startswith("error: no templates for dataset 'nope_nothing' — known datasets: dialogsum, ")
+    assert err.startswith("error: no templates for dataset 'nope_nothing' — known datasets: alpaca, dialogsum, ")
     if HAS_PROMPTSOURCE:
         code, _, err = run(capsys, "list", "glue/sst2")
         assert (code, err) == (2, "error: no templates for dataset 'glue/sst2' — promptsource has it: use "

@@ -118,7 +118,8 @@ def shipped_rows(n: int = 120) -> list[tuple[str, str]]:
                "glue_sst2": SHARED_DATA / "glue_sst2" / "validation.jsonl",
                "pubmedqa_pqal": SHARED_DATA / "pubmedqa_pqal" / "test.jsonl",
                "finance_news": ROOT / "data" / "finance_news" / "train.jsonl",
-               "support_summaries": ROOT / "data" / "support_summaries" / "train.jsonl"}
+               "support_summaries": ROOT / "data" / "support_summaries" / "train.jsonl",
+               "alpaca": SHARED_DATA / "alpaca_5000" / "all.jsonl"}
     library = TemplateLibrary(promptsource=False)
     assert set(sources) == set(library.datasets()), "a shipped template folder is not covered here"
     pairs = []
@@ -126,9 +127,6 @@ def shipped_rows(n: int = 120) -> list[tuple[str, str]]:
         rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
         for tpl in library.list(key):
             pairs += [pair for i, row in enumerate(rows) if (pair := render_row(tpl, row, i))]
-    for line in (SHARED_DATA / "alpaca_5000" / "all.jsonl").read_text().splitlines()[:n]:
-        row = json.loads(line)
-        pairs.append((row["instruction"] + ("\n\n" + row["input"] if row["input"] else ""), row["output"]))
     for line in (SHARED_DATA / "vicuna_identity" / "all.jsonl").read_text().splitlines()[:n]:
         turns = json.loads(line)["conversations"]
         pairs += [(a["value"], b["value"]) for a, b in zip(turns[::2], turns[1::2])]
