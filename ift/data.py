@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -417,18 +417,24 @@ def _check_source_values(source: _Source, templates: Sequence[Any], fixed: Any |
     from ift.templates import MAX_SIZE
 
     inverse = {new: old for old, new in source.cfg.columns.items()}
+    for ours, ds, where in _splits_read(source):
+        use = [fixed] if fixed is not None and ours != "train" else list(templates)
+        columns = {inverse.get(v, v) for t in use for v in t.variables()} if use else {source.cfg.text_column}
+        _check_values(ds, columns, where, MAX_SIZE if use else None)
+
+
+def _splits_read(source: _Source) -> Iterator[tuple[str, Any, str]]:
+    """(our split, the source's dataset, where: its file or split) for each of its splits the recipe reads, once."""
     seen = set()
     for ours in SPLITS:
         theirs = getattr(source.cfg.splits, ours)
         if theirs is None or theirs not in source.raw or theirs in seen:
             continue
         seen.add(theirs)
-        use = [fixed] if fixed is not None and ours != "train" else list(templates)
-        columns = {inverse.get(v, v) for t in use for v in t.variables()} if use else {source.cfg.text_column}
         files = source.files.get(theirs, [])
         where = f"{_path_key(source.key)}: {files[0]}" if len(files) == 1 else \
             f"{_path_key(source.key)}: split '{theirs}' of {source.cfg.path}"
-        _check_values(source.raw[theirs], columns, where, MAX_SIZE if use else None)
+        yield ours, source.raw[theirs], where
 
 
 def resolve_format(cfg: SourceConfig, has_templates: bool, columns: Sequence[str], first_row: dict | None = None,
@@ -475,15 +481,7 @@ def _check_conversations(source: _Source, system_prompt: str | None) -> None:
     that is not is an error naming the file (or split) and the row as the file numbers it, before any carving."""
     if source.format not in ("messages", "sharegpt", "prompt_completion"):
         return
-    seen = set()
-    for ours in SPLITS:
-        theirs = getattr(source.cfg.splits, ours)
-        if theirs is None or theirs not in source.raw or theirs in seen:
-            continue
-        seen.add(theirs)
-        ds, files = source.raw[theirs], source.files.get(theirs, [])
-        where = f"{_path_key(source.key)}: {files[0]}" if len(files) == 1 else \
-            f"{_path_key(source.key)}: split '{theirs}' of {source.cfg.path}"
+    for _, ds, where in _splits_read(source):
         wanted = [c for c in _format_columns(source.format, source.cfg) if c in ds.column_names]
         if len(wanted) < len(_format_columns(source.format, source.cfg)):
             continue  # reported by _check_columns, with the columns there are

@@ -16,6 +16,7 @@ from ift.conversations import IGNORE, encode_conversation, setup_chat_tokenizer
 from ift.errors import IftError
 from ift.recipe import DataConfig
 from ift.templates import TemplateLibrary
+from test_conversations import labelled_runs as runs
 from test_data import TEMPLATES, toy_rows, write_jsonl
 
 TURNS = [("hi there", "hello, how can I help"), ("who are you", "I am Vic, made by Ada Labs"),
@@ -74,21 +75,6 @@ def write_source(folder: Path, fmt: str, n: int = 40, exchanges: int = 2) -> Pat
 
 def cfg(**kw) -> DataConfig:
     return DataConfig.model_validate({"chat_template": "chatml", "validation_size": 4, "test_size": 4, **kw})
-
-
-def runs(tokenizer, ids, labels) -> list[str]:
-    """Decoded maximal runs of loss-carrying tokens (independent of the span code)."""
-    out, cur = [], []
-    for t, lab in zip(ids, labels):
-        if lab != IGNORE:
-            assert lab == t
-            cur.append(t)
-        elif cur:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return [tokenizer.decode(r, skip_special_tokens=False) for r in out]
 
 
 # ------------------------------------------------------------------------------------------- formats
