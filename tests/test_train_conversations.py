@@ -73,6 +73,20 @@ def test_added_chat_tokens_train_under_lora_and_the_run_reloads_exactly(tmp_path
     again = sorted((run / "predictions").glob("test-*.jsonl")) or sorted((run / "predictions").glob("test*.jsonl"))
     latest = [json.loads(line) for line in again[-1].read_text().splitlines()]
     assert [p["prediction"] for p in latest] == [p["prediction"] for p in preds]
+    # `ift merge` folds the adapter and the trained token rows into one model that computes the same function
+    from transformers import AutoModelForCausalLM
+
+    from ift.modeling import load_final
+    from ift.recipe import load_recipe
+
+    assert cli_main(["merge", str(run)]) == 0
+    adapter = load_final(final, load_recipe(run / "recipe.yaml").model)
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    ids = torch.tensor([tok(tok.apply_chat_template([{"role": "user", "content": "who are you"}], tokenize=False,
+                                                    add_generation_prompt=True), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapter.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
 
 
 def test_resume_with_added_chat_tokens_ends_exact(tmp_path):
