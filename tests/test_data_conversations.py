@@ -6,31 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import build_tiny_tokenizer
 from ift import data as D
 from ift.cli import main as cli_main
-from ift.conversations import IGNORE, encode_conversation, setup_chat_tokenizer
+from ift.conversations import encode_conversation, setup_chat_tokenizer
 from ift.errors import IftError
 from ift.recipe import DataConfig
 from ift.templates import TemplateLibrary
 from test_conversations import labelled_runs as runs
-from test_data import TEMPLATES, toy_rows, write_jsonl
+from test_data import TEMPLATES, _isolated_cache, toy_rows, write_jsonl  # noqa: F401 (autouse fixture)
 
 TURNS = [("hi there", "hello, how can I help"), ("who are you", "I am Vic, made by Ada Labs"),
          ("thanks", "you are welcome")]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache_conv")
-    datasets.disable_progress_bars()
-    yield
-    datasets.enable_progress_bars()
 
 
 @pytest.fixture(scope="module")
