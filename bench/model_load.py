@@ -4,9 +4,9 @@
 
 Phases, in one process after the imports, wall and CPU seconds each:
   direct   AutoTokenizer + AutoModelForCausalLM .from_pretrained(dir, gguf_file=...)  (de-quantizes every time)
-  convert  ift.modeling.resolve_model_path on an empty cache: the one-off conversion
+  convert  ift.modeling.loading.resolve_model_path on an empty cache: the one-off conversion
   resolve  resolve_model_path again (sha256 remembered per path/size/mtime), and with that memo deleted (re-hash)
-  load     ift.modeling.load(...) from the cache: model + tokenizer, ready to train (median of --repeat)
+  load     ift.modeling.loading.load(...) from the cache: model + tokenizer, ready to train (median of --repeat)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    from ift import modeling
+    import ift.modeling.loading as modeling
     from ift.recipe import AdapterConfig, ModelConfig
 
     logging.disable_progress_bar()

@@ -35,7 +35,7 @@ the best of large square matmuls (2048^2, `--threads` threads) in fp32 and bf16,
 
 Accuracy (the bf16 target asks for it unchanged): in the first round the ift fp32 and bf16 runs of the first
 method train `--accuracy-steps` steps instead (only their first `--steps` are timed) and rank-classify
-`--accuracy-rows` held-out rows with ift.evaluation at the end; the fp32 run also scores the base model.
+`--accuracy-rows` held-out rows with ift.evaluation.evaluate at the end; the fp32 run also scores the base model.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ VALIDATION_ROWS = 8  # ift evaluates once, at the last step: keep it cheap
 
 
 def model_folder() -> str:
-    from ift.modeling import resolve_model_path
+    from ift.modeling.loading import resolve_model_path
     from ift.recipe import ModelConfig
 
     return resolve_model_path(ModelConfig(gguf_file=GGUF))
@@ -104,7 +104,7 @@ def model_folder() -> str:
 def build_rows(sentences: list[dict], tokenizer, template, n: int, seq_len: int, rng: random.Random,
                pool: list[str]) -> list[dict]:
     """n rows {context, sentence, sentiment} whose prompt + completion + EOS is seq_len tokens or just below."""
-    from ift.encoding import join
+    from ift.data.encoding import join
 
     def length(row: dict) -> int:
         prompt, target = template.render(row)
@@ -129,7 +129,7 @@ def write_data(work: Path, args) -> tuple[Path, Path, dict]:
     """<work>/data/{train,validation,test}.jsonl and <work>/templates/bench_fpb/templates.yaml."""
     from transformers import AutoTokenizer
 
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     templates = work / "templates" / TEMPLATE_DATASET
     templates.mkdir(parents=True)
@@ -275,9 +275,9 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from ift.data import build_splits
-    from ift.encoding import join
-    from ift.templates import TemplateLibrary
+    from ift.data.prepare import build_splits
+    from ift.data.encoding import join
+    from ift.templates.library import TemplateLibrary
 
     recipe = recipe_for(spec)  # the very prompts and completions ift trains on
     rows = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir))).splits["train"]

@@ -6,7 +6,7 @@
 
 Each configuration runs in a fresh subprocess: imports, then the baseline RSS is read; the model is built,
 LoRA attached, AdamW created; the peak-RSS mark is reset (/proc/self/clear_refs) and a few optimizer steps
-of a plain loop run (ift.loss.CompletionLoss, backward, step, zero_grad). Measured = peak RSS (VmHWM) minus
+of a plain loop run (ift.training.loss.CompletionLoss, backward, step, zero_grad). Measured = peak RSS (VmHWM) minus
 the baseline, i.e. everything the model and training allocated: the CPU counterpart of a GPU's peak
 allocated memory, compared with the estimate's per-device peak for device "cpu" (float dropout masks,
 fused AdamW, as ift/train.py builds it). The child runs with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to
@@ -117,7 +117,7 @@ def _build(case: Case, folder: str | None, config: dict | None = None):
     if case.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from ift.modeling import lora_target_modules
+        from ift.modeling.loading import lora_target_modules
 
         model = get_peft_model(model, LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout,
                                                  target_modules=lora_target_modules(model)))
@@ -143,7 +143,7 @@ def child(case: Case, folder: str | None) -> dict:
 
     import torch
 
-    from ift.loss import CompletionLoss
+    from ift.training.loss import CompletionLoss
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     _warm_up(case)
@@ -173,7 +173,7 @@ def _warm_up(case: Case) -> None:
 
     import torch
 
-    from ift.loss import CompletionLoss
+    from ift.training.loss import CompletionLoss
 
     mini = Case(**{**asdict(case), "batch": 2, "seq": 32, "loss_tokens": 8})
     config = dict(TINY, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -200,8 +200,8 @@ def _profiled_flops(loss_model, optimizer, batch, autocast: bool) -> float:
 def _info(case: Case, folder: str | None):
     from transformers import AutoConfig, LlamaConfig
 
-    from ift.estimate import model_info
-    from ift.modeling import lora_target_modules
+    from ift.estimate.report import model_info
+    from ift.modeling.loading import lora_target_modules
 
     config = LlamaConfig(**TINY) if case.model == "tiny" else AutoConfig.from_pretrained(folder)
     adapter = SimpleNamespace(method=case.method, target_modules="auto", r=case.r, dropout=case.dropout, bias="none")
@@ -209,7 +209,7 @@ def _info(case: Case, folder: str | None):
 
 
 def estimate_case(case: Case, folder: str | None) -> tuple[int, float, object]:
-    from ift.estimate import Setup, compute, memory
+    from ift.estimate.report import Setup, compute, memory
 
     info = _info(case, folder)
     setup = Setup(method=case.method, batch_size=case.batch, grad_accum=1, seq_len=case.seq,
@@ -225,7 +225,7 @@ def estimate_case(case: Case, folder: str | None) -> tuple[int, float, object]:
 
 
 def smollm2_folder() -> str:
-    from ift.modeling import resolve_model_path
+    from ift.modeling.loading import resolve_model_path
     from ift.recipe import ModelConfig
 
     return resolve_model_path(ModelConfig(gguf_file=SMOLLM2_GGUF))

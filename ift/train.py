@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 from ift import atomic
 from ift.errors import IftError
-from ift.metrics import higher_is_better
+from ift.evaluation.metrics import higher_is_better
 from ift.recipe import ModelConfig, Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 
@@ -117,11 +117,11 @@ class FineTune:
         from accelerate.utils import ProjectConfiguration, set_seed
         from tqdm.auto import tqdm
 
-        from ift.data import Collator, build_splits, eval_dataloader, tokenize, train_dataloader
-        from ift.loss import CompletionLoss
-        from ift.conversations import setup_chat_tokenizer
-        from ift.modeling import count_parameters, load, load_tokenizer
-        from ift.templates import TemplateLibrary
+        from ift.data.prepare import Collator, build_splits, eval_dataloader, tokenize, train_dataloader
+        from ift.training.loss import CompletionLoss
+        from ift.data.conversations import setup_chat_tokenizer
+        from ift.modeling.loading import count_parameters, load, load_tokenizer
+        from ift.templates.library import TemplateLibrary
 
         self.recipe = _runnable_precision(self.recipe)
         t = self.t = self.recipe.training
@@ -138,7 +138,7 @@ class FineTune:
         if self.main:  # one process owns the folder; a second run into it stops here
             self.lock.acquire(say=self.say)
             if self.recipe.hub.push:  # a missing token stops the run now, not at its first push
-                from ift.hub import require_token
+                from ift.publish.hub import require_token
 
                 require_token(self.recipe.hub.repo_id)
         self.checkpoint = _find_checkpoint(self.rd, self.resume, self.say)
@@ -259,7 +259,7 @@ class FineTune:
     def train_window(self, window: list[dict]) -> Window:
         """Forward and backward over every micro-batch of the window, then one clip and one optimizer step."""
         torch, acc = self._torch, self.accelerator
-        from ift.loss import count_loss_tokens
+        from ift.training.loss import count_loss_tokens
 
         # the mean is over every loss token of the window on every process: count them first
         n_local = sum(count_loss_tokens(b, self.kind) for b in window)
@@ -331,13 +331,13 @@ class FineTune:
         return improved
 
     def _metrics(self, loader, rows, desc: str, limit: int | None = None) -> dict:
-        """Loss over every token of the split, then accuracy / ROUGE (ift.evaluation)."""
+        """Loss over every token of the split, then accuracy / ROUGE (ift.evaluation.evaluate)."""
         metrics: dict = {}
         ev = self.recipe.evaluation
         if "loss" in ev.metrics:
             metrics["loss"] = mean_loss(self.accelerator, self.loss_model, loader)
         if "accuracy" in ev.metrics or "rouge" in ev.metrics:
-            from ift.evaluation import evaluate
+            from ift.evaluation.evaluate import evaluate
 
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
             with full_weights(self.loss_model, bool(getattr(plugin, "reshard_after_forward", True))):
@@ -389,7 +389,7 @@ class FineTune:
         state = {k.removeprefix("model."): v for k, v in acc.get_state_dict(self.loss_model).items()}
         failure: list = [None]
         if self.main:
-            from ift.hub import push_checkpoint
+            from ift.publish.hub import push_checkpoint
 
             weights = self.rd.path / "hub-staging" / checkpoint.name  # removed after the push: no second copy kept
             try:
@@ -426,7 +426,7 @@ class FineTune:
         test_rows = self.prepared.splits["test"]
         records: list[dict] = []
         if recipe.evaluation.test and len(test_rows):
-            from ift.data import eval_dataloader
+            from ift.data.prepare import eval_dataloader
 
             test_dl = acc.prepare(eval_dataloader(self.tokens["test"], self.t.per_device_eval_batch_size,
                                                   self.collator))
@@ -452,20 +452,20 @@ class FineTune:
             rd.record_training(history=progress.history, best=_best(progress), **sections)
             _finish_outputs(self.run_dir, recipe, self.library)
             if recipe.hub.push and recipe.hub.push_dataset:
-                from ift.hub import push_dataset
+                from ift.publish.hub import push_dataset
 
                 url = push_dataset(self.prepared, recipe, recipe.hub.push_dataset, private=recipe.hub.private,
                                    report=self.say)
                 self.say(f"pushed the prepared splits: {url}")
             if any(r["model"] == "base" for r in records):
-                from ift.compare import print_compare
+                from ift.evaluation.compare import print_compare
 
                 print_compare(self.run_dir, "test")
         self.say(f"done: {self.run_dir}")
 
     def _record(self, r: dict, rows: int) -> dict:
         """Predictions file + evaluation record for one of the run's own evaluations."""
-        from ift.evaluation import write_predictions
+        from ift.evaluation.evaluate import write_predictions
 
         path = None
         if r["predictions"]:
@@ -618,8 +618,8 @@ def mean_loss(accelerator, loss_model, dataloader) -> float:
 
 def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer) -> tuple[dict, list[dict]]:
     """The untuned model on the same rows: the adapter switched off, or the base reloaded for a full fine-tune."""
-    from ift.evaluation import evaluate
-    from ift.modeling import load
+    from ift.evaluation.evaluate import evaluate
+    from ift.modeling.loading import load
     from ift.recipe import AdapterConfig
 
     ev = recipe.evaluation
@@ -781,13 +781,13 @@ def _save_final(model, state: dict, tokenizer, rd: RunDir, resized: bool = False
 
 
 def _finish_outputs(run_dir: Path, recipe: Recipe, library) -> None:
-    from ift.card import write_model_card
-    from ift.plots import write_plots
+    from ift.publish.card import write_model_card
+    from ift.training.plots import write_plots
 
     write_plots(run_dir)
     write_model_card(run_dir, recipe, library=library)
     if recipe.hub.push:
-        from ift.hub import push
+        from ift.publish.hub import push
 
         url = push(run_dir, recipe.hub.repo_id, private=recipe.hub.private, merge=recipe.hub.merge,
                    revision=recipe.hub.revision, commit_message=recipe.hub.commit_message)

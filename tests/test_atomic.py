@@ -83,7 +83,7 @@ def test_apply_umask_opens_up_a_folder_libraries_wrote(tmp_path, umask):
 
 
 def test_predictions_and_metrics_are_0644_under_umask_022(tmp_path, umask):
-    from ift.evaluation import write_predictions
+    from ift.evaluation.evaluate import write_predictions
     from ift.run import RunDir
 
     write_predictions(tmp_path / "predictions" / "test.jsonl", [{"prompt": "p", "prediction": "x"}])
@@ -94,8 +94,7 @@ def test_predictions_and_metrics_are_0644_under_umask_022(tmp_path, umask):
 
 
 def test_model_card_is_0644_under_umask_022(tmp_path, umask, monkeypatch):
-    from ift import card
-
+    import ift.publish.card as card
     monkeypatch.setattr(card, "build_model_card", lambda *a, **k: "---\nlicense: apache-2.0\n---\n# card\n")
     path = card.write_model_card(tmp_path, None)
     assert path == tmp_path / "README.md" and path.read_text().endswith("# card\n")
@@ -103,7 +102,7 @@ def test_model_card_is_0644_under_umask_022(tmp_path, umask, monkeypatch):
 
 
 def test_new_template_file_follows_the_umask(tmp_path, umask):
-    from ift.templates import add_template
+    from ift.templates.library import add_template
 
     umask(0o002)  # a group-writable setup: a new templates.yaml must not come out 0644 regardless
     add_template("mine", "t1", "{{text}} ||| {{label}}", templates_dir=tmp_path)
@@ -115,8 +114,7 @@ def test_new_template_file_follows_the_umask(tmp_path, umask):
 
 
 def test_gguf_hash_index_follows_the_umask(tmp_path, umask):
-    from ift import modeling
-
+    import ift.modeling.loading as modeling
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     modeling._sha256(gguf, tmp_path / "cache")

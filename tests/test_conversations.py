@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_tokenizer
-from ift import conversations as conv
-from ift.conversations import (
+import ift.data.conversations as conv
+from ift.data.conversations import (
     CHAT_TEMPLATES, END_OF_TURN, IGNORE, conversation_hash, detect_format, encode_conversation,
     normalize_row, resolve_chat_template,
 )

@@ -1,4 +1,4 @@
-"""ift.data: sources, carved and kept splits, leaks, mixtures, label masks, truncation, errors, collation."""
+"""ift.data.prepare: sources, carved and kept splits, leaks, mixtures, label masks, truncation, errors, collation."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
-from ift import data as D
+import ift.data.prepare as D
 from ift.cli import main as cli_main
-from ift.encoding import encode_pairs
+from ift.data.encoding import encode_pairs
 from ift.errors import IftError
 from ift.recipe import DataConfig
-from ift.templates import TemplateLibrary
+from ift.templates.library import TemplateLibrary
 
 TEMPLATES = {
     "toy": """dataset: toy

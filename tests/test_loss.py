@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ift.loss import IGNORE, LOGIT_TRANSFORMS, CompletionLoss
+from ift.training.loss import IGNORE, LOGIT_TRANSFORMS, CompletionLoss
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)

@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny_llama, build_tiny_t5, build_tiny_tokenizer
 from ift.cli import main
 from ift.errors import IftError
-from ift.merge import merge
+from ift.publish.merge import merge
 from ift.recipe import load_recipe
 
 TEXTS = ["Headline: profits up. Sentiment:", "The bank reported a loss and its stock fell sharply."]

@@ -1,4 +1,4 @@
-"""ift.modeling: kind detection, LoRA targets and exact trainable counts, scratch init, real 4-bit QLoRA on CPU,
+"""ift.modeling.loading: kind detection, LoRA targets and exact trainable counts, scratch init, real 4-bit QLoRA on CPU,
 the GGUF -> safetensors cache (on a tiny GGUF written here, and on the real SmolLM2 in a slow test), Hub errors."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from ift import modeling
+import ift.modeling.loading as modeling
 from ift.errors import IftError
-from ift.modeling import (Loaded, count_parameters, describe, load, load_final, load_tokenizer, lora_target_modules,
+from ift.modeling.loading import (Loaded, count_parameters, describe, load, load_final, load_tokenizer, lora_target_modules,
                           model_kind, resolve_model_path)
 from ift.recipe import AdapterConfig, ModelConfig
 
@@ -186,7 +186,7 @@ def test_no_bitsandbytes_import_without_4bit(llama_dir, tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from ift.modeling import load, load_final
+from ift.modeling.loading import load, load_final
 from ift.recipe import AdapterConfig, ModelConfig
 cfg = ModelConfig(name_or_path={str(llama_dir)!r})
 load(cfg, AdapterConfig())

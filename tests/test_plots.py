@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ift.errors import IftError
-from ift.plots import series, write_plots
+from ift.training.plots import series, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -92,7 +92,7 @@ def test_llama_cpp_runs_the_exported_quickstart_model_like_transformers(short_qu
     as the run's tokenizer does and continues them greedily with the tokens transformers picks on the same file,
     except at a near-tie (two best logits within TIE), where f16 kernels may break the tie either way."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="the README's test command installs llama-cpp-python")
-    from ift.export import export_gguf, read_back
+    from ift.publish.export import export_gguf, read_back
 
     run, _ = short_quickstart
     done = export_gguf(run, quant="f16", out=tmp_path / "quickstart-f16.gguf")

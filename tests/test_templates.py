@@ -1,4 +1,4 @@
-"""ift.templates: promptsource-format parsing, rendering equal to promptsource, the sandbox,
+"""ift.templates.library: promptsource-format parsing, rendering equal to promptsource, the sandbox,
 validation findings, `new` round trips, and the shipped templates against the real data."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from jinja2 import nodes
 
 from ift.errors import IftError
-from ift.templates import (
+from ift.templates.library import (
     ENV,
     MAX_SIZE,
     Template,
@@ -85,7 +85,7 @@ def lib_dir(tmp_path: Path) -> Path:
 @pytest.fixture()
 def lib(lib_dir: Path, monkeypatch: pytest.MonkeyPatch) -> TemplateLibrary:
     """Only the test's folder: the repo's own templates/ is left out."""
-    monkeypatch.setattr("ift.templates.repo_templates_dir", lambda: lib_dir.parent / "no-repo-templates")
+    monkeypatch.setattr("ift.templates.library.repo_templates_dir", lambda: lib_dir.parent / "no-repo-templates")
     return TemplateLibrary(dirs=[lib_dir], promptsource=False)
 
 

@@ -223,8 +223,7 @@ def test_seq2seq_t5_trains(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    from ift import loss as loss_module
-
+    import ift.training.loss as loss_module
     original = loss_module.CompletionLoss.forward
     calls = {"n": 0}
 
@@ -333,10 +332,10 @@ def test_accumulation_over_epochs_equals_one_big_batch(tmp_path, accum, n_train)
 
 def test_training_equals_a_plain_pytorch_reference(tmp_path):
     """Each window: sum of token losses over the window / its loss tokens, one clip, one AdamW step."""
-    from ift.collate import Collator, train_dataloader
-    from ift.data import build_splits, tokenize
-    from ift.modeling import load
-    from ift.templates import TemplateLibrary
+    from ift.data.collate import Collator, train_dataloader
+    from ift.data.prepare import build_splits, tokenize
+    from ift.modeling.loading import load
+    from ift.templates.library import TemplateLibrary
 
     accum, batch = 3, 4
     recipe_path = toy_recipe(tmp_path, adapter="lora", n_train=44, per_device_train_batch_size=batch,
@@ -469,8 +468,7 @@ def test_half_precision_full_finetune_keeps_fp32_master_weights(tmp_path):
 NAN_ON_RANK_1 = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from ift import loss
-
+import ift.training.loss as loss
 original, calls = loss.CompletionLoss.forward, {{"n": 0}}
 
 def poisoned(self, *args, **kwargs):
@@ -580,8 +578,8 @@ import copy, torch
 from accelerate import Accelerator
 from torch.distributed.fsdp import fully_shard
 from conftest import build_tiny_llama, build_tiny_tokenizer
-from ift.evaluation import evaluate
-from ift.loss import CompletionLoss
+from ift.evaluation.evaluate import evaluate
+from ift.training.loss import CompletionLoss
 from ift.recipe import EvaluationConfig
 from ift.train import full_weights, mean_loss
 

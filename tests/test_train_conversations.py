@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from ift.conversations import CHAT_TEMPLATES
+from ift.data.conversations import CHAT_TEMPLATES
 from test_train import assert_same_weights, final_weights, fresh_accelerate_state, run_train, tiny_base  # noqa: F401
 
 NAMES = ["Ada", "Bo", "Cy", "Di"]
@@ -76,7 +76,7 @@ def test_added_chat_tokens_train_under_lora_and_the_run_reloads_exactly(tmp_path
     # `ift merge` folds the adapter and the trained token rows into one model that computes the same function
     from transformers import AutoModelForCausalLM
 
-    from ift.modeling import load_final
+    from ift.modeling.loading import load_final
     from ift.recipe import load_recipe
 
     assert cli_main(["merge", str(run)]) == 0

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ift.encoding import IGNORE
+from ift.data.encoding import IGNORE
 OPEN, CLOSE = "⟦", "⟧"  # marks the tokens that carry loss, readable without colour too
 
 
@@ -35,9 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ift.data import build_splits
+    from ift.data.prepare import build_splits
     from ift.recipe import load_recipe
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     recipe = load_recipe(args.recipe, args.overrides)
     library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
@@ -45,8 +45,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _tokenizer_and_kind(recipe: Any, prepared: Any) -> tuple[Any, str]:
-    from ift import modeling
-    from ift.conversations import setup_chat_tokenizer
+    import ift.modeling.loading as modeling
+    from ift.data.conversations import setup_chat_tokenizer
 
     train = prepared.splits["train"]
     texts = (p + " " + c for p, c in zip(train["prompt"], train["completion"]))
@@ -65,7 +65,7 @@ def _tokenizer_and_kind(recipe: Any, prepared: Any) -> tuple[Any, str]:
 def run_preview(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ift.data import preview_rows
+    from ift.data.prepare import preview_rows
 
     recipe, prepared = _prepare(args)
     tokenizer, kind = _tokenizer_and_kind(recipe, prepared)
@@ -133,7 +133,7 @@ def _marked(tokenizer: Any, ids: list[int], carries: list[bool]) -> Any:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from ift.data import describe, tokenize
+    from ift.data.prepare import describe, tokenize
 
     recipe, prepared = _prepare(args)
     tokenizer, kind = _tokenizer_and_kind(recipe, prepared)

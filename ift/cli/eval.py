@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ift.compare import fmt as _fmt
-from ift.compare import print_compare
+from ift.evaluation.compare import fmt as _fmt
+from ift.evaluation.compare import print_compare
 from ift.errors import IftError
 
 SPLITS = ("validation", "test")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     rows = load_rows(recipe, args.split)  # data problems surface before a model loads
     loaded = load_model(recipe, run_dir, tuned)
 
-    from ift.evaluation import evaluate, write_predictions
+    from ift.evaluation.evaluate import evaluate, write_predictions
     from ift.run import RunDir
 
     label = f"{'' if tuned else 'base '}{args.split}"
@@ -106,8 +106,8 @@ def resolve(target: Path, overrides: list[str], base: bool):
 
 
 def load_rows(recipe, split: str):
-    from ift.data import build_splits
-    from ift.templates import TemplateLibrary
+    from ift.data.prepare import build_splits
+    from ift.templates.library import TemplateLibrary
 
     prepared = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir)))
     splits = prepared.splits
@@ -118,7 +118,7 @@ def load_rows(recipe, split: str):
 
 
 def load_model(recipe, run_dir: Path, tuned: bool):
-    from ift.modeling import load, load_final
+    from ift.modeling.loading import load, load_final
     from ift.recipe import AdapterConfig
 
     # a QLoRA adapter is evaluated on the 4-bit base it was trained on

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ift.export import QUANTS
+    from ift.publish.export import QUANTS
 
     p = sub.add_parser(
         "export", help="write the run's merged model as GGUF (llama.cpp) with an Ollama Modelfile",
@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ift.export import check_export, export_gguf, merged_model
-    from ift.merge import load_run_recipe
+    from ift.publish.export import check_export, export_gguf, merged_model
+    from ift.publish.merge import load_run_recipe
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     done = export_gguf(args.run_dir, quant=args.quant, out=args.out, report=say)

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ift.merge import merge
+    from ift.publish.merge import merge
 
     out = merge(args.run_dir, args.out, dtype=args.dtype, report=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"merged model: {out}")

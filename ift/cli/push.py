@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ift.errors import IftError
-    from ift.hub import push
-    from ift.merge import load_run_recipe
+    from ift.publish.hub import push
+    from ift.publish.merge import load_run_recipe
 
     recipe = load_run_recipe(args.run_dir)
     repo_id = args.repo_id or recipe.hub.repo_id
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise IftError("no repo id given", str(args.run_dir), "pass --repo-id your-name/model-name")
     dataset_id = None
     if args.dataset is not None:  # checked before the model push, so a bad id wastes no upload
-        from ift.hub import check_dataset_repo_id
+        from ift.publish.hub import check_dataset_repo_id
 
         dataset_id = args.dataset or recipe.hub.push_dataset
         if not dataset_id:
@@ -67,9 +67,9 @@ def _push_dataset(args: argparse.Namespace, recipe, dataset_id: str) -> str:
     """Rebuild the run's splits from its recipe (carved splits pinned, same seed: the same rows) and push them."""
     import json
 
-    from ift.data import build_splits
-    from ift.hub import push_dataset
-    from ift.templates import TemplateLibrary
+    from ift.data.prepare import build_splits
+    from ift.publish.hub import push_dataset
+    from ift.templates.library import TemplateLibrary
 
     _progress("rebuilding the prepared splits from the run's recipe.yaml")
     prepared = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir)))

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from ift.errors import IftError, IftErrors
-from ift.templates import (
+from ift.templates.library import (
     PROMPTSOURCE_PREFIX,
     Template,
     TemplateFile,
@@ -152,7 +152,7 @@ def run_new(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from ift.data import load_preview_rows  # the loader training uses: the same file fails the same way
+    from ift.data.prepare import load_preview_rows  # the loader training uses: the same file fails the same way
 
     tpl = _library(args).get(args.ref)
     rows, columns = load_preview_rows(args.data, args.split, args.n, sorted(tpl.variables()))
@@ -179,7 +179,7 @@ def run_validate(args: argparse.Namespace) -> int:
     templates, files, findings, what = _targets(args)
     rows = columns = None
     if args.data:
-        from ift.data import load_preview_rows
+        from ift.data.prepare import load_preview_rows
 
         used = sorted({v for t in templates for v in t.variables()})
         rows, columns = load_preview_rows(args.data, args.split, args.n, used)

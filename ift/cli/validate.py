@@ -24,8 +24,8 @@ def check(recipe_path: str, overrides: list[str]) -> list[IftError]:
     except IftError as err:
         return [err] if not isinstance(err, IftErrors) else err.errors
     # imported only now: recipe mistakes are reported without loading the data stack
-    from ift.data import check_sources
-    from ift.templates import TemplateLibrary
+    from ift.data.prepare import check_sources
+    from ift.templates.library import TemplateLibrary
 
     library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
     return check_sources(recipe.data, library)

@@ -2,7 +2,7 @@
 
 Serves the training loop (validation every eval_steps, test at the end) and `ift eval`.
 
-Token ids come from `ift.encoding`, so a prompt is scored exactly as training tokenized it.
+Token ids come from `ift.data.encoding`, so a prompt is scored exactly as training tokenized it.
 Choices are scored WITHOUT the end-of-sequence token (and, with a chat template, without the tokens that
 close the assistant turn), as T0 did: the score is log p(choice tokens | prompt), summed over the choice's
 tokens ("accuracy") and divided by their number ("accuracy_norm").
@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ift import atomic
-from ift.encoding import encode_pairs
+from ift.data.encoding import encode_pairs
 from ift.errors import IftError
-from ift.metrics import FAMILIES, ROUGE, SCORES
+from ift.evaluation.metrics import FAMILIES, ROUGE, SCORES
 from ift.recipe import EvaluationConfig
 
 ROUGE_KEYS = ROUGE
@@ -288,7 +288,7 @@ def _check_prompt(ids: list[int], index: int) -> None:
 def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], chat_template: bool) -> list[list[int]]:
     """Prompt ids exactly as training put them before the completion. A prompt that is a list of messages is a
     conversation's history: rendered in the tokenizer's chat template with the generation prompt."""
-    from ift.conversations import history_ids
+    from ift.data.conversations import history_ids
 
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     pairs = encode_pairs(tokenizer, kind, [prompts[i] for i in texts], [""] * len(texts), chat_template=chat_template,
@@ -472,9 +472,9 @@ def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str | list[dict
 
 def _greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad: int,
                    device) -> list[list[int]]:
-    """Greedy decoding with the KV cache: the one causal decoding loop (ift.generation), which chat and
+    """Greedy decoding with the KV cache: the one causal decoding loop (ift.inference.generate), which chat and
     generate use too; a row leaves the batch once it emits EOS, so no step is spent on it."""
-    from ift.generation import Decoding, _decode_causal
+    from ift.inference.generate import Decoding, _decode_causal
 
     return _decode_causal(model, prompts, [max_new_tokens] * len(prompts), Decoding(max_new_tokens=max_new_tokens),
                           None, eos, pad, device, None)
@@ -498,7 +498,7 @@ def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's (e.g. a chat template's end of turn)."""
-    from ift.conversations import end_of_turn_token
+    from ift.data.conversations import end_of_turn_token
 
     found: list[int] = []
     gen_cfg = getattr(_unwrap(model), "generation_config", None)
@@ -596,7 +596,7 @@ def _as_rows(rows, limit: int | None, desc: str) -> list[dict]:
         missing = [k for k in ("prompt", "completion") if k not in r]
         if missing:
             raise IftError(f"row {i} has no {', '.join(missing)}", desc,
-                           "evaluation rows come from ift.data.build_splits (prompt, completion, choices, ...)")
+                           "evaluation rows come from ift.data.prepare.build_splits (prompt, completion, choices, ...)")
     if not any(_target(r) for r in out):
         raise IftError(f"no row of the {desc} split has a target", None,
                        "evaluate a labeled split (test splits of some datasets, e.g. GLUE, are unlabeled)")

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from ift import atomic
 from ift.errors import IftError
-from ift.metrics import METRICS, SCORES
+from ift.evaluation.metrics import METRICS, SCORES
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
 
 if TYPE_CHECKING:
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
 # The base vs fine-tuned table (the headline scores) and every figure put in model-index: from the registry.
 TABLE_METRICS = tuple(m for m in SCORES if m != "accuracy_norm")
@@ -170,7 +170,7 @@ def base_hub_id(recipe: Recipe) -> str | None:
     """The base model's Hub id: what others load the adapter onto (adapter config, card, snippets).
 
     model.hub_id when set, else model.name_or_path when it is a Hub id, else for a GGUF base what the
-    file's metadata says (ift.modeling.gguf_hub_id); None when unknown (a local folder without hub_id).
+    file's metadata says (ift.modeling.loading.gguf_hub_id); None when unknown (a local folder without hub_id).
     """
     m = recipe.model
     if m.init != "pretrained":
@@ -179,7 +179,7 @@ def base_hub_id(recipe: Recipe) -> str | None:
     if explicit:
         return explicit
     if m.gguf_file:  # name_or_path then names the GGUF's folder or repo, which transformers cannot load by id
-        from ift.modeling import _locate_gguf, gguf_hub_id
+        from ift.modeling.loading import _locate_gguf, gguf_hub_id
 
         try:
             return gguf_hub_id(_locate_gguf(m))
@@ -232,7 +232,7 @@ def _sources(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _data_report(run_dir: Path) -> dict[str, Any]:
-    """ift.data's split report, as training saves it: data_report.json = {"splits": <report>, "tokens": ...}."""
+    """ift.data.prepare's split report, as training saves it: data_report.json = {"splits": <report>, "tokens": ...}."""
     saved = _read_json(run_dir / "data_report.json")
     inner = saved.get("splits")
     return inner if isinstance(inner, dict) and isinstance(inner.get("splits"), dict) else saved
@@ -265,7 +265,7 @@ def _templates(recipe: Recipe, library: Any | None) -> list[dict[str, Any]]:
     problem = None
     if library is None:
         try:
-            from ift.templates import TemplateLibrary
+            from ift.templates.library import TemplateLibrary
 
             library = TemplateLibrary(dirs=tuple(recipe.data.templates_dir))
         except IftError as err:

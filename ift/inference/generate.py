@@ -5,15 +5,15 @@
     [out] = decode(target.model, target.tokenizer, target.kind, [ids], Decoding(max_new_tokens=64))
 
 Prompt format (`PromptFormat`): exactly what training put before the completion — the tokenizer's chat
-template for runs with `data.chat_template: true` (prompt ids as `ift.encoding` builds them, so a single user
+template for runs with `data.chat_template: true` (prompt ids as `ift.data.encoding` builds them, so a single user
 turn encodes to the very ids evaluation scores), the bare prompt otherwise; for template runs the prompt part
 of a promptsource template can be filled from the user's text (`--template`).
 
-Decoding: ift's own KV-cache loop, the one `ift.evaluation` runs (`_prefill`: left padding, position ids from
+Decoding: ift's own KV-cache loop, the one `ift.evaluation.evaluate` runs (`_prefill`: left padding, position ids from
 the mask, a prefix shared by the batch run once; finished rows leave the batch), here with sampling
 (temperature, top-p) and a per-token callback for streaming. Measured against transformers' `generate` on
 the same batches (bench/eval_throughput.py --decode-paths, docs/benchmarks.md), it is faster and gives the
-same tokens, so it stays the single causal path; greedy decoding here equals `ift.evaluation.generate` token
+same tokens, so it stays the single causal path; greedy decoding here equals `ift.evaluation.evaluate.generate` token
 for token. Seq2seq models decode through transformers' `generate` (as evaluation does), with a streamer.
 """
 
@@ -31,9 +31,9 @@ from ift import atomic
 from ift.errors import IftError
 
 if TYPE_CHECKING:
-    from ift.modeling import Loaded
+    from ift.modeling.loading import Loaded
     from ift.recipe import Recipe
-    from ift.templates import Template
+    from ift.templates.library import Template
 
 TARGET_HELP = "a run folder (recipe.yaml + final/), a model folder, a .gguf file or a Hub model id"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -138,10 +138,10 @@ class PromptFormat:
     def encode(self, tokenizer, messages: Sequence[dict], where: str | None = None) -> list[int]:
         """Prompt ids for a conversation ending with a user turn, exactly as training encoded a prompt.
 
-        One user turn goes through `ift.encoding.encode_pairs` itself (the ids evaluation scores and generates
+        One user turn goes through `ift.data.encoding.encode_pairs` itself (the ids evaluation scores and generates
         from); a longer conversation through the same chat template, without special tokens added on top.
         """
-        from ift.encoding import encode_pairs
+        from ift.data.encoding import encode_pairs
 
         _check_messages(messages, where)
         if not self.chat_template and len(messages) > 1:
@@ -186,7 +186,7 @@ def template_prompt(tpl: Template) -> tuple[Template, tuple[str, ...]]:
     """The prompt part of a template (before '|||') as a template of its own, and the fields it reads."""
     from jinja2 import TemplateSyntaxError, meta
 
-    from ift.templates import ENV, SEPARATOR
+    from ift.templates.library import ENV, SEPARATOR
 
     prompt_part = tpl.jinja.split(SEPARATOR, 1)[0]
     try:
@@ -217,7 +217,7 @@ def run_prompt_format(recipe: Recipe, kind: str, *, template: str | None = None,
                    None)
     if ref is None:
         return fmt
-    from ift.templates import TemplateLibrary
+    from ift.templates.library import TemplateLibrary
 
     tpl = TemplateLibrary(dirs=tuple(recipe.data.templates_dir)).get(ref)
     fmt.template, fmt.fields = template_prompt(tpl)
@@ -261,7 +261,7 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
                    raw: bool = False, where: str = "RUN_DIR|MODEL") -> Target:
     """Load what `ift chat` / `ift generate` talk to: a run's fine-tuned model (adapters applied, not merged),
     its base (`base=True`), or any model (folder, .gguf file, Hub id), with the prompt format to use."""
-    from ift.modeling import load, load_final
+    from ift.modeling.loading import load, load_final
     from ift.recipe import AdapterConfig, ModelConfig, load_recipe
 
     text = str(target)
@@ -345,7 +345,7 @@ def _to_accelerator(model) -> None:
 
 def stop_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's generation config's (end of turn)."""
-    from ift.evaluation import _eos_ids
+    from ift.evaluation.evaluate import _eos_ids
 
     return _eos_ids(model, tokenizer)
 
@@ -360,7 +360,7 @@ def decode(model, tokenizer, kind: str, prompts: Sequence[Sequence[int]], decodi
     """
     import torch
 
-    from ift.evaluation import _batches, _device, _inference, _pad_id, check_can_generate
+    from ift.evaluation.evaluate import _batches, _device, _inference, _pad_id, check_can_generate
 
     check_can_generate(model)
     if kind not in ("causal", "seq2seq"):
@@ -396,7 +396,7 @@ def decode(model, tokenizer, kind: str, prompts: Sequence[Sequence[int]], decodi
 
 
 def _context_limit(model) -> int | None:
-    from ift.evaluation import _unwrap
+    from ift.evaluation.evaluate import _unwrap
 
     value = getattr(_unwrap(model).config, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -434,11 +434,11 @@ def _pick(logits, decoding: Decoding, generator):
 
 def _decode_causal(model, prompts: list[list[int]], budgets: list[int], decoding: Decoding, generator,
                    eos: list[int], pad: int, device, on_token) -> list[list[int]]:
-    """ift's KV-cache loop (`ift.evaluation._greedy_causal`, same prefill, cache handling and stopping) with a
+    """ift's KV-cache loop (`ift.evaluation.evaluate._greedy_causal`, same prefill, cache handling and stopping) with a
     token picker and a callback; a row leaves the batch once it emits EOS or spends its budget."""
     import torch
 
-    from ift.evaluation import _prefill, _returned_cache, _select_cache, _with_cache
+    from ift.evaluation.evaluate import _prefill, _returned_cache, _select_cache, _with_cache
 
     logits, cache, mask = _prefill(model, prompts, pad, device)
     out: list[list[int]] = [[] for _ in prompts]
@@ -469,14 +469,14 @@ def _decode_causal(model, prompts: list[list[int]], budgets: list[int], decoding
 
 def _decode_seq2seq(model, tokenizer, prompts: list[list[int]], decoding: Decoding, eos: list[int], pad: int,
                     device, on_token) -> list[list[int]]:
-    """transformers' generate (as ift.evaluation decodes seq2seq models), the model's generation config with
+    """transformers' generate (as ift.evaluation.evaluate decodes seq2seq models), the model's generation config with
     ift's decoding options; streamed through a BaseStreamer."""
     import copy
 
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from ift.evaluation import _pad, _unwrap
+    from ift.evaluation.evaluate import _pad, _unwrap
 
     base = _unwrap(model)
     config = copy.deepcopy(base.generation_config)

@@ -36,7 +36,7 @@ def print_compare(run_dir: Path, split: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ift.evaluation import compare_table
+    from ift.evaluation.evaluate import compare_table
 
     base, tuned = compare_sections(run_dir, split)
     rows = compare_table(base, tuned)

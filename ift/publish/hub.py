@@ -8,7 +8,7 @@ model over an adapter leaves no adapter_config.json behind.
 During training (hub.strategy every_save / checkpoint) `push_checkpoint` pushes the weights at each save the
 same way (one commit, stale owned files deleted, the adapter naming its base by Hub id), and with
 `checkpoint` the resumable state under last-checkpoint/. `push_dataset` publishes the prepared splits as a
-dataset repo (datasets' push_to_hub) with a dataset card (ift.dataset_card).
+dataset repo (datasets' push_to_hub) with a dataset card (ift.publish.dataset_card).
 The token comes from the caller or huggingface_hub's own resolution (HF_TOKEN, `hf auth login`); it is
 passed to HfApi and nowhere else: never printed, logged, or written to a file.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ift.errors import IftError
-from ift.merge import Report, has_adapter, load_run_recipe
+from ift.publish.merge import Report, has_adapter, load_run_recipe
 from ift.recipe import Recipe
 
 # Pickle-based weight formats: loading them runs code, so we never publish them.
@@ -60,7 +60,7 @@ def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
     card = weights / "README.md" if merge and (weights / "README.md").is_file() else run_dir / "README.md"
     if not card.is_file():
         raise IftError("the run has no model card (README.md)", str(run_dir),
-                       "`ift push` writes it; from Python call ift.card.write_model_card(run_dir, recipe)")
+                       "`ift push` writes it; from Python call ift.publish.card.write_model_card(run_dir, recipe)")
     plan = [(p, p.name) for p in files] + [(card, "README.md")]
     plan += [(p, f"plots/{p.name}") for p in sorted((run_dir / "plots").glob("*.png"))]
     return plan
@@ -203,15 +203,15 @@ def _state_plan(state: Path) -> list[tuple[Path, str]]:
 
 def push_dataset(prepared, recipe: Recipe | None, repo_id: str, *, private: bool = False, token: str | None = None,
                  dry_run: bool = False, report: Report | None = None) -> str:
-    """hub.push_dataset: publish the prepared splits (ift.data.PreparedData) as a dataset repo; its URL.
+    """hub.push_dataset: publish the prepared splits (ift.data.prepare.PreparedData) as a dataset repo; its URL.
 
     The splits go up with datasets' own DatasetDict.push_to_hub (Parquet shards under data/, the card's
     configs and dataset_info); then one more commit replaces README.md with ift's dataset card
-    (ift.dataset_card), which keeps datasets' metadata and says where every row came from. An empty split
+    (ift.publish.dataset_card), which keeps datasets' metadata and says where every row came from. An empty split
     (validation_size: 0) is left out. `load_dataset(repo_id)` loads the splits.
     dry_run: no network, no token; returns the listing of the splits, rows and card that would be pushed.
     """
-    from ift.dataset_card import build_dataset_card
+    from ift.publish.dataset_card import build_dataset_card
 
     say = report or (lambda _msg: None)
     repo_id = check_dataset_repo_id(repo_id)
@@ -350,10 +350,10 @@ def format_plan(plan: list[tuple[Path, str]], repo_id: str, *, private: bool = F
 
 def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Callable[[str], None]) -> None:
     """Bring the merged model (when asked) and the card up to date before planning."""
-    from ift.card import write_model_card
+    from ift.publish.card import write_model_card
 
     if merge:
-        from ift.merge import merge as merge_run
+        from ift.publish.merge import merge as merge_run
 
         merged = run_dir / "merged"
         if not _merge_is_current(run_dir / "final", merged):
@@ -373,7 +373,7 @@ def _adapter_base(run_dir: Path, recipe: Recipe, merge: bool, say: Callable[[str
     """
     if merge or not has_adapter(weights or run_dir / "final"):
         return None
-    from ift.card import base_hub_id
+    from ift.publish.card import base_hub_id
 
     found = base_hub_id(recipe)
     if found is None:

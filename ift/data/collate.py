@@ -5,7 +5,7 @@ Packing (causal models) concatenates a batch's examples into one row with positi
 at every example and no attention mask: transformers' padding-free convention (as
 `DataCollatorWithFlattening`). Models detect the example boundaries from the position ids and keep
 attention inside each example, with sdpa, eager and flash attention alike, as long as no KV cache
-is passed (call the model with `use_cache=False` when training, which `ift.loss` does).
+is passed (call the model with `use_cache=False` when training, which `ift.training.loss` does).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ift.errors import IftError
 
-from ift.encoding import IGNORE
+from ift.data.encoding import IGNORE
 FEATURES = ("input_ids", "attention_mask", "labels")
 
 
@@ -152,8 +152,8 @@ def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int,
     lengths = None
     if group_by_length:
         if "length" not in ds.column_names:
-            raise IftError("group_by_length needs the `length` column that ift.data.tokenize adds",
-                           "data.group_by_length", "tokenize the splits with ift.data.tokenize first")
+            raise IftError("group_by_length needs the `length` column that ift.data.prepare.tokenize adds",
+                           "data.group_by_length", "tokenize the splits with ift.data.prepare.tokenize first")
         lengths = ds.with_format("arrow")["length"].to_numpy().tolist()
     sampler = SeededSampler(len(ds), seed, batch_size, lengths)
     # Its own generator: without one, every iterator (and the one skip_first_batches makes on resume)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 from ift import atomic
-from ift.encoding import IGNORE
+from ift.data.encoding import IGNORE
 from ift.errors import IftError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -280,8 +280,7 @@ def model_info(config: Any, adapter_cfg: Any, kind: str, *, source: str = "confi
 
 def load_model_info(model_cfg: Any, adapter_cfg: Any) -> ModelInfo:
     """The recipe's model: config only (no weights), then `model_info`."""
-    from ift import modeling
-
+    import ift.modeling.loading as modeling
     config, source = _load_config(model_cfg)
     kind = modeling.model_kind(config, model_cfg.kind)
     return model_info(config, adapter_cfg, kind, source=source, auto_targets=modeling.lora_target_modules,
@@ -289,11 +288,10 @@ def load_model_info(model_cfg: Any, adapter_cfg: Any) -> ModelInfo:
 
 
 def _load_config(model_cfg: Any) -> tuple[Any, str]:
-    """The transformers config as ift.modeling builds the model: for init: scratch the inline or named
+    """The transformers config as ift.modeling.loading builds the model: for init: scratch the inline or named
     config with the tokenizer's vocabulary, else the model's own (a local folder, config.json from the Hub,
     or the cached conversion of a GGUF file)."""
-    from ift import modeling
-
+    import ift.modeling.loading as modeling
     if model_cfg.init == "scratch":
         config = modeling._scratch_base_config(model_cfg)
         if model_cfg.tokenizer or model_cfg.name_or_path:
@@ -302,7 +300,7 @@ def _load_config(model_cfg: Any) -> tuple[Any, str]:
             config.vocab_size = model_cfg.vocab_size
         return config, f"scratch:{config.model_type}"
     path = str(modeling.resolve_model_path(model_cfg))
-    config = modeling._pretrained_config(model_cfg, path)  # Hub errors explained as ift.modeling explains them
+    config = modeling._pretrained_config(model_cfg, path)  # Hub errors explained as ift.modeling.loading explains them
     return config, model_cfg.gguf_file or model_cfg.name_or_path or path
 
 
@@ -333,7 +331,7 @@ class Setup:
 
 
 def model_weight_dtype(model_cfg: Any, method: str, config_dtype: str | None) -> str:
-    """What the base weights are held in, as ift.modeling loads them: model.dtype; under 'auto' the checkpoint's
+    """What the base weights are held in, as ift.modeling.loading loads them: model.dtype; under 'auto' the checkpoint's
     dtype (float32 when the config names none: GGUF conversions, scratch models). Under QLoRA peft's
     prepare_model_for_kbit_training makes every weight that is not 4-bit float32."""
     if method == "qlora":
@@ -530,7 +528,7 @@ def activation_bytes(arch: Architecture, params: ParamCounts, setup: Setup) -> A
     # around the blocks: ids kept by a trainable embedding, the final norm(s)
     norm = 4 * h + 4 + (p * h if full else 0)
     around = (8 if full else 0) * (tokens + enc_tokens) + norm * (tokens + enc_tokens)
-    # the head runs on the loss rows only (ift.loss.CompletionLoss); cross-entropy keeps fp32 log-probabilities,
+    # the head runs on the loss rows only (ift.training.loss.CompletionLoss); cross-entropy keeps fp32 log-probabilities,
     # and backward briefly holds two more fp32 copies (the gradients of the log-probabilities and the logits)
     head_in = c * h * loss_rows if full else 0  # the head keeps its input rows (a low-precision copy under autocast)
     head_saved = head_in + 4 * v * loss_rows
@@ -756,7 +754,7 @@ class Compute:
 def compute(info: ModelInfo, setup: Setup, tokens: float, loss_tokens: float, mean_len: float, *,
             decoder_tokens: float = 0.0, peak_tflops: float | None = None, mfu: float = 0.4,
             per: str = "run") -> Compute:
-    """FLOPs: forward 2 per matmul weight per token (the head on loss tokens only: ift.loss) plus attention
+    """FLOPs: forward 2 per matmul weight per token (the head on loss tokens only: ift.training.loss) plus attention
     4·s·d_attn per token per layer; backward twice the forward for trainable weights, once for a frozen base
     (input gradients only), twice for attention; checkpointing adds one more forward of the blocks."""
     pc, arch = info.params, info.arch
@@ -804,7 +802,7 @@ class TokenCount:
 
 
 def count_tokens(recipe: Any, kind: str, cache_dir: Path | None) -> TokenCount:
-    """Token counts of the tokenized training split, exactly as training prepares it (ift.data), cached by
+    """Token counts of the tokenized training split, exactly as training prepares it (ift.data.prepare), cached by
     the data section, the tokenizer settings and the local source files' sizes and times."""
     key = _data_key(recipe)
     cache = cache_dir / f"tokens-{key}.json" if cache_dir else None
@@ -813,10 +811,10 @@ def count_tokens(recipe: Any, kind: str, cache_dir: Path | None) -> TokenCount:
             return TokenCount(**json.loads(cache.read_text()))
         except (ValueError, TypeError):
             pass  # a damaged cache is recomputed
-    from ift.conversations import setup_chat_tokenizer
-    from ift.data import build_splits, tokenize
-    from ift.modeling import load_tokenizer
-    from ift.templates import TemplateLibrary
+    from ift.data.conversations import setup_chat_tokenizer
+    from ift.data.prepare import build_splits, tokenize
+    from ift.modeling.loading import load_tokenizer
+    from ift.templates.library import TemplateLibrary
 
     prepared = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir)))
     train = prepared.splits["train"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ift.encoding import IGNORE
+from ift.data.encoding import IGNORE
 
 
 def _softcap(config) -> Callable[[torch.Tensor], torch.Tensor]:

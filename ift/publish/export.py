@@ -2,7 +2,7 @@
 
     paths = export_gguf("runs/quickstart", quant="q8_0")   # runs/quickstart/export/quickstart-q8_0.gguf + Modelfile
 
-The inverse of the GGUF -> transformers conversion `ift.modeling` relies on (transformers' GGUF reader):
+The inverse of the GGUF -> transformers conversion `ift.modeling.loading` relies on (transformers' GGUF reader):
 
 - weights: the adapter merged into the unquantized float32 base (also for QLoRA runs, as `ift merge` does),
   tensor names through gguf's own name map (`gguf.get_tensor_name_map`), Llama-family Q/K rows permuted the
@@ -63,7 +63,7 @@ def export_gguf(run_dir: str | os.PathLike, *, quant: str = "f16", out: str | os
                 report: Report | None = None) -> Exported:
     """Write RUN_DIR's merged model as GGUF (`out`, default RUN_DIR/export/<run>-<quant>.gguf) and a Modelfile."""
     say = report or (lambda _m: None)
-    from ift.merge import load_run_recipe
+    from ift.publish.merge import load_run_recipe
 
     run_dir = Path(run_dir)
     if quant not in QUANTS:
@@ -82,7 +82,7 @@ def export_gguf(run_dir: str | os.PathLike, *, quant: str = "f16", out: str | os
 
     say("loading the fine-tuned model (adapter merged into the float32 base)")
     model, tokenizer, notes = merged_model(run_dir, recipe)
-    from ift.generation import run_prompt_format
+    from ift.inference.generate import run_prompt_format
 
     fmt = run_prompt_format(recipe, "causal")
     say(f"writing {out} ({quant})")
@@ -97,7 +97,7 @@ def export_gguf(run_dir: str | os.PathLike, *, quant: str = "f16", out: str | os
 
 def _check_config(final: Path, recipe) -> None:
     """An unsupported architecture is refused from its config alone."""
-    from ift.modeling import _pretrained_config, resolve_model_path
+    from ift.modeling.loading import _pretrained_config, resolve_model_path
 
     if (final / "config.json").is_file():
         from transformers import AutoConfig
@@ -124,8 +124,8 @@ def check_architecture(config, where: str) -> None:
 def merged_model(run_dir: Path, recipe) -> tuple[Any, Any, list[str]]:
     """The run's model as one set of float32 weights: the adapter merged into the unquantized base (a QLoRA
     run's adapter too: into the full-precision base, not the 4-bit one it trained on), or final/'s full model."""
-    from ift.merge import has_adapter
-    from ift.modeling import load_final
+    from ift.publish.merge import has_adapter
+    from ift.modeling.loading import load_final
 
     notes: list[str] = []
     final = run_dir / "final"
@@ -149,7 +149,7 @@ def _base_pre_tokenizer(recipe) -> str | None:
         return None
     import gguf
 
-    from ift.modeling import _locate_gguf
+    from ift.modeling.loading import _locate_gguf
 
     with contextlib.suppress(Exception):
         value = gguf.GGUFReader(str(_locate_gguf(recipe.model))).fields.get("tokenizer.ggml.pre")
@@ -161,7 +161,7 @@ def _base_hub_id(recipe) -> str | None:
     if recipe.model.hub_id:
         return recipe.model.hub_id
     if recipe.model.gguf_file:
-        from ift.modeling import _locate_gguf, gguf_hub_id
+        from ift.modeling.loading import _locate_gguf, gguf_hub_id
 
         with contextlib.suppress(Exception):
             return gguf_hub_id(_locate_gguf(recipe.model))
@@ -418,7 +418,7 @@ def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
 
 def stop_tokens(tokenizer, chat: bool) -> list[str]:
     """The trained end-of-turn tokens: EOS and the special tokens a chat template closes an answer with."""
-    from ift.encoding import encode_pairs
+    from ift.data.encoding import encode_pairs
 
     found: list[int] = []
     if chat and getattr(tokenizer, "chat_template", None):
@@ -468,7 +468,7 @@ def _add_vocab(writer, tokenizer, config, vocab: _Vocab, rows: int, *, chat: boo
 
 
 # The bare prompt format as a chat template, for runs trained without one: the user's text is the prompt, an
-# answer follows it after a space (ift.encoding.join) and ends with EOS. One turn is what such a run has seen.
+# answer follows it after a space (ift.data.encoding.join) and ends with EOS. One turn is what such a run has seen.
 BARE_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}"
                       "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
                       "{% endif %}{% endfor %}")
@@ -583,7 +583,7 @@ def _template_as_go(tpl) -> str | None:
     """A promptsource prompt of plain text around one `{{ field }}` as Go (the field = the user's message)."""
     from jinja2 import nodes
 
-    from ift.templates import ENV
+    from ift.templates.library import ENV
 
     try:
         tree = ENV.parse(tpl.jinja)
@@ -624,7 +624,7 @@ def read_back(path: str | os.PathLike, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ift.modeling import _dequantize_kwargs
+    from ift.modeling.loading import _dequantize_kwargs
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

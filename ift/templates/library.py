@@ -56,7 +56,7 @@ _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 
 def repo_templates_dir() -> Path:
     """The repository's own `templates/` folder (next to the `ift` package in a checkout)."""
-    return Path(__file__).resolve().parent.parent / "templates"  # == Path(ift.__file__).parent.parent
+    return Path(__file__).resolve().parents[2] / "templates"  # the repo root's templates/
 
 
 def promptsource_templates_dir() -> Path | None:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ift.encoding import Kind
+from ift.data.encoding import Kind
 
 KINDS_HELP = ("decoder-only models (Llama, SmolLM, Qwen, Mistral, GPT-2...) or encoder-decoder models "
               "(T5, FLAN-T5, BART) can be instruction-tuned")

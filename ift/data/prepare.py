@@ -7,13 +7,13 @@
           └ leak check: a (prompt, completion) pair, or a whole conversation, also in validation/test leaves train
             └ training mixture (weighted to a total, or examples-proportional with caps)
               └ tokenize: prompt tokens masked with -100, targets never cut silently; conversations in the chat
-                template with loss on assistant replies only (ift.conversations)
+                template with loss on assistant replies only (ift.data.conversations)
 
 Every expensive step is a `datasets` map or select with a fingerprint computed here from its inputs
 (parent fingerprint, settings, templates, tokenizer, this code), so a second identical run reuses the
 Arrow cache files instead of recomputing. Carving happens on raw rows, before templating, so the
 template expansions of one row never straddle two splits.
-Collation and dataloaders live in `ift.collate` and are re-exported here.
+Collation and dataloaders live in `ift.data.collate` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 
-from ift.collate import Collator, eval_dataloader, train_dataloader
-from ift.conversations import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, conversation_hash,
+from ift.data.collate import Collator, eval_dataloader, train_dataloader
+from ift.data.conversations import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, conversation_hash,
                                 detect_format, encode_conversations, end_of_turn_token, normalize_row)
-from ift.encoding import IGNORE, encode_pairs
+from ift.data.encoding import IGNORE, encode_pairs
 from ift.errors import IftError, IftErrors
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, DataConfig, SourceConfig
 
@@ -78,13 +78,12 @@ class PreparedData:
 
 
 def _code_version() -> str:
-    """Prepared data depends on this code and the template/encoding code: edits invalidate caches."""
-    here = Path(__file__).resolve().parent
+    """Prepared data depends on the data and templates folders' code: an edit there invalidates caches."""
+    ift_dir = Path(__file__).resolve().parents[1]
     h = hashlib.blake2b(digest_size=8)
-    for name in ("data.py", "templates.py", "encoding.py", "conversations.py"):
-        path = here / name
-        if path.exists():
-            h.update(path.read_bytes())
+    for folder in ("data", "templates"):
+        for path in sorted((ift_dir / folder).glob("*.py")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
@@ -110,7 +109,7 @@ def _pair_hash(prompt: str, completion: str) -> int:
 
 
 def _conversation_hash(messages: Sequence[dict]) -> int:
-    """The whole conversation's hash (ift.conversations) as a signed int64, the `_pair` column's type."""
+    """The whole conversation's hash (ift.data.conversations) as a signed int64, the `_pair` column's type."""
     h = conversation_hash(messages)
     return h - (1 << 64) if h >= 1 << 63 else h
 
@@ -414,7 +413,7 @@ def _check_values(ds: Any, columns: Sequence[str], where: str, limit: int | None
 
 def _check_source_values(source: _Source, templates: Sequence[Any], fixed: Any | None) -> None:
     """The values the templates (or the raw-text column) read, in every split the recipe uses."""
-    from ift.templates import MAX_SIZE
+    from ift.templates.library import MAX_SIZE
 
     inverse = {new: old for old, new in source.cfg.columns.items()}
     for ours, ds, where in _splits_read(source):
@@ -794,7 +793,7 @@ class _Renderer:
         self.fmt, self.cfg, self.system_prompt = fmt, cfg, system_prompt
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        from ift.templates import render_row
+        from ift.templates.library import render_row
 
         out: dict[str, list] = {k: [] for k in ("prompt", "completion", "choices", "source", "template", "_pair",
                                                 "messages")}
@@ -1215,7 +1214,7 @@ def load_preview_rows(source: str, split: str = "train", n: int | None = None,
     checked in every row as training checks them. `n`: the first n rows (0 or None: all). For
     `ift templates preview|validate --data`."""
     import datasets
-    from ift.templates import MAX_SIZE
+    from ift.templates.library import MAX_SIZE
 
     key = "--data"
     was_enabled = datasets.is_progress_bar_enabled()

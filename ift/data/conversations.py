@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from ift.errors import IftError
 
-from ift.encoding import IGNORE
+from ift.data.encoding import IGNORE
 
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")
 Format = Literal["messages", "sharegpt", "prompt_completion", "alpaca"]

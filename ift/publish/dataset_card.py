@@ -5,7 +5,7 @@ It says where every row came from: the sources and their origin (Hub id, config,
 file), the templates used with their row counts, the rows per split and source, which splits were carved
 from a source's train split and how (seed, data.validation_size / data.test_size, stratification), what
 the leak check removed, and the training mixture achieved against the weights asked for. Everything comes
-from ift.data's split report (PreparedData.report) and the data section as run (PreparedData.data).
+from ift.data.prepare's split report (PreparedData.report) and the data section as run (PreparedData.data).
 
 The metadata parses back with `DatasetCard(text).data`. `datasets`' own push_to_hub writes `configs` and
 `dataset_info` into the card; pass them as `metadata` and they are kept, so load_dataset and the Hub's
@@ -19,7 +19,7 @@ from typing import Any
 from ift.recipe import SPLITS, Recipe
 
 CARD_TAGS = ["ift", "instruction-tuning"]
-# the columns ift.data writes, in the order the card explains them
+# the columns ift.data.prepare writes, in the order the card explains them
 COLUMNS = {
     "prompt": "the templated input (a conversation's last user turn)",
     "completion": "the target the model is trained to produce (a conversation's final reply)",
@@ -36,7 +36,7 @@ DATASETS_KEYS = ("configs", "dataset_info")
 
 
 def build_dataset_card(prepared: Any, recipe: Recipe | None, repo_id: str, *, metadata: dict | None = None):
-    """The card for `prepared` (ift.data.PreparedData) published as dataset repo `repo_id`.
+    """The card for `prepared` (ift.data.prepare.PreparedData) published as dataset repo `repo_id`.
 
     metadata: the card data datasets' push_to_hub wrote (its configs and dataset_info are kept).
     """
@@ -70,7 +70,7 @@ class _Facts:
         report_sources = self.report.get("sources") if isinstance(self.report.get("sources"), dict) else {}
         self.sources: list[dict[str, Any]] = []
         for cfg in (self.data.sources if self.data is not None else []):
-            from ift.data import source_name
+            from ift.data.prepare import source_name
 
             name = source_name(cfg)
             info = report_sources.get(name) if isinstance(report_sources.get(name), dict) else {}
@@ -98,7 +98,7 @@ class _Facts:
 def _is_hub(cfg: Any, info: dict) -> bool:
     if info.get("origin"):
         return info["origin"] == "hub"
-    from ift.card import DATA_SUFFIXES, looks_like_hub_id
+    from ift.publish.card import DATA_SUFFIXES, looks_like_hub_id
 
     return looks_like_hub_id(cfg.path, DATA_SUFFIXES)
 
