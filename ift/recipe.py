@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ift.errors import IftError, IftErrors
-from ift.evaluation.metrics import computed_by
+from ift.metrics import computed_by
 
 SPLITS = ("train", "validation", "test")
 # Keys that hold secrets: refused in recipes, so a resolved recipe written to a run folder never leaks one.

@@ -27,9 +27,9 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -42,28 +42,14 @@ if __package__ in (None, ""):
 
 from ift import atomic
 from ift.errors import IftError
-from ift.evaluation.metrics import higher_is_better
-from ift.recipe import ModelConfig, Parser, Recipe, load_recipe, parse_args
+from ift.metrics import higher_is_better
+from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
+from ift.training.checkpoints import (STATE_FILE, Progress, _best, _check_fresh_run_dir, _find_checkpoint,
+                                      _load_checkpoint, _prune_checkpoints, _save_final, _saved_tokenizer)
 
-STATE_FILE = "trainer_state.json"
 # transformers' scheduler names for ours: a constant rate after warmup is its constant_with_warmup
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-
-
-@dataclass
-class Progress:
-    """What a checkpoint must carry besides Accelerate's state to continue exactly."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (on each process)
-    best_metric: float | None = None
-    best_step: int | None = None
-    best_validation: dict | None = None  # every validation figure at best_step: what final/ scores
-    evals_without_improvement: int = 0
-    tokens_seen: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -117,10 +103,14 @@ class FineTune:
         from accelerate.utils import ProjectConfiguration, set_seed
         from tqdm.auto import tqdm
 
-        from ift.data.prepare import Collator, build_splits, eval_dataloader, tokenize, train_dataloader
+        from ift.data.collate import Collator, eval_dataloader, train_dataloader
+        from ift.data.prepare import build_splits
+        from ift.data.tokenization import tokenize
         from ift.training.loss import CompletionLoss
         from ift.data.conversations import setup_chat_tokenizer
-        from ift.modeling.loading import count_parameters, load, load_tokenizer
+        from ift.modeling.adapters import count_parameters
+        from ift.modeling.loading import load
+        from ift.modeling.tokenizer import load_tokenizer
         from ift.templates.library import TemplateLibrary
 
         self.recipe = _runnable_precision(self.recipe)
@@ -371,7 +361,7 @@ class FineTune:
             shutil.rmtree(tmp, ignore_errors=True)
             raise IftError(f"could not write checkpoint {final}: {err.strerror or err} ({free_space(tmp)})",
                            str(tmp), "free disk space or fix the folder's permissions, then continue with "
-                           f"--resume (the previous checkpoint is intact)") from None
+                           "--resume (the previous checkpoint is intact)") from None
         if self.main:
             _prune_checkpoints(rd, self.t.save_total_limit, progress.best_step)
         if self.recipe.hub.push and self.recipe.hub.strategy != "end":
@@ -426,7 +416,7 @@ class FineTune:
         test_rows = self.prepared.splits["test"]
         records: list[dict] = []
         if recipe.evaluation.test and len(test_rows):
-            from ift.data.prepare import eval_dataloader
+            from ift.data.collate import eval_dataloader
 
             test_dl = acc.prepare(eval_dataloader(self.tokens["test"], self.t.per_device_eval_batch_size,
                                                   self.collator))
@@ -661,75 +651,11 @@ def _early_stop(progress: Progress, t) -> bool:
 # ---------------------------------------------------------------- checkpoints and outputs
 
 
-def _best(progress: Progress) -> dict | None:
-    return None if progress.best_step is None else {"step": progress.best_step, "value": progress.best_metric}
-
-
 def _dtype_of(model, t: TrainingConfig) -> str:
     """What the evaluated forward ran in: the weights' dtype, or the autocast one."""
     if t.mixed_precision != "no":
         return f"{t.mixed_precision} autocast"
     return str(next(model.parameters()).dtype).removeprefix("torch.")
-
-
-def _prune_checkpoints(rd: RunDir, keep: int, best_step: int | None) -> None:
-    """Keep the last `keep` checkpoints and the best one."""
-    steps = rd.checkpoint_steps()
-    for step in steps[:-keep]:
-        if step != best_step:
-            shutil.rmtree(rd.checkpoint(step), ignore_errors=True)
-
-
-def _find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
-    """The checkpoint to continue from: the given one (verified), or the newest that verifies."""
-    if resume in (False, None, "false"):
-        return None
-    if isinstance(resume, str) and resume not in ("auto", "true"):
-        path = Path(resume)
-        if not (path / STATE_FILE).exists():
-            raise IftError(f"'{resume}' is not a complete ift checkpoint", "training.resume",
-                           f"give a folder from {rd.checkpoints} or use resume: auto")
-        problem = rd.verify(path)
-        if problem and not (path / "manifest.json").exists():
-            say(f"warning: checkpoint {path} has no manifest (an older ift wrote it): not verified")
-        elif problem:
-            raise IftError(f"checkpoint {path} is damaged: {problem}", "training.resume",
-                           f"resume from an older checkpoint in {rd.checkpoints}, or use resume: auto")
-        return path
-    found = rd.newest_valid_checkpoint(say=say)
-    if found is not None:
-        return found
-    if rd.checkpoint_steps():
-        raise IftError(f"no checkpoint in {rd.checkpoints} is complete", "--resume",
-                       "each one failed verification (named above); start again without --resume "
-                       "and with training.overwrite_output_dir: true")
-    if resume == "auto":
-        return None  # nothing to resume yet: start fresh
-    raise IftError(f"no checkpoint to resume in {rd.checkpoints}", "--resume",
-                   "start without --resume, or point training.output_dir at the interrupted run")
-
-
-def _load_checkpoint(acc, folder: Path) -> Progress:
-    """Accelerate's state + our progress; a checkpoint that does not load is named, never a traceback."""
-    try:
-        acc.load_state(str(folder))
-        return Progress(**json.loads((folder / STATE_FILE).read_text()))
-    except Exception as err:  # safetensors, pickle, shape mismatches: all mean this checkpoint is unusable
-        detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        raise IftError(f"checkpoint {folder} does not load: {type(err).__name__}: {detail[:400]}",
-                       str(folder), "it was written by another model or recipe, or damaged: move it away to "
-                       "resume from the previous one") from None
-
-
-def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if overwrite:
-        return
-    # only a finished run or a complete checkpoint count: a save killed before its rename leaves step-N.tmp
-    if (run_dir / "final").exists() or RunDir(run_dir).checkpoint_steps():
-        raise IftError(f"{run_dir} already holds a run", "training.output_dir",
-                       "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
 
 
 def _runnable_precision(recipe: Recipe) -> Recipe:
@@ -749,35 +675,6 @@ def _runnable_precision(recipe: Recipe) -> Recipe:
               "so bf16 autocast would run many times slower than fp32: training in fp32 "
               "(training.mixed_precision: no)", flush=True)
     return recipe.model_copy(update={"training": t.model_copy(update={"mixed_precision": "no"})})
-
-
-def _saved_tokenizer(checkpoint: Path | None, model: ModelConfig):
-    """On resume a trained (init: scratch) tokenizer must be the one the run started with. Any other is loaded
-    again and set up again (deterministic), so the tokens the chat setup adds are known as new, as they were."""
-    if checkpoint is None or model.tokenizer or model.name_or_path:
-        return None
-    folder = checkpoint.parent.parent / "tokenizer"
-    if not folder.is_dir():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _save_final(model, state: dict, tokenizer, rd: RunDir, resized: bool = False) -> None:
-    """Adapter or full model + tokenizer, safetensors, renamed into place when complete.
-
-    resized: the tokenizer gained tokens, so the base's embeddings were grown; an adapter then carries the
-    grown embedding matrices too (a reloaded base would draw its new rows afresh)."""
-    final = rd.final
-    tmp = final.with_name("final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    extra = {"save_embedding_layers": True} if resized and hasattr(model, "peft_config") else {}
-    model.save_pretrained(tmp, state_dict=state, **extra)
-    tokenizer.save_pretrained(tmp)
-    atomic.apply_umask(tmp)  # safetensors writes 0600 files
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
 
 
 def _finish_outputs(run_dir: Path, recipe: Recipe, library) -> None:

@@ -102,7 +102,7 @@ def test_model_card_is_0644_under_umask_022(tmp_path, umask, monkeypatch):
 
 
 def test_new_template_file_follows_the_umask(tmp_path, umask):
-    from ift.templates.library import add_template
+    from ift.templates.files import add_template
 
     umask(0o002)  # a group-writable setup: a new templates.yaml must not come out 0644 regardless
     add_template("mine", "t1", "{{text}} ||| {{label}}", templates_dir=tmp_path)
@@ -114,7 +114,7 @@ def test_new_template_file_follows_the_umask(tmp_path, umask):
 
 
 def test_gguf_hash_index_follows_the_umask(tmp_path, umask):
-    import ift.modeling.loading as modeling
+    import ift.modeling.gguf as modeling
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     modeling._sha256(gguf, tmp_path / "cache")

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from ift.cli import main
-from ift.templates.library import TemplateLibrary, promptsource_templates_dir
+from ift.templates.files import promptsource_templates_dir
+from ift.templates.library import TemplateLibrary
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HAS_PROMPTSOURCE = promptsource_templates_dir() is not None
@@ -135,7 +136,7 @@ def test_preview_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, news
     code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", str(tmp_path / "missing.jsonl"))
     assert (code, err) == (2, f"error: data file or folder not found: {tmp_path / 'missing.jsonl'} (--data) — check "
                               f"the path (relative paths start from {Path.cwd()}), or give a Hub dataset id\n")
-    monkeypatch.setattr("ift.data.prepare.hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("ift.data.sources.hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", "someone/finance_news:default")
     assert code == 2 and err.startswith("error: the Hugging Face Hub is not reachable, so dataset 'someone/finance_news' "

@@ -12,6 +12,11 @@ import torch
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
 import ift.data.prepare as D
+import ift.data.sources as S
+from ift.data.collate import Collator, eval_dataloader, train_dataloader
+from ift.data.mixture import mixture_counts
+from ift.data.splits import carve_indices
+from ift.data.tokenization import INTACT, PROMPT_CUT, _Encoder, tokenize
 from ift.cli import main as cli_main
 from ift.data.encoding import encode_pairs
 from ift.errors import IftError
@@ -166,8 +171,8 @@ def test_size_zero_means_no_split(tmp_path, library):
 
 def test_carve_indices_are_machine_independent():
     # PCG64 with a fixed seed: these exact indices on every machine and numpy version we support
-    picked = D.carve_indices(10, {"validation": 2, "test": 2}, np.random.default_rng([42, 7]))
-    again = D.carve_indices(10, {"validation": 2, "test": 2}, np.random.default_rng([42, 7]))
+    picked = carve_indices(10, {"validation": 2, "test": 2}, np.random.default_rng([42, 7]))
+    again = carve_indices(10, {"validation": 2, "test": 2}, np.random.default_rng([42, 7]))
     assert all((picked[k] == again[k]).all() for k in picked)
     assert sorted(np.concatenate(list(picked.values())).tolist()) == list(range(10))
 
@@ -238,10 +243,10 @@ def test_leaks_leave_the_training_side(tmp_path, library):
 
 
 def test_mixture_counts():
-    assert D.mixture_counts({"a": 100, "b": 50}, None, None, {"a": 30, "b": None}) == {"a": 30, "b": 50}
-    assert D.mixture_counts({"a": 100, "b": 50}, {"a": 0.51, "b": 0.49}, 1000, {}) == {"a": 510, "b": 490}
+    assert mixture_counts({"a": 100, "b": 50}, None, None, {"a": 30, "b": None}) == {"a": 30, "b": 50}
+    assert mixture_counts({"a": 100, "b": 50}, {"a": 0.51, "b": 0.49}, 1000, {}) == {"a": 510, "b": 490}
     # no total: the largest mixture that repeats no source
-    assert D.mixture_counts({"a": 1000, "b": 100}, {"a": 0.5, "b": 0.5}, None, {}) == {"a": 100, "b": 100}
+    assert mixture_counts({"a": 1000, "b": 100}, {"a": 0.5, "b": 0.5}, None, {}) == {"a": 100, "b": 100}
 
 
 def test_weighted_mixture_on_10k_rows(tmp_path, library):
@@ -275,7 +280,7 @@ def test_proportional_mixture_with_cap(tmp_path, library):
 
 def _tokenized(prepared, tokenizer, kind, **data_kw):
     data = cfg(sources=[{"path": "unused"}], **data_kw)
-    return D.tokenize(prepared.splits, tokenizer, kind, data)
+    return tokenize(prepared.splits, tokenizer, kind, data)
 
 
 def _pairs_dataset(prompts, completions, templates=None):
@@ -340,7 +345,7 @@ def test_eos_keeps_its_label_when_pad_is_eos(tiny_tokenizer):
     prepared = D.PreparedData(_pairs_dataset(["Headline: profits up.", "Question: what is the answer? yes no"],
                                              ["positive", "no"]))
     tokens, _ = _tokenized(prepared, tok, "causal")
-    batch = D.Collator(tok, "causal")(list(tokens["train"]))
+    batch = Collator(tok, "causal")(list(tokens["train"]))
     short = int(batch["attention_mask"].sum(1).argmin())
     n = int(batch["attention_mask"][short].sum())
     assert batch["labels"][short, n - 1] == tok.eos_token_id  # the real EOS is learned
@@ -359,7 +364,7 @@ def test_truncation_accounting(tiny_tokenizer):
     p, c = encode_pairs(tiny_tokenizer, "causal", [long_prompt], ["positive"])[0]
     assert len(cut["input_ids"]) == 24 and cut["input_ids"][-len(c):] == c  # the target survives whole
     assert cut["input_ids"][: 24 - len(c)] == p[-(24 - len(c)):]  # left side of the prompt went
-    assert cut["truncated"] == D.PROMPT_CUT and rows[1]["truncated"] == D.INTACT
+    assert cut["truncated"] == PROMPT_CUT and rows[1]["truncated"] == INTACT
     right, _ = _tokenized(prepared, tiny_tokenizer, "causal", max_length=24, truncation="right")
     assert right["train"][0]["input_ids"][: 24 - len(c)] == p[: 24 - len(c)]
     dropped, rep = _tokenized(prepared, tiny_tokenizer, "causal", max_length=24, truncation="drop")
@@ -380,7 +385,7 @@ def test_chat_truncation_keeps_the_template_frame():
     prepared = D.PreparedData(_pairs_dataset([prompt], ["negative"]))
     row = _tokenized(prepared, tok, "causal", chat_template=True, max_length=24)[0]["train"][0]
     text = tok.decode(row["input_ids"])
-    assert len(row["input_ids"]) == 24 and row["truncated"] == D.PROMPT_CUT
+    assert len(row["input_ids"]) == 24 and row["truncated"] == PROMPT_CUT
     assert text.startswith("<|user|>") and text.endswith("positive?</s><|assistant|>negative</s>")
     assert "The bank" not in text  # the content was cut from the left, not the chat frame
     assert tok.decode([t for t in row["labels"] if t != -100]) == "negative</s>"
@@ -403,11 +408,11 @@ def test_long_raw_text_is_split_into_windows(tiny_tokenizer):
 def test_tokenize_is_cached(tmp_path, library, tiny_tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "cache.jsonl", toy_rows(120))
     data = cfg(sources=[src(path)])
-    first, _ = D.tokenize(D.build_splits(data, library).splits, tiny_tokenizer, "causal", data)
+    first, _ = tokenize(D.build_splits(data, library).splits, tiny_tokenizer, "causal", data)
     calls = []
-    original = D._Encoder.__call__
-    monkeypatch.setattr(D._Encoder, "__call__", lambda self, t: calls.append(1) or original(self, t))
-    again, _ = D.tokenize(D.build_splits(data, library).splits, tiny_tokenizer, "causal", data)
+    original = _Encoder.__call__
+    monkeypatch.setattr(_Encoder, "__call__", lambda self, t: calls.append(1) or original(self, t))
+    again, _ = tokenize(D.build_splits(data, library).splits, tiny_tokenizer, "causal", data)
     assert not calls and again["train"].cache_files == first["train"].cache_files
     assert again["train"]["input_ids"] == first["train"]["input_ids"]
 
@@ -441,7 +446,7 @@ def test_error_unreadable_file(tmp_path, library):
 
 
 def test_error_hub_unreachable(library, monkeypatch):
-    monkeypatch.setattr(D, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(S, "hub_reachable", lambda timeout=3.0: False)
     err = _error(cfg(sources=[src("someone/finance-news")]), library)
     assert "Hub is not reachable" in err.what and "local" in err.fix and err.where == "data.sources.0.path"
     assert any("not reachable" in e.what for e in D.check_sources(cfg(sources=[src("someone/finance-news")]), library))
@@ -559,14 +564,14 @@ def _token_rows(tokenizer, n=6):
 
 def test_collator_pads_right_with_ignored_labels(tiny_tokenizer):
     rows = _token_rows(tiny_tokenizer, 3)
-    batch = D.Collator(tiny_tokenizer, "causal", pad_to_multiple_of=8)(rows)
+    batch = Collator(tiny_tokenizer, "causal", pad_to_multiple_of=8)(rows)
     width = batch["input_ids"].shape[1]
     assert width % 8 == 0 and width >= max(len(r["input_ids"]) for r in rows)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         assert batch["input_ids"][i, :n].tolist() == r["input_ids"] and batch["labels"][i, :n].tolist() == r["labels"]
         assert (batch["labels"][i, n:] == -100).all() and batch["attention_mask"][i].sum() == n
-    s2s = D.Collator(tiny_tokenizer, "seq2seq")([{"input_ids": [5, 6, 7], "labels": [8]}, {"input_ids": [5], "labels": [8, 9, 2]}])
+    s2s = Collator(tiny_tokenizer, "seq2seq")([{"input_ids": [5, 6, 7], "labels": [8]}, {"input_ids": [5], "labels": [8, 9, 2]}])
     assert s2s["labels"].tolist() == [[8, -100, -100], [8, 9, 2]] and s2s["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
@@ -577,8 +582,8 @@ def test_packing_equals_padding(tiny_tokenizer, attn):
     rows = _token_rows(tiny_tokenizer)
     for r in rows:
         r["labels"] = list(r["input_ids"])  # loss everywhere: the boundary tokens matter
-    padded = D.Collator(tiny_tokenizer, "causal")(rows)
-    packed = D.Collator(tiny_tokenizer, "causal", packing=True)(rows)
+    padded = Collator(tiny_tokenizer, "causal")(rows)
+    packed = Collator(tiny_tokenizer, "causal", packing=True)(rows)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     assert packed["position_ids"][0, : len(rows[0]["input_ids"]) + 1].tolist()[-1] == 0  # restarts per example
     with torch.no_grad():
@@ -594,7 +599,7 @@ def test_packing_equals_padding(tiny_tokenizer, attn):
 
 def test_packing_refuses_seq2seq(tiny_tokenizer):
     with pytest.raises(IftError):
-        D.Collator(tiny_tokenizer, "seq2seq", packing=True)
+        Collator(tiny_tokenizer, "seq2seq", packing=True)
 
 
 def _dataset(n=40):
@@ -614,12 +619,12 @@ def _batches(dl, epoch):
 
 def test_train_dataloader_is_deterministic_per_seed_and_epoch(tiny_tokenizer):
     ds = _dataset()
-    collator = D.Collator(tiny_tokenizer, "causal")
-    a = D.train_dataloader(ds, 4, collator, seed=7)
-    b = D.train_dataloader(ds, 4, collator, seed=7)
+    collator = Collator(tiny_tokenizer, "causal")
+    a = train_dataloader(ds, 4, collator, seed=7)
+    b = train_dataloader(ds, 4, collator, seed=7)
     assert _batches(a, 0) == _batches(b, 0) and _batches(a, 1) == _batches(b, 1)
     assert _batches(a, 0) != _batches(a, 1)
-    assert _batches(D.train_dataloader(ds, 4, collator, seed=8), 0) != _batches(a, 0)
+    assert _batches(train_dataloader(ds, 4, collator, seed=8), 0) != _batches(a, 0)
     assert sorted(sum(_batches(a, 3), [])) == sorted(r[0] for r in ds["input_ids"])  # a permutation
 
 
@@ -627,12 +632,12 @@ def test_accelerate_set_epoch_and_resume_see_the_same_batches(tiny_tokenizer):
     from accelerate import Accelerator
 
     ds = _dataset()
-    collator = D.Collator(tiny_tokenizer, "causal")
+    collator = Collator(tiny_tokenizer, "causal")
     acc = Accelerator(cpu=True)
-    dl = acc.prepare(D.train_dataloader(ds, 4, collator, seed=3))
+    dl = acc.prepare(train_dataloader(ds, 4, collator, seed=3))
     epochs = [[b["input_ids"][:, 0].tolist() for b in dl] for _ in range(2)]  # iteration count drives set_epoch
     assert epochs[0] != epochs[1]
-    fresh = acc.prepare(D.train_dataloader(ds, 4, collator, seed=3))
+    fresh = acc.prepare(train_dataloader(ds, 4, collator, seed=3))
     fresh.set_epoch(1)
     resumed = acc.skip_first_batches(fresh, 3)
     assert [b["input_ids"][:, 0].tolist() for b in resumed] == epochs[1][3:]
@@ -640,7 +645,7 @@ def test_accelerate_set_epoch_and_resume_see_the_same_batches(tiny_tokenizer):
 
 def test_group_by_length_megabatches(tiny_tokenizer):
     ds = _dataset(64)
-    dl = D.train_dataloader(ds, 4, D.Collator(tiny_tokenizer, "causal"), seed=1, group_by_length=True)
+    dl = train_dataloader(ds, 4, Collator(tiny_tokenizer, "causal"), seed=1, group_by_length=True)
     order = list(iter(dl.sampler))
     lengths = ds["length"]
     assert sorted(order) == list(range(64)) and lengths[order[0]] == max(lengths)
@@ -648,13 +653,13 @@ def test_group_by_length_megabatches(tiny_tokenizer):
     for start in range(0, 64, mega):
         chunk = [lengths[i] for i in order[start:start + mega]][1:]
         assert chunk == sorted(chunk, reverse=True)
-    assert order == list(iter(D.train_dataloader(ds, 4, D.Collator(tiny_tokenizer, "causal"), seed=1,
+    assert order == list(iter(train_dataloader(ds, 4, Collator(tiny_tokenizer, "causal"), seed=1,
                                                  group_by_length=True).sampler))
 
 
 def test_eval_dataloader_keeps_order(tiny_tokenizer):
     ds = _dataset(10)
-    dl = D.eval_dataloader(ds, 4, D.Collator(tiny_tokenizer, "causal"))
+    dl = eval_dataloader(ds, 4, Collator(tiny_tokenizer, "causal"))
     assert sum((b["input_ids"][:, 0].tolist() for b in dl), []) == [r[0] for r in ds["input_ids"]]
 
 

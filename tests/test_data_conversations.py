@@ -10,6 +10,7 @@ import pytest
 
 from conftest import build_tiny_tokenizer
 import ift.data.prepare as D
+from ift.data.tokenization import TURNS_DROPPED, tokenize
 from ift.cli import main as cli_main
 from ift.data.conversations import encode_conversation, setup_chat_tokenizer
 from ift.errors import IftError
@@ -75,7 +76,7 @@ def test_each_format_trains_exactly_on_the_assistant_replies(tmp_path, library, 
     prepared = D.build_splits(data, library)
     assert prepared.report["sources"][fmt]["format"] == fmt  # detected from the columns
     assert prepared.data.sources[0].format == fmt  # pinned in the recipe a run saves
-    tokens, report = D.tokenize(prepared.splits, tok, "causal", data)
+    tokens, report = tokenize(prepared.splits, tok, "causal", data)
     for split in ("train", "validation", "test"):
         rows, toks = prepared.splits[split], tokens[split]
         assert len(toks) == len(rows) > 0
@@ -105,7 +106,7 @@ def test_system_prompt_added_never_trained_and_a_rows_own_wins(tmp_path, library
         r["messages"].insert(0, {"role": "system", "content": "Own system text."})
     data = cfg(sources=[{"path": str(write_jsonl(tmp_path / "m.jsonl", rows))}], system_prompt="You are Vic.")
     prepared = D.build_splits(data, library)
-    tokens, _ = D.tokenize(prepared.splits, tok, "causal", data)
+    tokens, _ = tokenize(prepared.splits, tok, "causal", data)
     systems = set()
     for row, t in zip(prepared.splits["train"], tokens["train"]):
         assert row["messages"][0]["role"] == "system"
@@ -117,7 +118,7 @@ def test_system_prompt_added_never_trained_and_a_rows_own_wins(tmp_path, library
 def test_last_assistant_trains_only_the_final_reply(tmp_path, library, tok):
     data = cfg(sources=[{"path": str(write_source(tmp_path, "sharegpt", exchanges=3))}], train_on="last_assistant")
     prepared = D.build_splits(data, library)
-    tokens, _ = D.tokenize(prepared.splits, tok, "causal", data)
+    tokens, _ = tokenize(prepared.splits, tok, "causal", data)
     for row, t in zip(prepared.splits["train"], tokens["train"]):
         assert runs(tok, t["input_ids"], t["labels"]) == [row["completion"] + "<|im_end|>"]
 
@@ -164,7 +165,7 @@ def test_mixture_of_template_and_conversation_sources(tmp_path, library, tok):
     train = prepared.splits["train"]
     assert prepared.report["mixture"]["sources"]["toy"]["rows"] == 30
     assert prepared.report["mixture"]["sources"]["sharegpt"]["rows"] == 30
-    tokens, report = D.tokenize(prepared.splits, tok, "causal", data)
+    tokens, report = tokenize(prepared.splits, tok, "causal", data)
     for row, t in zip(train, tokens["train"]):
         if row["messages"]:
             assert len(runs(tok, t["input_ids"], t["labels"])) == 2
@@ -177,17 +178,17 @@ def test_mixture_of_template_and_conversation_sources(tmp_path, library, tok):
 def test_too_long_conversations_lose_their_earliest_exchanges_first(tmp_path, library, tok):
     data = cfg(sources=[{"path": str(write_source(tmp_path, "sharegpt", exchanges=3))}], max_length=64)
     prepared = D.build_splits(data, library)
-    tokens, report = D.tokenize(prepared.splits, tok, "causal", data)
+    tokens, report = tokenize(prepared.splits, tok, "causal", data)
     train = report["train"]
     assert train["turns_dropped"] > 0 and train["dropped"] == 0
     for row, t in zip(prepared.splits["train"], tokens["train"]):
         assert len(t["input_ids"]) <= 64
-        if t["truncated"] == D.TURNS_DROPPED:
+        if t["truncated"] == TURNS_DROPPED:
             assert runs(tok, t["input_ids"], t["labels"])[-1] == row["completion"] + "<|im_end|>"
     # truncation: drop drops over-long conversations whole; here every one is too long
     drop = cfg(sources=data.sources, max_length=64, truncation="drop")
     with pytest.raises(IftError) as err:
-        D.tokenize(prepared.splits, tok, "causal", drop)
+        tokenize(prepared.splits, tok, "causal", drop)
     assert err.value.where == "data.max_length"
 
 
@@ -196,7 +197,7 @@ def test_conversations_need_a_chat_template(tmp_path, library):
                                       "validation_size": 4, "test_size": 4})
     prepared = D.build_splits(data, library)
     with pytest.raises(IftError) as err:
-        D.tokenize(prepared.splits, build_tiny_tokenizer(), "causal", data)
+        tokenize(prepared.splits, build_tiny_tokenizer(), "causal", data)
     assert err.value.where == "data.chat_template" and "chatml" in err.value.fix
 
 

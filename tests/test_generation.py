@@ -83,14 +83,14 @@ def template_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_target(chat_run):
-    from ift.inference.generate import resolve_target
+    from ift.inference.target import resolve_target
 
     return resolve_target(chat_run)
 
 
 @pytest.fixture(scope="module")
 def template_target(template_run):
-    from ift.inference.generate import resolve_target
+    from ift.inference.target import resolve_target
 
     return resolve_target(template_run)
 
@@ -112,9 +112,9 @@ def _error_line(capsys) -> str:
 
 @pytest.mark.parametrize("run_fixture, chat", [("chat_run", True), ("template_run", False)])
 def test_generate_equals_evaluation_greedy_predictions(request, tmp_path, run_fixture, chat):
-    """`ift generate` (prompt and messages lines) = ift.evaluation.evaluate.generate on the same prompts, token for token."""
-    from ift.evaluation.evaluate import generate
-    from ift.inference.generate import resolve_target
+    """`ift generate` (prompt and messages lines) = ift.evaluation.decoding.generate on the same prompts, token for token."""
+    from ift.evaluation.decoding import generate
+    from ift.inference.target import resolve_target
 
     run = request.getfixturevalue(run_fixture)
     lines = [{"prompt": p, "id": k} for k, p in enumerate(PROMPTS)]
@@ -165,7 +165,7 @@ def test_generate_keeps_fields_and_writes_atomically(tmp_path, chat_run, monkeyp
 
 
 def test_generate_one_prompt_prints_the_answer(chat_run, chat_target, capsys):
-    from ift.evaluation.evaluate import generate
+    from ift.evaluation.decoding import generate
 
     assert main(["generate", str(chat_run), "--prompt", PROMPTS[2], "--max-new-tokens", "6"]) == 0
     expected = generate(chat_target.model, chat_target.tokenizer, "causal", [PROMPTS[2]], max_new_tokens=6,
@@ -228,7 +228,7 @@ def test_run_without_final_model_is_explained(tmp_path, capsys):
 
 def test_template_run_fills_its_template_and_generate_renders_fields(tmp_path, template_run, template_target):
     """A template run's format is its promptsource prompt: the user's text fills the template's one field."""
-    from ift.evaluation.evaluate import _encode_prompts
+    from ift.evaluation.decoding import _encode_prompts
 
     fmt = template_target.format
     assert not fmt.chat_template and fmt.fields == ("headline",)
@@ -256,7 +256,8 @@ def _script(lines: list[str]):
 
 def test_chat_streams_resets_sets_system_and_exits(chat_target):
     """Scripted input through the loop: answers stream, /system and /reset change the conversation, /exit stops."""
-    from ift.inference.generate import ChatSession, Decoding, chat_loop, decode, text_of
+    from ift.evaluation.decoding import Decoding, decode, text_of
+    from ift.inference.chat import ChatSession, chat_loop
 
     chunks: list[str] = []
 
@@ -292,7 +293,8 @@ def test_chat_streams_resets_sets_system_and_exits(chat_target):
 
 
 def test_chat_keeps_the_conversation_for_chat_template_runs(chat_target):
-    from ift.inference.generate import ChatSession, Decoding
+    from ift.evaluation.decoding import Decoding
+    from ift.inference.chat import ChatSession
 
     session = ChatSession(chat_target, Decoding(max_new_tokens=4))
     answer, _ = session.reply("Hello there", lambda _t: None)
@@ -307,8 +309,8 @@ def test_chat_keeps_the_conversation_for_chat_template_runs(chat_target):
 
 def test_chat_template_run_vs_template_run_prompt_ids(chat_target, template_target):
     """One user turn encodes to exactly the ids evaluation generates from, in either format."""
-    from ift.evaluation.evaluate import _encode_prompts
-    from ift.inference.generate import ChatSession, Decoding
+    from ift.evaluation.decoding import Decoding, _encode_prompts
+    from ift.inference.chat import ChatSession
 
     chat_ids = chat_target.format.encode(chat_target.tokenizer, [{"role": "user", "content": "Revenue was flat"}])
     assert chat_ids == _encode_prompts(chat_target.tokenizer, "causal", ["Revenue was flat"], chat_template=True)[0]
@@ -322,7 +324,8 @@ def test_chat_template_run_vs_template_run_prompt_ids(chat_target, template_targ
 
 
 def test_chat_loop_commands_on_a_template_run(template_target):
-    from ift.inference.generate import ChatSession, Decoding, chat_loop
+    from ift.evaluation.decoding import Decoding
+    from ift.inference.chat import ChatSession, chat_loop
 
     chunks: list[str] = []
 
@@ -398,8 +401,8 @@ def test_decode_equals_transformers_generate_greedy(chat_target):
     """The engine gives transformers' greedy tokens (left padding, the same batch) — what the benchmark measured."""
     import copy
 
-    from ift.evaluation.evaluate import _pad
-    from ift.inference.generate import Decoding, decode, stop_ids
+    from ift.evaluation.decoding import Decoding, decode, stop_ids
+    from ift.evaluation.plumbing import _pad
 
     tok, model = chat_target.tokenizer, chat_target.model
     prompts = [chat_target.format.encode(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
@@ -415,7 +418,7 @@ def test_decode_equals_transformers_generate_greedy(chat_target):
 
 
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(chat_target):
-    from ift.inference.generate import Decoding, decode
+    from ift.evaluation.decoding import Decoding, decode
 
     tok, model = chat_target.tokenizer, chat_target.model
     prompts = [chat_target.format.encode(tok, [{"role": "user", "content": p}]) for p in PROMPTS[:2]]
@@ -429,7 +432,7 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(chat_target):
 
 
 def test_budget_and_finish_reason(chat_target):
-    from ift.inference.generate import Decoding, decode
+    from ift.evaluation.decoding import Decoding, decode
 
     tok, model = chat_target.tokenizer, chat_target.model
     ids = chat_target.format.encode(tok, [{"role": "user", "content": PROMPTS[0]}])
@@ -442,7 +445,7 @@ def test_budget_and_finish_reason(chat_target):
 
 
 def test_messages_need_a_chat_template_for_several_turns(template_target):
-    from ift.inference.generate import row_messages
+    from ift.inference.prompts import row_messages
 
     with pytest.raises(IftError, match="no chat template"):
         row_messages({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},

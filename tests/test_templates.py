@@ -18,18 +18,11 @@ import yaml
 from jinja2 import nodes
 
 from ift.errors import IftError
-from ift.templates.library import (
-    ENV,
-    MAX_SIZE,
-    Template,
-    TemplateLibrary,
-    add_template,
-    read_file,
-    render_batch,
-    render_row,
-    repo_templates_dir,
-    validate,
-)
+from ift.templates.checks import validate
+from ift.templates.files import add_template, read_file, repo_templates_dir
+from ift.templates.library import TemplateLibrary
+from ift.templates.sandbox import ENV, MAX_SIZE
+from ift.templates.template import Template, render_batch, render_row
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -85,7 +78,7 @@ def lib_dir(tmp_path: Path) -> Path:
 @pytest.fixture()
 def lib(lib_dir: Path, monkeypatch: pytest.MonkeyPatch) -> TemplateLibrary:
     """Only the test's folder: the repo's own templates/ is left out."""
-    monkeypatch.setattr("ift.templates.library.repo_templates_dir", lambda: lib_dir.parent / "no-repo-templates")
+    monkeypatch.setattr("ift.templates.files.repo_templates_dir", lambda: lib_dir.parent / "no-repo-templates")
     return TemplateLibrary(dirs=[lib_dir], promptsource=False)
 
 

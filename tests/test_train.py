@@ -333,7 +333,8 @@ def test_accumulation_over_epochs_equals_one_big_batch(tmp_path, accum, n_train)
 def test_training_equals_a_plain_pytorch_reference(tmp_path):
     """Each window: sum of token losses over the window / its loss tokens, one clip, one AdamW step."""
     from ift.data.collate import Collator, train_dataloader
-    from ift.data.prepare import build_splits, tokenize
+    from ift.data.prepare import build_splits
+    from ift.data.tokenization import tokenize
     from ift.modeling.loading import load
     from ift.templates.library import TemplateLibrary
 
@@ -397,7 +398,8 @@ def test_resume_with_dropout_is_bit_exact(tmp_path):
 
 def test_checkpoint_is_renamed_only_after_every_process_saved(tmp_path):
     """Every rank writes its RNG file inside save_state: the rename waits for all of them."""
-    from ift.train import FineTune, Progress
+    from ift.train import FineTune
+    from ift.training.checkpoints import Progress
 
     calls: list[str] = []
 

@@ -76,7 +76,7 @@ def test_added_chat_tokens_train_under_lora_and_the_run_reloads_exactly(tmp_path
     # `ift merge` folds the adapter and the trained token rows into one model that computes the same function
     from transformers import AutoModelForCausalLM
 
-    from ift.modeling.loading import load_final
+    from ift.modeling.final import load_final
     from ift.recipe import load_recipe
 
     assert cli_main(["merge", str(run)]) == 0

@@ -31,13 +31,13 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
 
 
 def decoding_from(args: argparse.Namespace):
-    from ift.inference.generate import Decoding
+    from ift.evaluation.decoding import Decoding
 
     return Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ift.inference.generate import DEFAULT_MAX_NEW_TOKENS
+    from ift.evaluation.decoding import DEFAULT_MAX_NEW_TOKENS
 
     p = sub.add_parser(
         "chat", help="talk to a run's model in the terminal (streaming; /reset, /system TEXT, /exit)",
@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ift.inference.generate import ChatSession, chat_loop, resolve_target
+    from ift.inference.chat import ChatSession, chat_loop
+    from ift.inference.target import resolve_target
 
     decoding = decoding_from(args)  # option mistakes before the model loads
     target = resolve_target(args.target, base=args.base, template=args.template, raw=args.raw)

@@ -45,7 +45,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _tokenizer_and_kind(recipe: Any, prepared: Any) -> tuple[Any, str]:
-    import ift.modeling.loading as modeling
+    import ift.modeling.tokenizer as modeling
     from ift.data.conversations import setup_chat_tokenizer
 
     train = prepared.splits["train"]
@@ -65,7 +65,7 @@ def _tokenizer_and_kind(recipe: Any, prepared: Any) -> tuple[Any, str]:
 def run_preview(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ift.data.prepare import preview_rows
+    from ift.data.reports import preview_rows
 
     recipe, prepared = _prepare(args)
     tokenizer, kind = _tokenizer_and_kind(recipe, prepared)
@@ -133,7 +133,8 @@ def _marked(tokenizer: Any, ids: list[int], carries: list[bool]) -> Any:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from ift.data.prepare import describe, tokenize
+    from ift.data.reports import describe
+    from ift.data.tokenization import tokenize
 
     recipe, prepared = _prepare(args)
     tokenizer, kind = _tokenizer_and_kind(recipe, prepared)

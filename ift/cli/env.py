@@ -8,7 +8,7 @@ import platform
 import sys
 
 PACKAGES = ["ift", "torch", "transformers", "datasets", "peft", "accelerate", "huggingface_hub",
-            "evaluate", "bitsandbytes", "trl", "promptsource"]
+            "rouge_score", "bitsandbytes", "trl", "promptsource"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -48,7 +48,8 @@ def _local_gpu_memory() -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ift.estimate.report import estimate, parse_memory, to_dict
+    from ift.estimate.memory import parse_memory
+    from ift.estimate.report import estimate, to_dict
     from ift.recipe import load_recipe
 
     budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
@@ -123,7 +124,7 @@ def _show_model(console: Any, est: Any) -> None:
 def _show_memory(console: Any, est: Any) -> None:
     from rich.table import Table
 
-    from ift.estimate.report import USABLE_FRACTION, human_bytes
+    from ift.estimate.memory import USABLE_FRACTION, human_bytes
 
     m, s = est.memory, est.setup
     table = Table(title="memory per device", title_justify="left", show_edge=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
 from ift.evaluation.compare import fmt as _fmt
 from ift.evaluation.compare import print_compare
@@ -118,7 +117,8 @@ def load_rows(recipe, split: str):
 
 
 def load_model(recipe, run_dir: Path, tuned: bool):
-    from ift.modeling.loading import load, load_final
+    from ift.modeling.final import load_final
+    from ift.modeling.loading import load
     from ift.recipe import AdapterConfig
 
     # a QLoRA adapter is evaluated on the 4-bit base it was trained on

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ift.publish.export import QUANTS
+    from ift.publish.gguf import QUANTS
 
     p = sub.add_parser(
         "export", help="write the run's merged model as GGUF (llama.cpp) with an Ollama Modelfile",

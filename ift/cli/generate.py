@@ -12,7 +12,7 @@ from ift.errors import IftError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ift.inference.generate import DEFAULT_MAX_NEW_TOKENS
+    from ift.evaluation.decoding import DEFAULT_MAX_NEW_TOKENS
 
     p = sub.add_parser(
         "generate", help="answer every prompt of a JSON Lines file (or one --prompt) with a run's model",
@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ift.inference.generate import PromptRow, generate_rows, read_records, resolve_target, to_rows, write_jsonl
+    from ift.inference.batch import generate_rows, write_jsonl
+    from ift.inference.prompts import PromptRow, read_records, to_rows
+    from ift.inference.target import resolve_target
 
     decoding = decoding_from(args)
     if args.input is None and args.prompt is None:

@@ -8,18 +8,10 @@ import textwrap
 from pathlib import Path
 
 from ift.errors import IftError, IftErrors
-from ift.templates.library import (
-    PROMPTSOURCE_PREFIX,
-    Template,
-    TemplateFile,
-    TemplateLibrary,
-    add_template,
-    find_template_files,
-    read_file,
-    render_row,
-    repo_templates_dir,
-    validate,
-)
+from ift.templates.checks import validate
+from ift.templates.files import TemplateFile, add_template, find_template_files, read_file, repo_templates_dir
+from ift.templates.library import TemplateLibrary
+from ift.templates.template import PROMPTSOURCE_PREFIX, Template, render_row
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("templates", help="list, show, create, preview and validate prompt templates",
@@ -152,7 +144,7 @@ def run_new(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from ift.data.prepare import load_preview_rows  # the loader training uses: the same file fails the same way
+    from ift.data.sources import load_preview_rows  # the loader training uses: the same file fails the same way
 
     tpl = _library(args).get(args.ref)
     rows, columns = load_preview_rows(args.data, args.split, args.n, sorted(tpl.variables()))
@@ -179,7 +171,7 @@ def run_validate(args: argparse.Namespace) -> int:
     templates, files, findings, what = _targets(args)
     rows = columns = None
     if args.data:
-        from ift.data.prepare import load_preview_rows
+        from ift.data.sources import load_preview_rows
 
         used = sorted({v for t in templates for v in t.variables()})
         rows, columns = load_preview_rows(args.data, args.split, args.n, used)

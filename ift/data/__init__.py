@@ -1,0 +1,18 @@
+"""The data stage: the recipe's data section -> train/validation/test splits of prompt/completion pairs (or
+conversations) -> token ids and loss labels -> batches. `prepare.build_splits` runs the stages below in order.
+
+- prepare: PreparedData, build_splits (load, carve, render, leak-check, mix) and check_sources (`ift validate`)
+- cache: identity of prepared data: code version, fingerprints, stable hashes, source names, cache files
+- reading: reading data files, and a file that cannot be read diagnosed as one line naming it
+- sources: loading local and Hub sources into their own splits; their values and formats checked
+- splits: keeping a source's own splits, carving missing ones from train; the leak check
+- rendering: templates, conversations or raw text -> prepared rows
+- mixture: the training mixture across sources
+- tokenization: prepared rows -> token ids and loss labels; the token report
+- reports: split summaries, label and conversation stats, `ift data stats` and previews
+- conversations: conversational formats normalised and encoded with loss on assistant turns
+- encoding: how a prompt/completion pair becomes token ids (shared with evaluation)
+- collate: padding, packing, seeded samplers and dataloaders
+
+Besides the top-level ift.errors and ift.recipe, this folder may import ift.templates only.
+"""

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation: padding, packing, and a sampler whose order is a function of (seed, epoch).
+"""Batches for training and evaluation: padding, padding-free packing, and a sampler whose order is a function of (seed, epoch).
 
 Dynamic padding pads each batch to its own longest row (right side; labels -100 on padding).
 Packing (causal models) concatenates a batch's examples into one row with position ids that restart
@@ -16,10 +16,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ift.errors import IftError
-
 from ift.data.encoding import IGNORE
+
 FEATURES = ("input_ids", "attention_mask", "labels")
 
 
@@ -100,23 +101,6 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
-def length_grouped_indices(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
-                           mega_batch_mult: int | None = None) -> list[int]:
-    """HF's LengthGroupedSampler order: random permutation, megabatches of `mult * batch_size` sorted
-    by length (longest first), and the longest example of all in the first batch (OOM shows early)."""
-    n = len(lengths)
-    if mega_batch_mult is None:
-        mega_batch_mult = max(min(n // (batch_size * 4), 50), 1)
-    indices = torch.randperm(n, generator=generator).tolist()
-    size = mega_batch_mult * batch_size
-    megabatches = [sorted(indices[i: i + size], key=lambda j: lengths[j], reverse=True) for i in range(0, n, size)]
-    if not megabatches:
-        return []
-    longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
-    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
-    return [i for mb in megabatches for i in mb]
-
-
 class SeededSampler(Sampler[int]):
     """A shuffled (optionally length-grouped) order that depends only on (seed, epoch).
 
@@ -137,7 +121,9 @@ class SeededSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = _generator(self.seed, self.epoch)
         if self.lengths is not None:
-            return iter(length_grouped_indices(self.lengths, self.batch_size, g))
+            # transformers' length grouping (megabatches sorted by length, longest batch first), drawn from
+            # the (seed, epoch) generator rather than the global RNG
+            return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
@@ -152,8 +138,8 @@ def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int,
     lengths = None
     if group_by_length:
         if "length" not in ds.column_names:
-            raise IftError("group_by_length needs the `length` column that ift.data.prepare.tokenize adds",
-                           "data.group_by_length", "tokenize the splits with ift.data.prepare.tokenize first")
+            raise IftError("group_by_length needs the `length` column that ift.data.tokenization.tokenize adds",
+                           "data.group_by_length", "tokenize the splits with ift.data.tokenization.tokenize first")
         lengths = ds.with_format("arrow")["length"].to_numpy().tolist()
     sampler = SeededSampler(len(ds), seed, batch_size, lengths)
     # Its own generator: without one, every iterator (and the one skip_first_batches makes on resume)

@@ -187,3 +187,13 @@ def encode_pair(
     add_eos: bool = True,
 ) -> tuple[list[int], list[int]]:
     return encode_pairs(tokenizer, kind, [prompt], [completion], chat_template=chat_template, add_eos=add_eos)[0]
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of `seqs` share (a prompt and its chat frame; a batch of prompts)."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n

@@ -1,0 +1,13 @@
+"""Evaluation: accuracy (rank classification, exact match), ROUGE and their breakdowns, for training and `ift eval`;
+and the decoding engine that evaluation, `ift chat` and `ift generate` share.
+
+- evaluate: `evaluate` over a split's rows (sharded across processes), predictions, per-source / per-template summary.
+- scoring: rank classification, the log-likelihood of every answer choice given its prompt.
+- decoding: the one decoding engine, greedy generation for evaluation and sampled / streamed decoding.
+- plumbing: model plumbing scoring and decoding share (padding, batches, KV cache, the shared prefill).
+- text_metrics: normalised exact match, ROUGE (rouge_score) and sentence splitting.
+- compare: the base-vs-fine-tuned table of a run.
+- metrics: the registry of every figure ift reports.
+
+May import ift.data, ift.recipe, ift.run and the top-level helpers (ift.errors, ift.atomic); never ift.inference.
+"""

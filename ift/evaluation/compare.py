@@ -6,10 +6,25 @@ from pathlib import Path
 from typing import Any
 
 from ift.errors import IftError
+from ift.metrics import SCORES
+
+COMPARED = tuple(m for m in SCORES if m != "accuracy_norm")
 
 
 def fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def compare_table(base: dict, tuned: dict) -> list[dict]:
+    """Rows (metric, base, fine-tuned, delta) for the metrics either side has; None where one is missing."""
+    rows = []
+    for name in COMPARED:
+        b, t = base.get(name), tuned.get(name)
+        if b is None and t is None:
+            continue
+        rows.append({"metric": name, "base": b, "fine-tuned": t,
+                     "delta": (t - b) if (b is not None and t is not None) else None})
+    return rows
 
 
 def compare_sections(run_dir: Path, split: str) -> tuple[dict, dict]:
@@ -35,8 +50,6 @@ def compare_sections(run_dir: Path, split: str) -> tuple[dict, dict]:
 def print_compare(run_dir: Path, split: str) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from ift.evaluation.evaluate import compare_table
 
     base, tuned = compare_sections(run_dir, split)
     rows = compare_table(base, tuned)

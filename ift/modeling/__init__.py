@@ -1,0 +1,16 @@
+"""Models and tokenizers: causal or seq2seq, pretrained (Hub, folder, GGUF) or from scratch, with LoRA / QLoRA.
+
+`loading.load(recipe.model, recipe.adapter, ...)` returns a `Loaded` bundle (model, tokenizer, kind, source);
+`final.load_final` loads a run's final weights back. Mistakes are `IftError`s naming the recipe key.
+
+- kind: causal or seq2seq from a config, and the Auto class for each kind
+- hub: Hugging Face Hub loading failures translated into one IftError
+- gguf: where base weights load from (resolve_model_path); GGUF files located, converted once and cached
+- tokenizer: the recipe's tokenizer with a pad token, or a BPE trained for init: scratch
+- config: pretrained and scratch configs, and the dtype weights load in
+- adapters: LoRA targets and configs, peft calls, 4-bit checks, parameter counts and the one-line description
+- loading: `Loaded` and `load`: model + tokenizer as the recipe says, adapters attached
+- final: a run's final/ folder (full model or adapter on its base), for evaluation and export
+
+May import: ift.atomic, ift.errors, ift.recipe, ift.data (encoding's Kind).
+"""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ift import atomic
 from ift.errors import IftError
-from ift.evaluation.metrics import METRICS, SCORES
+from ift.metrics import METRICS, SCORES
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def base_hub_id(recipe: Recipe) -> str | None:
     """The base model's Hub id: what others load the adapter onto (adapter config, card, snippets).
 
     model.hub_id when set, else model.name_or_path when it is a Hub id, else for a GGUF base what the
-    file's metadata says (ift.modeling.loading.gguf_hub_id); None when unknown (a local folder without hub_id).
+    file's metadata says (ift.modeling.gguf.gguf_hub_id); None when unknown (a local folder without hub_id).
     """
     m = recipe.model
     if m.init != "pretrained":
@@ -179,7 +179,7 @@ def base_hub_id(recipe: Recipe) -> str | None:
     if explicit:
         return explicit
     if m.gguf_file:  # name_or_path then names the GGUF's folder or repo, which transformers cannot load by id
-        from ift.modeling.loading import _locate_gguf, gguf_hub_id
+        from ift.modeling.gguf import _locate_gguf, gguf_hub_id
 
         try:
             return gguf_hub_id(_locate_gguf(m))

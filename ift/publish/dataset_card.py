@@ -70,7 +70,7 @@ class _Facts:
         report_sources = self.report.get("sources") if isinstance(self.report.get("sources"), dict) else {}
         self.sources: list[dict[str, Any]] = []
         for cfg in (self.data.sources if self.data is not None else []):
-            from ift.data.prepare import source_name
+            from ift.data.cache import source_name
 
             name = source_name(cfg)
             info = report_sources.get(name) if isinstance(report_sources.get(name), dict) else {}

@@ -107,7 +107,8 @@ def _base_dtype(recipe: Recipe) -> str:
     """
     import torch
 
-    from ift.modeling.loading import _config_dtype, _pretrained_config, resolve_model_path
+    from ift.modeling.config import _config_dtype, _pretrained_config
+    from ift.modeling.gguf import resolve_model_path
 
     found = _config_dtype(_pretrained_config(recipe.model, resolve_model_path(recipe.model)))
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(found, "float32")
@@ -116,10 +117,10 @@ def _base_dtype(recipe: Recipe) -> str:
 def _load_adapted(final: Path, recipe: Recipe, dtype_name: str):
     """The base in `dtype_name` with the adapter applied (a PeftModel), and the run's tokenizer.
 
-    ift.modeling.loading.load_final loads the base exactly as evaluation does (same tokenizer, pad token and
+    ift.modeling.final.load_final loads the base exactly as evaluation does (same tokenizer, pad token and
     embedding size), without quantization, whatever the recipe trained with.
     """
-    from ift.modeling.loading import load_final
+    from ift.modeling.final import load_final
 
     try:
         loaded = load_final(final, recipe.model, merged_dtype=dtype_name)

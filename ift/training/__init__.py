@@ -1,0 +1,8 @@
+"""Training pieces that the loop in ift/train.py composes.
+
+- loss.py: completion-only cross-entropy (the head applied to loss positions only), summed / counted tokens.
+- checkpoints.py: the loop's Progress, saving/finding/verifying/loading checkpoints, the final weights.
+- plots.py: loss and metric curves of a run (metrics.jsonl -> PNG).
+
+May import recipe, run, data (ignore index, collation) and the metrics registry; never ift.train, ift.publish or ift.cli.
+"""

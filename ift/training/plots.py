@@ -14,7 +14,7 @@ from typing import Any
 
 from ift import atomic
 from ift.errors import IftError
-from ift.evaluation.metrics import SCORES
+from ift.metrics import SCORES
 
 # Validation metrics on a 0–1 scale are drawn together in metrics.png (SCORES; loss has its own figure).
 

@@ -1,0 +1,128 @@
+"""Checkpoints and the final weights: what a run saves, how it finds and verifies what to resume from.
+
+Accelerate's state (model, optimizer, scheduler, RNGs, dataloader position) plus `Progress`, the loop's own
+counters, make a checkpoint from which the run continues exactly; ift/run.py's RunDir owns the folder layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ift import atomic
+from ift.errors import IftError
+from ift.recipe import ModelConfig
+from ift.run import RunDir
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must carry besides Accelerate's state to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (on each process)
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_validation: dict | None = None  # every validation figure at best_step: what final/ scores
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+
+def _best(progress: Progress) -> dict | None:
+    return None if progress.best_step is None else {"step": progress.best_step, "value": progress.best_metric}
+
+
+def _prune_checkpoints(rd: RunDir, keep: int, best_step: int | None) -> None:
+    """Keep the last `keep` checkpoints and the best one."""
+    steps = rd.checkpoint_steps()
+    for step in steps[:-keep]:
+        if step != best_step:
+            shutil.rmtree(rd.checkpoint(step), ignore_errors=True)
+
+
+def _find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
+    """The checkpoint to continue from: the given one (verified), or the newest that verifies."""
+    if resume in (False, None, "false"):
+        return None
+    if isinstance(resume, str) and resume not in ("auto", "true"):
+        path = Path(resume)
+        if not (path / STATE_FILE).exists():
+            raise IftError(f"'{resume}' is not a complete ift checkpoint", "training.resume",
+                           f"give a folder from {rd.checkpoints} or use resume: auto")
+        problem = rd.verify(path)
+        if problem and not (path / "manifest.json").exists():
+            say(f"warning: checkpoint {path} has no manifest (an older ift wrote it): not verified")
+        elif problem:
+            raise IftError(f"checkpoint {path} is damaged: {problem}", "training.resume",
+                           f"resume from an older checkpoint in {rd.checkpoints}, or use resume: auto")
+        return path
+    found = rd.newest_valid_checkpoint(say=say)
+    if found is not None:
+        return found
+    if rd.checkpoint_steps():
+        raise IftError(f"no checkpoint in {rd.checkpoints} is complete", "--resume",
+                       "each one failed verification (named above); start again without --resume "
+                       "and with training.overwrite_output_dir: true")
+    if resume == "auto":
+        return None  # nothing to resume yet: start fresh
+    raise IftError(f"no checkpoint to resume in {rd.checkpoints}", "--resume",
+                   "start without --resume, or point training.output_dir at the interrupted run")
+
+
+def _load_checkpoint(acc, folder: Path) -> Progress:
+    """Accelerate's state + our progress; a checkpoint that does not load is named, never a traceback."""
+    try:
+        acc.load_state(str(folder))
+        return Progress(**json.loads((folder / STATE_FILE).read_text()))
+    except Exception as err:  # safetensors, pickle, shape mismatches: all mean this checkpoint is unusable
+        detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise IftError(f"checkpoint {folder} does not load: {type(err).__name__}: {detail[:400]}",
+                       str(folder), "it was written by another model or recipe, or damaged: move it away to "
+                       "resume from the previous one") from None
+
+
+def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if overwrite:
+        return
+    # only a finished run or a complete checkpoint count: a save killed before its rename leaves step-N.tmp
+    if (run_dir / "final").exists() or RunDir(run_dir).checkpoint_steps():
+        raise IftError(f"{run_dir} already holds a run", "training.output_dir",
+                       "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
+
+
+def _saved_tokenizer(checkpoint: Path | None, model: ModelConfig):
+    """On resume a trained (init: scratch) tokenizer must be the one the run started with. Any other is loaded
+    again and set up again (deterministic), so the tokens the chat setup adds are known as new, as they were."""
+    if checkpoint is None or model.tokenizer or model.name_or_path:
+        return None
+    folder = checkpoint.parent.parent / "tokenizer"
+    if not folder.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _save_final(model, state: dict, tokenizer, rd: RunDir, resized: bool = False) -> None:
+    """Adapter or full model + tokenizer, safetensors, renamed into place when complete.
+
+    resized: the tokenizer gained tokens, so the base's embeddings were grown; an adapter then carries the
+    grown embedding matrices too (a reloaded base would draw its new rows afresh)."""
+    final = rd.final
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    extra = {"save_embedding_layers": True} if resized and hasattr(model, "peft_config") else {}
+    model.save_pretrained(tmp, state_dict=state, **extra)
+    tokenizer.save_pretrained(tmp)
+    atomic.apply_umask(tmp)  # safetensors writes 0600 files
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)

@@ -1,0 +1,77 @@
+"""The tree shows the pipeline: each folder of ift/ is one stage and imports only the stages before it
+(docs/architecture.md draws the same order). The library never imports the CLI."""
+
+import ast
+from pathlib import Path
+
+IFT = Path(__file__).resolve().parents[1] / "ift"
+
+# A stage may import itself and any stage with a lower rank; the CLI and the training entry point sit on top.
+RANKS = {
+    "errors": 0, "atomic": 0, "metrics": 0, "recipe": 1, "run": 1,
+    "templates": 2, "data": 3, "modeling": 4, "estimate": 5, "evaluation": 5,
+    "inference": 6, "training": 6, "publish": 7, "train": 8, "cli": 9, "__main__": 10, "__init__": 0,
+}
+
+
+def _stage(module: str) -> str:
+    """`ift.data.splits` -> data; `ift.train` -> train."""
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(IFT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            if node.module == "ift":  # `from ift import atomic`
+                found |= {f"ift.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m == "ift" or m.startswith("ift.")}
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in IFT.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_module_belongs_to_a_known_stage():
+    unknown = {_stage(_module_name(p)) for p in _modules()} - set(RANKS)
+    assert not unknown, f"add the new folders {unknown} to RANKS and to docs/architecture.md"
+
+
+def test_stages_import_only_earlier_stages():
+    wrong = []
+    for path in _modules():
+        here = _stage(_module_name(path))
+        for target in _imports(path):
+            there = _stage(target) if target != "ift" else "__init__"
+            if there != here and RANKS.get(there, 99) >= RANKS[here]:
+                wrong.append(f"{path.relative_to(IFT.parent)} ({here}) imports {target} ({there})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_library_never_imports_the_cli():
+    wrong = [str(p.relative_to(IFT.parent)) for p in _modules()
+             if _stage(_module_name(p)) not in ("cli", "__main__") and any(_stage(t) == "cli" for t in _imports(p))]
+    assert not wrong
+
+
+def test_the_layout_test_sees_a_violation(tmp_path, monkeypatch):
+    """The check itself bites: a data module importing training (and the CLI) is reported."""
+    bad = tmp_path / "ift" / "data" / "bad.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("from ift.training.loss import CompletionLoss\nimport ift.cli\n")
+    monkeypatch.setitem(globals(), "IFT", tmp_path / "ift")
+    try:
+        test_stages_import_only_earlier_stages()
+    except AssertionError as err:
+        assert "ift/data/bad.py (data) imports ift.training.loss (training)" in str(err)
+        assert "ift/data/bad.py (data) imports ift.cli (cli)" in str(err)
+    else:
+        raise AssertionError("the violation was not reported")
