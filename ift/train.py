@@ -107,7 +107,7 @@ class FineTune:
         from ift.data.prepare import build_splits
         from ift.data.tokenization import tokenize
         from ift.training.loss import CompletionLoss
-        from ift.data.conversations import setup_chat_tokenizer
+        from ift.data.chat_templates import setup_chat_tokenizer
         from ift.modeling.adapters import count_parameters
         from ift.modeling.loading import load
         from ift.modeling.tokenizer import load_tokenizer

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_tokenizer
+import ift.data.chat_templates as chat_templates
 import ift.data.conversations as conv
-from ift.data.conversations import (
-    CHAT_TEMPLATES, END_OF_TURN, IGNORE, conversation_hash, detect_format, encode_conversation,
-    normalize_row, resolve_chat_template,
-)
+from ift.data.chat_templates import CHAT_TEMPLATES, END_OF_TURN, resolve_chat_template
+from ift.data.conversations import encode_conversation
+from ift.data.encoding import IGNORE
+from ift.data.formats import conversation_hash, detect_format, normalize_row
 from ift.errors import IftError
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -352,7 +353,7 @@ def test_resolve_chat_template(tok, tmp_path):
 
 def test_named_templates_need_their_tokens(tok):
     vocab = tok.get_vocab()
-    for name, tokens in conv.TEMPLATE_TOKENS.items():
+    for name, tokens in chat_templates.TEMPLATE_TOKENS.items():
         assert END_OF_TURN[name] in tokens and all(t in vocab for t in tokens)
         assert all(t in CHAT_TEMPLATES[name] for t in tokens)
 

@@ -12,7 +12,8 @@ from conftest import build_tiny_tokenizer
 import ift.data.prepare as D
 from ift.data.tokenization import TURNS_DROPPED, tokenize
 from ift.cli import main as cli_main
-from ift.data.conversations import encode_conversation, setup_chat_tokenizer
+from ift.data.conversations import encode_conversation
+from ift.data.chat_templates import setup_chat_tokenizer
 from ift.errors import IftError
 from ift.recipe import DataConfig
 from ift.templates.library import TemplateLibrary

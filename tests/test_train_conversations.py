@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from ift.data.conversations import CHAT_TEMPLATES
+from ift.data.chat_templates import CHAT_TEMPLATES
 from test_train import assert_same_weights, final_weights, fresh_accelerate_state, run_train, tiny_base  # noqa: F401
 
 NAMES = ["Ada", "Bo", "Cy", "Di"]

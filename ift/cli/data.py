@@ -46,8 +46,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _tokenizer_and_kind(recipe: Any, prepared: Any) -> tuple[Any, str]:
     import ift.modeling.tokenizer as modeling
-    from ift.data.conversations import setup_chat_tokenizer
-
+    from ift.data.chat_templates import setup_chat_tokenizer
     train = prepared.splits["train"]
     texts = (p + " " + c for p, c in zip(train["prompt"], train["completion"]))
     tokenizer = modeling.load_tokenizer(recipe.model, train_texts=texts)

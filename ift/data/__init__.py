@@ -10,9 +10,11 @@ conversations) -> token ids and loss labels -> batches. `prepare.build_splits` r
 - mixture: the training mixture across sources
 - tokenization: prepared rows -> token ids and loss labels; the token report
 - reports: split summaries, label and conversation stats, `ift data stats` and previews
-- conversations: conversational formats normalised and encoded with loss on assistant turns
+- formats: the conversational formats (messages, ShareGPT, prompt/completion, Alpaca) -> one message list
+- chat_templates: the recipe's chat template set on a tokenizer, its special and end-of-turn tokens
+- conversations: a conversation -> token ids with loss on assistant turns (masks from character spans)
 - encoding: how a prompt/completion pair becomes token ids (shared with evaluation)
-- collate: padding, packing, seeded samplers and dataloaders
+- collate: padding, padding-free packing, seeded (length-grouped) samplers and dataloaders
 
-Besides the top-level ift.errors and ift.recipe, this folder may import ift.templates only.
+Besides the top-level ift.errors, ift.atomic and ift.recipe, this folder may import ift.templates only.
 """

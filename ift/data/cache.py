@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ift.data.conversations import conversation_hash
+from ift.data.formats import conversation_hash
 from ift.recipe import SourceConfig
 
 # rows per datasets.map batch (templating's rng is seeded per batch)

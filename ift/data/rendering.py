@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ift.data.cache import BATCH, CODE_VERSION, _cache_file, _conversation_hash, _fingerprint, _pair_hash, _stable_int
-from ift.data.conversations import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS
+from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS
 from ift.data.sources import _format_columns, _normalize, _Source
 from ift.errors import IftError
 from ift.recipe import SPLITS, DataConfig, SourceConfig

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from ift.data.cache import BATCH, source_name
-from ift.data.conversations import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, detect_format, normalize_row
+from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, detect_format, normalize_row
 from ift.data.reading import _first_line, _path_key, _read_split
 from ift.errors import IftError
 from ift.recipe import SPLITS, SourceConfig

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from ift.data.cache import BATCH, CODE_VERSION, _cache_file, _fingerprint, tokenizer_fingerprint
-from ift.data.conversations import encode_conversations, end_of_turn_token
+from ift.data.conversations import encode_conversations
+from ift.data.chat_templates import end_of_turn_token
 from ift.data.encoding import IGNORE, common_prefix, encode_pairs
 from ift.errors import IftError
 from ift.recipe import DataConfig

@@ -33,7 +33,7 @@ def count_tokens(recipe: Any, kind: str, cache_dir: Path | None) -> TokenCount:
             return TokenCount(**json.loads(cache.read_text()))
         except (ValueError, TypeError):
             pass  # a damaged cache is recomputed
-    from ift.data.conversations import setup_chat_tokenizer
+    from ift.data.chat_templates import setup_chat_tokenizer
     from ift.data.prepare import build_splits
     from ift.data.tokenization import tokenize
     from ift.modeling.tokenizer import load_tokenizer

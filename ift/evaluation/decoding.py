@@ -67,7 +67,6 @@ def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], c
     """Prompt ids exactly as training put them before the completion. A prompt that is a list of messages is a
     conversation's history: rendered in the tokenizer's chat template with the generation prompt."""
     from ift.data.conversations import history_ids
-
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     pairs = encode_pairs(tokenizer, kind, [prompts[i] for i in texts], [""] * len(texts), chat_template=chat_template,
                          add_eos=False) if texts else []
@@ -139,8 +138,7 @@ def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's (e.g. a chat template's end of turn)."""
-    from ift.data.conversations import end_of_turn_token
-
+    from ift.data.chat_templates import end_of_turn_token
     found: list[int] = []
     gen_cfg = getattr(_unwrap(model), "generation_config", None)
     turn = end_of_turn_token(tokenizer)  # a chat template's end of turn, e.g. ChatML set on a base model
