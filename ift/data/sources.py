@@ -15,6 +15,7 @@ from ift.data.cache import BATCH, source_name
 from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, detect_format, normalize_row
 from ift.data.reading import _first_line, _path_key, _read_split
 from ift.errors import IftError
+from ift.locations import connection_errors, looks_local
 from ift.recipe import SPLITS, SourceConfig
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -46,11 +47,7 @@ class _Source:
 
 def _looks_local(path: str) -> bool:
     """A path we should find on disk (so a missing one is a missing file, not a Hub id)."""
-    p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~", "\\")) or p.suffix.lower() in FORMATS or p.is_absolute():
-        return True
-    first = Path(path).parts[0] if Path(path).parts else ""
-    return len(Path(path).parts) > 2 or (len(Path(path).parts) == 2 and Path(first).is_dir())
+    return looks_local(path, FORMATS)
 
 
 def _split_of(file: Path) -> str | None:
@@ -291,7 +288,7 @@ def _load_hub(src: SourceConfig, key: str, split: str | None = None) -> Any:
         raise _hub_error(src, key)
     try:
         loaded = datasets.load_dataset(src.path, name=src.config, revision=src.revision, split=split)
-    except ConnectionError as err:
+    except connection_errors() as err:
         raise _hub_error(src, key, f" ({_first_line(err, 200)})") from None
     except Exception as err:  # noqa: BLE001 - not found, bad config, gated ...
         raise IftError(f"cannot load Hub dataset '{src.path}'"
@@ -361,7 +358,7 @@ def _peek_hub(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
 
     try:
         builder = datasets.load_dataset_builder(src.path, name=src.config, revision=src.revision)
-    except ConnectionError:
+    except connection_errors():
         raise _hub_error(src, key) from None
     except Exception as err:  # noqa: BLE001
         raise IftError(f"cannot find Hub dataset '{src.path}': {str(err)[:300]}", f"{key}.path",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ift.errors import IftError
+from ift.locations import looks_local
 from ift.inference.prompts import PromptFormat, run_prompt_format
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
         cfg = ModelConfig(gguf_file=str(path))
     elif path.is_file():
         raise IftError(f"'{text}' is a file, not a model", where, f"give {TARGET_HELP}")
-    elif path.is_dir() or _looks_like_path(text):
+    elif looks_local(text):
         if not path.exists():
             raise IftError(f"no run folder or model at {text}", where, f"give {TARGET_HELP}")
         if not (path / "config.json").is_file():
@@ -123,10 +124,6 @@ def _run_folder(path: Path) -> Path | None:
     if path.name in ("final", "merged") and path.is_dir() and (path.parent / "recipe.yaml").is_file():
         return path.parent
     return None
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
 
 
 def _to_accelerator(model) -> None:

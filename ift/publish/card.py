@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ift import atomic
 from ift.errors import IftError
+from ift.locations import looks_like_hub_id
 from ift.metrics import METRICS, SCORES
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
 
@@ -149,21 +150,6 @@ def _model_kind(final: Path, recipe: Recipe) -> str:
         return "seq2seq" if "SEQ_2_SEQ" in str(task).upper() else "causal"
     config = _read_json(final / "config.json")
     return "seq2seq" if config.get("is_encoder_decoder") else "causal"
-
-
-def looks_like_hub_id(text: str | None, suffixes: frozenset[str] | set[str] = frozenset()) -> bool:
-    """A Hub repo id rather than a local path: valid id syntax, not on disk, no file suffix."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not text or text.startswith((".", "/", "~", "pkg:")) or Path(text).exists():
-        return False
-    if Path(text).suffix.lower() in suffixes:
-        return False
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
 
 
 def base_hub_id(recipe: Recipe) -> str | None:

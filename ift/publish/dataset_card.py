@@ -98,7 +98,8 @@ class _Facts:
 def _is_hub(cfg: Any, info: dict) -> bool:
     if info.get("origin"):
         return info["origin"] == "hub"
-    from ift.publish.card import DATA_SUFFIXES, looks_like_hub_id
+    from ift.locations import looks_like_hub_id
+    from ift.publish.card import DATA_SUFFIXES
 
     return looks_like_hub_id(cfg.path, DATA_SUFFIXES)
 

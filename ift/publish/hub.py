@@ -16,7 +16,6 @@ passed to HfApi and nowhere else: never printed, logged, or written to a file.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ift.errors import IftError
+from ift.locations import connection_errors
 from ift.publish.merge import Report, has_adapter, load_run_recipe
 from ift.recipe import Recipe
 
@@ -528,17 +528,6 @@ def _upload(folder: Path, files: list[str], repo_id: str, token: str, *, private
     return f"{str(url).rstrip('/')}/tree/{revision}" if revision else str(url)
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of huggingface_hub's HTTP client (httpx2 in 2.x, httpx in 1.x)."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for name in ("httpx2", "httpx"):
-        try:
-            found.append(importlib.import_module(name).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """huggingface_hub's exceptions -> one IftError line saying what to do (never echoing the token)."""
@@ -560,7 +549,7 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         reasons = "; ".join(line.lstrip("- ") for line in str(err).splitlines()[1:] if line.strip())
         raise IftError(f"the Hub rejected the model card metadata: {reasons or err}", "README.md",
                        "report it as an ift bug; the card is regenerated on every push") from None
-    except _transport_errors() as err:
+    except connection_errors() as err:
         raise IftError(f"cannot reach the Hugging Face Hub ({type(err).__name__})", repo_id,
                        "check the network connection and retry; --dry-run lists the files without the network"
                        ) from None
