@@ -7,7 +7,7 @@ and the decoding engine that evaluation, `ift chat` and `ift generate` share.
 - plumbing: model plumbing scoring and decoding share (padding, batches, KV cache, the shared prefill).
 - text_metrics: normalised exact match, ROUGE (rouge_score) and sentence splitting.
 - compare: the base-vs-fine-tuned table of a run.
-- metrics: the registry of every figure ift reports.
 
-May import ift.data, ift.recipe, ift.run and the top-level helpers (ift.errors, ift.atomic); never ift.inference.
+May import ift.data, ift.modeling, ift.templates and the top-level modules (ift.errors, ift.atomic, ift.metrics, the
+registry of every figure ift reports, ift.recipe, ift.run); never ift.inference.
 """
