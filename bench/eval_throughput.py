@@ -171,14 +171,14 @@ def bench_generate(model, tokenizer, prompts: list[str], batch_size: int, max_ne
 def hf_generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool) -> list[list[int]]:
     """transformers' `generate` on one batch: the prompt ids ift encodes, left-padded; new ids up to the first EOS."""
     from ift.evaluation.decoding import _encode_prompts, _eos_ids, _until_eos
-    from ift.evaluation.plumbing import _pad, _pad_id
+    from ift.data.encoding import pad_id, pad_rows
 
     encoded = _encode_prompts(tokenizer, "causal", prompts, chat)
     eos = _eos_ids(model, tokenizer)
-    ids, mask = _pad(encoded, _pad_id(tokenizer, eos), left=True)
+    ids, mask = pad_rows(encoded, pad_id(tokenizer, eos), left=True)
     config = copy.deepcopy(model.generation_config)
     config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
-                  pad_token_id=_pad_id(tokenizer, eos), temperature=None, top_p=None, top_k=None)
+                  pad_token_id=pad_id(tokenizer, eos), temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     return [_until_eos(row, eos) for row in out[:, ids.shape[1]:].tolist()]

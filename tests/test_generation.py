@@ -402,13 +402,13 @@ def test_decode_equals_transformers_generate_greedy(chat_target):
     import copy
 
     from ift.evaluation.decoding import Decoding, decode, stop_ids
-    from ift.evaluation.plumbing import _pad
+    from ift.data.encoding import pad_rows
 
     tok, model = chat_target.tokenizer, chat_target.model
     prompts = [chat_target.format.encode(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
     ours = decode(model, tok, "causal", prompts, Decoding(max_new_tokens=10), batch_size=4)
     eos = stop_ids(model, tok)
-    ids, mask = _pad(prompts, tok.pad_token_id, left=True)
+    ids, mask = pad_rows(prompts, tok.pad_token_id, left=True)
     config = copy.deepcopy(model.generation_config)
     config.update(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
     with torch.no_grad():

@@ -16,19 +16,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ift.errors import IftError
-from ift.data.encoding import IGNORE
+from ift.data.encoding import IGNORE, pad_id, pad_rows
 
 FEATURES = ("input_ids", "attention_mask", "labels")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -43,7 +35,7 @@ class Collator:
             raise IftError("packing concatenates decoder-only sequences; it does not apply to seq2seq",
                            "data.packing", "set data.packing: false")
         self.kind, self.packing, self.multiple = kind, packing, pad_to_multiple_of
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id(tokenizer)
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         if self.packing:
@@ -51,14 +43,12 @@ class Collator:
         ids = [list(f["input_ids"]) for f in features]
         labels = [list(f["labels"]) if f.get("labels") is not None else list(f["input_ids"]) for f in features]
         width = _round_up(max(len(x) for x in ids), self.multiple)
-        batch = {
-            "input_ids": _pad(ids, width, self.pad_id),
-            "attention_mask": _pad([[1] * len(x) for x in ids], width, 0),
-        }
+        input_ids, attention_mask = pad_rows(ids, self.pad_id, width=width)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.kind == "seq2seq":
-            batch["labels"] = _pad(labels, _round_up(max(len(x) for x in labels), self.multiple), IGNORE)
+            batch["labels"] = pad_rows(labels, IGNORE, width=_round_up(max(len(x) for x in labels), self.multiple))[0]
         else:
-            batch["labels"] = _pad(labels, width, IGNORE)
+            batch["labels"] = pad_rows(labels, IGNORE, width=width)[0]
         return batch
 
     def _packed(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -80,14 +70,6 @@ class Collator:
         return {"input_ids": torch.tensor([ids], dtype=torch.long),
                 "labels": torch.tensor([labels], dtype=torch.long),
                 "position_ids": torch.tensor([positions], dtype=torch.long)}
-
-
-def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -121,6 +103,8 @@ class SeededSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = _generator(self.seed, self.epoch)
         if self.lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler  # transformers' trainer: heavy
+
             # transformers' length grouping (megabatches sorted by length, longest batch first), drawn from
             # the (seed, epoch) generator rather than the global RNG
             return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))

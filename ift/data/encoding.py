@@ -197,3 +197,30 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
         if any(s[k] != first[k] for s in seqs):
             return k
     return n
+
+
+def pad_id(tokenizer: Any, eos_ids: Sequence[int] | None = None) -> int:
+    """The id padding is written with (never attended, never in a loss): the pad token, else the first
+    end-of-sequence id (`eos_ids`, default the tokenizer's eos), else 0."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if eos_ids is None:
+        eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return int(eos_ids[0]) if eos_ids else 0
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int, *, width: int | None = None, left: bool = False) -> tuple[Any, Any]:
+    """Id lists -> (ids, mask) LongTensors of `width` columns (default the longest row), padded with `value` on
+    the right (training, scoring) or the left (generation); mask is 1 on the rows' own tokens."""
+    import torch
+
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not len(row):
+            continue
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask

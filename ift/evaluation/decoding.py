@@ -17,9 +17,9 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ift.data.encoding import encode_pairs
+from ift.data.encoding import encode_pairs, pad_id, pad_rows
 from ift.errors import IftError
-from ift.evaluation.plumbing import (_batches, _check_kind, _check_prompt, _device, _inference, _pad, _pad_id,
+from ift.evaluation.plumbing import (_batches, _check_kind, _check_prompt, _device, _inference,
                                      _prefill, _progress, _returned_cache, _select_cache, _unwrap, _with_cache)
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -96,7 +96,7 @@ def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str | list[dict
     check_can_generate(model)
     encoded = _encode_prompts(tokenizer, kind, prompts, chat_template)
     eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
+    pad = pad_id(tokenizer, eos)
     device = _device(model)
     out: list[list[int]] = [[] for _ in prompts]
     with _inference(model), _progress(len(prompts), desc) as bar:
@@ -123,7 +123,7 @@ def _greedy_causal(model, prompts: list[list[int]], max_new_tokens: int, eos: li
 def _greedy_seq2seq(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad: int,
                     device) -> list[list[int]]:
     """transformers' generate, greedy: the encoder runs once, the decoder's right side needs no padding tricks."""
-    ids, mask = _pad(prompts, pad, left=False)
+    ids, mask = pad_rows(prompts, pad, left=False)
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                          generation_config=_generation_config(model, max_new_tokens, eos, pad))
     return gen[:, 1:].tolist()  # the output starts with the decoder start token
@@ -195,7 +195,7 @@ def decode(model, tokenizer, kind: str, prompts: Sequence[Sequence[int]], decodi
     check_can_generate(model)
     _check_kind(kind)
     eos = stop_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
+    pad = pad_id(tokenizer, eos)
     device = _device(model)
     generator = None
     if not decoding.greedy:
@@ -317,7 +317,7 @@ def _decode_seq2seq(model, tokenizer, prompts: list[list[int]], decoding: Decodi
 
     if decoding.seed is not None:
         torch.manual_seed(decoding.seed)
-    ids, mask = _pad(prompts, pad, left=False)
+    ids, mask = pad_rows(prompts, pad, left=False)
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                          streamer=Stream() if on_token is not None else None)
     return gen[:, 1:].tolist()  # the output starts with the decoder start token

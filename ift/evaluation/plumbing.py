@@ -9,7 +9,7 @@ import functools
 import inspect
 from typing import Iterator, Sequence
 
-from ift.data.encoding import common_prefix
+from ift.data.encoding import common_prefix, pad_rows
 from ift.errors import IftError
 
 # A prefix shared by a batch's prompts runs once when at least this long (shorter: not worth a forward pass).
@@ -50,28 +50,6 @@ def _inference(model) -> Iterator[None]:
     finally:
         for m, training in states:
             m.training = training
-
-
-def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool):
-    """Pad id lists to one tensor; returns (ids, mask) as LongTensors on the CPU."""
-    import torch
-
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer, eos_ids: Sequence[int] = ()) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return eos_ids[0] if eos_ids else 0
 
 
 def _select_cache(cache, index):
@@ -130,7 +108,7 @@ def _prefill(model, prompts: Sequence[Sequence[int]], pad: int, device):
         cache = _select_cache(_returned_cache(out), torch.zeros(n, dtype=torch.long, device=device))
     else:
         shared = 0
-    ids, tail_mask = _pad([p[shared:] for p in prompts], pad, left=True)
+    ids, tail_mask = pad_rows([p[shared:] for p in prompts], pad, left=True)
     mask = torch.cat([torch.ones((n, shared), dtype=torch.long), tail_mask], dim=1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),

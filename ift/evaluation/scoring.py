@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ift.data.encoding import encode_pairs
+from ift.data.encoding import encode_pairs, pad_id, pad_rows
 from ift.errors import IftError
-from ift.evaluation.plumbing import (_batches, _check_kind, _check_prompt, _device, _inference, _pad, _pad_id,
+from ift.evaluation.plumbing import (_batches, _check_kind, _check_prompt, _device, _inference,
                                      _prefill, _progress, _select_cache, _unwrap, _with_cache)
 
 # Continuation rows per forward pass, as a multiple of the prompt batch: each row holds a copy of its
@@ -70,7 +70,7 @@ def score_choices(model, tokenizer, kind: str, prompts: list[str], choices: list
         raise IftError(f"{len(prompts)} prompts but {len(choices)} choice lists", None, "pass one list per prompt")
     _check_lm_head(model)
     encoded = _encode_choices(tokenizer, kind, prompts, choices, chat_template)
-    pad = _pad_id(tokenizer, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    pad = pad_id(tokenizer, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     with _inference(model), _progress(len(encoded), desc) as bar:
         if kind == "seq2seq":
             sums = _score_seq2seq(model, encoded, batch_size, pad, bar)
@@ -104,8 +104,8 @@ def _continue_choices(model, cache, prompt_mask, chunk, pad: int, device):
     import torch
 
     rows = torch.tensor([b for b, _, _ in chunk], dtype=torch.long)
-    cont_ids, cont_mask = _pad([c[:-1] for _, _, c in chunk], pad, left=False)
-    targets, tmask = _pad([c[1:] for _, _, c in chunk], 0, left=False)
+    cont_ids, cont_mask = pad_rows([c[:-1] for _, _, c in chunk], pad, left=False)
+    targets, tmask = pad_rows([c[1:] for _, _, c in chunk], 0, left=False)
     # positions continue from each prompt's real length, whatever padding its batch needed
     start = prompt_mask.sum(-1)[rows]
     pos = start.unsqueeze(1) + torch.arange(cont_ids.shape[1]).unsqueeze(0)
@@ -126,15 +126,15 @@ def _score_seq2seq(model, encoded, batch_size: int, pad: int, bar) -> list[list[
     encoder = model.get_encoder()
     sums: list[list[float]] = [[0.0] * len(cs) for _, cs in encoded]
     for idx in _batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
-        ids, mask = _pad([encoded[i][0] for i in idx], pad, left=False)
+        ids, mask = pad_rows([encoded[i][0] for i in idx], pad, left=False)
         hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         items = [(b, j, c) for b, i in enumerate(idx) for j, c in enumerate(encoded[i][1])]
         step = max(1, batch_size * CHOICES_PER_PROMPT)
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
             rows = torch.tensor([b for b, _, _ in chunk], dtype=torch.long, device=device)
-            dec_ids, dec_mask = _pad([[start_id] + c[:-1] for _, _, c in chunk], pad, left=False)
-            targets, tmask = _pad([c for _, _, c in chunk], 0, left=False)
+            dec_ids, dec_mask = pad_rows([[start_id] + c[:-1] for _, _, c in chunk], pad, left=False)
+            targets, tmask = pad_rows([c for _, _, c in chunk], 0, left=False)
             out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.index_select(0, rows)),
                         attention_mask=mask.to(device).index_select(0, rows), decoder_input_ids=dec_ids.to(device),
                         decoder_attention_mask=dec_mask.to(device), use_cache=False)
