@@ -12,15 +12,12 @@ def looks_local(text: str, suffixes: Collection[str] = ()) -> bool:
     """A path to find on disk, so that a missing one is reported as a missing file rather than an unknown Hub id.
 
     Local: it exists; it starts like a path ('.', '/', '~', '\\') or holds a backslash; it has more than one '/'
-    (a Hub id has at most one); the part before its one '/' is a folder here (`runs/x`); or it ends with one of
-    `suffixes`, the file types the caller reads (".jsonl", ".gguf", ...)."""
+    (a Hub id has at most one); or it ends with one of `suffixes`, the file types the caller reads (".jsonl",
+    ".gguf", ...). `org/name` that does not exist here is a Hub id, as transformers reads it."""
     p = Path(text).expanduser()
     if text.startswith((".", "/", "~", "\\")) or "\\" in text or text.count("/") > 1 or p.is_absolute():
         return True
-    if p.suffix.lower() in suffixes or p.exists():
-        return True
-    head, sep, _ = text.partition("/")
-    return bool(sep) and Path(head).is_dir()
+    return p.suffix.lower() in suffixes or p.exists()
 
 
 def looks_like_hub_id(text: str | None, suffixes: Collection[str] = ()) -> bool:

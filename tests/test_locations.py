@@ -19,13 +19,13 @@ def test_hub_ids_are_not_local(text, tmp_path, monkeypatch):
     assert looks_like_hub_id(text)
 
 
-def test_a_folder_here_wins_over_a_hub_id(tmp_path, monkeypatch):
-    """`runs/x` (or `gpt2` when such a folder exists) is the folder here, as transformers would read it."""
+def test_an_existing_path_wins_over_a_hub_id(tmp_path, monkeypatch):
+    """`gpt2` or `org/name` that exist here are folders, as transformers reads them; `org/other` is a Hub id."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()
     (tmp_path / "gpt2").mkdir()
-    assert looks_local("runs/missing") and looks_local("gpt2")
-    assert not looks_like_hub_id("runs/missing") and not looks_like_hub_id("gpt2")
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert looks_local("gpt2") and looks_local("org/name") and not looks_local("org/other")
+    assert not looks_like_hub_id("gpt2") and not looks_like_hub_id("org/name") and looks_like_hub_id("org/other")
 
 
 def test_suffixes_are_the_callers_and_pkg_files_are_not_hub_ids(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ class SeededSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = _generator(self.seed, self.epoch)
-        if self.lengths is not None:
+        if self.lengths:  # (transformers' grouping fails on an empty list)
             from transformers.trainer_pt_utils import LengthGroupedSampler  # transformers' trainer: heavy
 
             # transformers' length grouping (megabatches sorted by length, longest batch first), drawn from

@@ -46,8 +46,10 @@ class _Source:
 
 
 def _looks_local(path: str) -> bool:
-    """A path we should find on disk (so a missing one is a missing file, not a Hub id)."""
-    return looks_local(path, FORMATS)
+    """A path we should find on disk (so a missing one is a missing file, not a Hub id); for data also
+    `folder/name` when `folder` is here (a data folder's file named without its suffix)."""
+    head, sep, _ = path.partition("/")
+    return looks_local(path, FORMATS) or (bool(sep) and Path(head).is_dir())
 
 
 def _split_of(file: Path) -> str | None:
