@@ -154,6 +154,7 @@ class FineTune:
                            tokenizer=tokenizer, new_tokens=new_tokens)
         model, self.tokenizer, self.kind = self.loaded.model, self.loaded.tokenizer, self.loaded.kind
         _fp32_master_weights(model, self.say)
+        _frozen_base_in_compute_dtype(model, t, acc, self.say)
         total, trainable = count_parameters(model)
         self.say(f"model: {self.loaded.source} ({self.kind}), {total:,} parameters, {trainable:,} trainable "
                  f"({100 * trainable / max(total, 1):.2f}%)")
@@ -330,7 +331,9 @@ class FineTune:
             from ift.evaluation.evaluate import evaluate
 
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            with full_weights(self.loss_model, bool(getattr(plugin, "reshard_after_forward", True))):
+            # under the training's autocast, as the loss above and as the evaluation record says (_dtype_of)
+            with full_weights(self.loss_model, bool(getattr(plugin, "reshard_after_forward", True))), \
+                    self.accelerator.autocast():
                 scores, predictions = evaluate(self.accelerator.unwrap_model(self.loss_model).model, self.tokenizer,
                                                self.kind, rows, ev, chat_template=self.recipe.data.wraps_pairs,
                                                accelerator=self.accelerator, limit=limit, desc=desc)
@@ -426,7 +429,7 @@ class FineTune:
                                 predictions=self._predictions, name="test"))
             self.say("test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(test).items()))
             if recipe.evaluation.compare_base:
-                with full_weights(self.loss_model):
+                with full_weights(self.loss_model), acc.autocast():
                     base, predictions = _base_test(acc, unwrapped, self.loaded, recipe, test_rows, self.tokenizer)
                 records.append(dict(model="base", split="test", metrics=base, predictions=predictions,
                                     weights=self.loaded.source, name="base-test"))
@@ -524,6 +527,27 @@ def _fp32_master_weights(model, say) -> None:
         p.data = p.data.float()
     say(f"training {sum(p.numel() for p in half):,} {str(dtype).removeprefix('torch.')} weights as float32 "
         "master weights (set training.mixed_precision for half-precision compute)")
+
+
+def _frozen_base_in_compute_dtype(model, t: TrainingConfig, accelerator, say) -> None:
+    """Under bf16/fp16 autocast, LoRA's frozen float32 Linear weights held in the autocast dtype: the same
+    forward and backward (autocast rounds them identically, at every step), without the per-step casts and with
+    half the base's memory (ift/modeling/compute.py). Not under FSDP or DeepSpeed, which shard flat parameters of
+    one dtype."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    from ift.modeling.compute import frozen_linears_in
+
+    if t.mixed_precision not in ("bf16", "fp16") or not hasattr(model, "peft_config"):
+        return
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16
+    saved = frozen_linears_in(model, dtype)
+    if saved:
+        say(f"frozen base weights held in {t.mixed_precision} for autocast: {saved / 2**20:,.0f} MiB less, "
+            "no per-step casts")
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

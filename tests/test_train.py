@@ -733,3 +733,40 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(tmp_path, 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     run = run_train(toy_recipe(tmp_path / "native", max_steps=2, mixed_precision="bf16", eval_steps=2, save_steps=2))
     assert _yaml.safe_load((run / "recipe.yaml").read_text())["training"]["mixed_precision"] == "bf16"
+
+
+def test_bf16_lora_holds_the_base_in_bf16_evaluates_under_autocast_and_trains_the_same(tmp_path, monkeypatch):
+    """Under bf16 autocast a LoRA run keeps its frozen Linear weights in bf16 (no per-step casts) and gets the very
+    same adapter as with float32 base weights cast by autocast; its evaluations run under the autocast its records
+    name ("bf16 autocast"), which they did not before (the inner model was called outside autocast)."""
+    import ift.evaluation.evaluate as evaluation
+    import ift.train as train_module
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    seen = []
+    original = evaluation.evaluate
+
+    def watched(model, *args, **kwargs):
+        q = next(m for n, m in model.named_modules() if n.endswith("q_proj.base_layer"))
+        seen.append((torch.is_autocast_enabled("cpu"), q.weight.dtype))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", watched)
+    options = dict(adapter="lora", max_steps=4, mixed_precision="bf16", eval_steps=2, save_steps=2,
+                   evaluation={"metrics": ["loss", "accuracy"], "compare_base": True})
+    run = run_train(toy_recipe(tmp_path / "bf16-base", **options))
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+    records = json.loads((run / "metrics.json").read_text())
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    monkeypatch.setattr(train_module, "_frozen_base_in_compute_dtype", lambda *a: None)
+    seen.clear()
+    reference = run_train(toy_recipe(tmp_path / "fp32-base", **options))
+    assert seen and all(s == (True, torch.float32) for s in seen)
+    assert_same_weights(final_weights(run), final_weights(reference))
+    assert all(v.dtype == torch.float32 for v in final_weights(run).values())
+    assert records["test"]["accuracy"] == json.loads((reference / "metrics.json").read_text())["test"]["accuracy"]
