@@ -196,6 +196,7 @@ ACTIVATION_CASES = [
     ("lora", ("q_proj", "v_proj"), 0.05, torch.float32, False, False),
     ("lora", "all-linear", 0.05, torch.bfloat16, False, False),
     ("lora", "all-linear", 0.0, torch.float32, True, False),
+    ("lora", "all-linear", 0.05, torch.float32, True, False),
     ("none", (), 0.0, torch.float32, False, True),
     ("lora", ("q_proj", "v_proj"), 0.05, torch.float32, False, True),
 ]
@@ -212,6 +213,13 @@ def test_activation_formula_matches_autograds_saved_tensors(method, targets, dro
     ad = adapter(method, targets, 8, dropout)
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=8, target_modules=ad.target_modules, lora_dropout=dropout))
+        from ift.modeling.compute import use_fast_dropout
+
+        use_fast_dropout(model)  # as ift.modeling.loading attaches adapters
+        if autocast:  # as ift trains LoRA under autocast: the frozen Linears held in bf16
+            from ift.modeling.compute import frozen_linears_in
+
+            frozen_linears_in(model, torch.bfloat16)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method == "lora":

@@ -94,7 +94,7 @@ def _input_bytes(consumers: int, targeted: int, width: int, setup: Setup, *, sha
 
 
 def _lora_mask_bytes(setup: Setup) -> int:
-    return 1 if setup.device == "cuda" else 4  # LoRA dropout runs on the fp32 input
+    return 1  # a boolean mask: torch's dropout on CUDA, ift's LoraDropout on the CPU (ift/modeling/compute.py)
 
 
 def _attention_bytes(arch: Architecture, setup: Setup, kv_len: int, *, kv_here: bool) -> float:
@@ -277,6 +277,11 @@ def memory(info: ModelInfo, setup: Setup) -> Memory:
     if setup.method == "qlora":
         rest = pc.total - pc.linear
         weights = quantized_bytes(pc.linear_numels, setup.double_quant) + p * rest
+    elif setup.method == "lora" and c < p and setup.fsdp == 1:
+        # LoRA under autocast: the frozen Linears (and an untied head) are held in the autocast dtype
+        # (ift/modeling/compute.py frozen_linears_in); embeddings, norms and a tied head stay as loaded
+        low = pc.linear + (0 if pc.head_tied else pc.head)
+        weights = p * (pc.total - low) + c * low
     else:
         weights = p * pc.total
     trainable_bytes = p * pc.total if setup.method == "none" else 4 * adapter_n
@@ -285,6 +290,8 @@ def memory(info: ModelInfo, setup: Setup) -> Memory:
     copies = 0
     if c != p:  # autocast casts every Linear weight (and the head) once per forward and keeps it for backward
         copies = c * (pc.head + (pc.linear if setup.method != "qlora" else 0) + adapter_n)
+        if setup.method == "lora" and c < p and setup.fsdp == 1:  # already in c: only a tied head is cast
+            copies = c * ((pc.head if pc.head_tied else 0) + adapter_n)
     gradients = trainable_bytes
     optimizer = 2 * trainable_bytes
     # On CUDA fused AdamW updates in place and foreach AdamW allocates one state-sized temporary (sqrt of
