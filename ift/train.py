@@ -125,6 +125,10 @@ class FineTune:
         )
         self.main = acc.is_main_process
         self.say = acc.print
+        if acc.device.type == "cpu":  # freed activations go back to the OS (ift/training/allocator.py)
+            from ift.training.allocator import return_large_blocks
+
+            return_large_blocks()
         if self.main:  # one process owns the folder; a second run into it stops here
             self.lock.acquire(say=self.say)
             if self.recipe.hub.push:  # a missing token stops the run now, not at its first push

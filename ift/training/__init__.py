@@ -2,6 +2,7 @@
 
 - loss.py: completion-only cross-entropy (the head applied to loss positions only), summed / counted tokens.
 - checkpoints.py: the loop's Progress, saving/finding/verifying/loading checkpoints, the final weights.
+- allocator.py: glibc's mmap threshold fixed on CPU runs, so freed activations return to the OS.
 - plots.py: loss and metric curves of a run (metrics.jsonl -> PNG).
 
 May import recipe, run, data (ignore index, collation) and the metrics registry; never ift.train, ift.publish or ift.cli.

@@ -1,0 +1,95 @@
+"""Peak RSS of a CPU training run under allocator settings and batch-length bucketing, against `ift estimate`.
+
+    python bench/train_memory.py recipes/phrasebank_lora.yaml [--steps 25] [--variants default pad64 mmap4 trim]
+
+Each variant trains the recipe for `--steps` optimizer steps in a fresh subprocess (validation loss only at the
+last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and median logged tokens/s:
+
+  default  glibc's malloc as it comes (its mmap threshold grows to 32 MB, so freed activations stay in arenas)
+  padN     batches padded to a multiple of N tokens: fewer distinct tensor shapes for glibc to fit
+  mmapN    mallopt(M_MMAP_THRESHOLD, N MiB): blocks of N MiB and more are mmapped and returned on free
+  trim     malloc_trim(0) after every optimizer step
+
+Figures and what was chosen: docs/benchmarks.md ("CPU memory").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+M_MMAP_THRESHOLD = -3
+
+
+def child(recipe: str, variant: str, steps: int, out: str) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    import ift.data.collate as collate
+    from ift.recipe import load_recipe
+    from ift.train import train
+
+    libc = ctypes.CDLL("libc.so.6")
+    if variant.startswith("pad"):
+        multiple, init = int(variant[3:]), collate.Collator.__init__
+
+        def padded(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "pad_to_multiple_of": multiple})
+
+        collate.Collator.__init__ = padded
+    elif variant.startswith("mmap"):
+        libc.mallopt(M_MMAP_THRESHOLD, int(variant[4:]) << 20)
+    elif variant == "trim":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *a: libc.malloc_trim(0))
+    work = tempfile.mkdtemp(prefix=f"ift-mem-{variant}-")
+    run = train(load_recipe(Path(recipe), [
+        f"training.max_steps={steps}", f"training.output_dir={work}/run", "training.overwrite_output_dir=true",
+        "training.eval_steps=100000", "training.save_steps=100000", "training.logging_steps=1",
+        "evaluation.metrics=[loss]", "training.metric_for_best_model=loss", "evaluation.test=false",
+        "evaluation.compare_base=false"]))
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    rates = [h["tokens_per_second"] for h in history if "tokens_per_second" in h][2:]
+    Path(out).write_text(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                                     "tokens_per_second": statistics.median(rates) if rates else None}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--variants", nargs="+", default=["default", "pad64", "mmap4", "trim"])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.recipe, args.child[0], args.steps, args.child[2])
+        return 0
+    estimate = subprocess.run([sys.executable, "-m", "ift", "estimate", args.recipe], capture_output=True,
+                              text=True, cwd=REPO)
+    peak_line = next((line for line in estimate.stdout.splitlines() if "peak" in line.lower()), "(no peak line)")
+    print(f"ift estimate: {peak_line.strip()}")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    print("| variant | peak RSS GB | tokens/s (median of logged steps) |\n|---|---:|---:|")
+    for variant in args.variants:
+        out = tempfile.mktemp(suffix=".json")
+        subprocess.run([sys.executable, __file__, args.recipe, "--steps", str(args.steps),
+                        "--child", variant, "_", out], check=True, cwd=REPO, env=env,
+                       stdout=subprocess.DEVNULL)
+        r = json.loads(Path(out).read_text())
+        print(f"| {variant} | {r['peak_rss_gb']:.2f} | {r['tokens_per_second']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
