@@ -32,8 +32,6 @@ M_MMAP_THRESHOLD = -3
 
 def child(recipe: str, variant: str, steps: int, out: str) -> None:
     sys.path.insert(0, str(REPO))
-    import torch
-
     import ift.data.collate as collate
     from ift.recipe import load_recipe
     from ift.train import train
