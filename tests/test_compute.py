@@ -83,7 +83,8 @@ def test_ift_loads_lora_with_the_fast_dropout(tmp_path, tiny_tokenizer):
             assert all(d.p == p for d in dropouts)
 
 
-def test_fast_dropout_trains_like_peft_in_expectation(tiny_tokenizer):
+@pytest.mark.parametrize("share", [True, False])
+def test_fast_dropout_trains_like_peft_in_expectation(tiny_tokenizer, share):
     """Same model, same batches: the loss of a few LoRA steps with ift's dropout stays within the spread of
     peft's own nn.Dropout runs over seeds (the masks differ, the distribution does not)."""
     ids = torch.randint(4, len(tiny_tokenizer), (8, 24), generator=torch.Generator().manual_seed(0))
@@ -91,7 +92,7 @@ def test_fast_dropout_trains_like_peft_in_expectation(tiny_tokenizer):
     def final_loss(fast: bool, seed: int) -> float:
         model = _lora(build_tiny_llama(tiny_tokenizer), 0.3)
         if fast:
-            assert use_fast_dropout(model) == 14
+            assert use_fast_dropout(model, share_inputs=share) == 14
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         torch.manual_seed(seed)
@@ -107,6 +108,88 @@ def test_fast_dropout_trains_like_peft_in_expectation(tiny_tokenizer):
     spread = max(peft_losses) - min(peft_losses)
     assert spread > 0  # dropout really is on
     assert abs(sum(ift_losses) / 4 - sum(peft_losses) / 4) < 2 * spread + 1e-3
+
+
+def _dropout_outputs(model) -> dict[str, torch.Tensor]:
+    outputs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraDropout):
+            module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
+    return outputs
+
+
+def test_adapters_reading_one_input_share_one_dropped_copy(tiny_tokenizer):
+    """q/k/v read one normed hidden state and gate/up another: with share_inputs each group gets one dropped
+    copy (the same tensor), o and down their own; without it every adapter draws its own mask, as peft does."""
+    ids = torch.randint(4, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    for share in (True, False):
+        model = _lora(build_tiny_llama(tiny_tokenizer), 0.3).train()
+        use_fast_dropout(model, share_inputs=share)
+        outputs = _dropout_outputs(model)
+        model(input_ids=ids)
+        for layer in (0, 1):
+            out = {proj: next(v for k, v in outputs.items() if f"layers.{layer}." in k and f".{proj}." in k)
+                   for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+            groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",)]
+            for group in groups:
+                assert all((out[p] is out[group[0]]) == share for p in group[1:])
+            firsts = [out[g[0]] for g in groups]
+            assert len({id(t) for t in firsts}) == len(firsts)
+        # a new forward draws new masks: nothing is reused from the last one, though the input is the same
+        before = {k: v for k, v in outputs.items()}
+        model(input_ids=ids)
+        assert all(not torch.equal(outputs[k], before[k]) for k in outputs)
+
+
+def test_a_shared_copy_is_not_reused_for_a_changed_or_different_tensor():
+    from ift.modeling.compute import _LastInput
+
+    shared = _LastInput()
+    a, b = LoraDropout(0.5, shared).train(), LoraDropout(0.5, shared).train()
+    x = torch.randn(64, 32)
+    assert b(x) is a(x)
+    first = b(x)
+    x.mul_(2)  # changed in place: its version moved on
+    assert a(x) is not first
+    assert b(x.clone()) is not a(x)
+    assert LoraDropout(0.25, shared).train()(x) is not a(x)  # another p, another mask
+
+
+def test_shared_masks_give_peft_per_adapter_numbers_for_the_same_masks(tiny_tokenizer):
+    """peft's per-adapter path is the reference: replaying the masks ift drew (one per shared input) as each
+    adapter's own dropout gives the same loss and adapter gradients."""
+    import copy
+
+    ids = torch.randint(4, len(tiny_tokenizer), (4, 20), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    reference = _lora(build_tiny_llama(tiny_tokenizer), 0.3).train()
+    model = copy.deepcopy(reference)
+    use_fast_dropout(model)
+    outputs = _dropout_outputs(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len({id(t) for t in outputs.values()}) == 2 * 4  # shared: four inputs per layer
+
+    class Replay(nn.Module):
+        def __init__(self, drawn: torch.Tensor, scale: float) -> None:
+            super().__init__()
+            self.keep, self.scale = drawn != 0, scale
+
+        def forward(self, x):
+            return x * self.keep * self.scale
+
+    for name, module in reference.named_modules():
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+            fast = model.get_submodule(name).lora_dropout["default"]
+            module.lora_dropout["default"] = Replay(outputs[f"{name}.lora_dropout.default"].detach(), fast.scale)
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
+    for name in grads:  # x's gradient: masked once after summing vs masked per adapter then summed
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_frozen_base_in_bf16_gives_autocasts_numbers(tiny_tokenizer):

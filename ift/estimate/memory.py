@@ -71,7 +71,8 @@ def _input_bytes(consumers: int, targeted: int, width: int, setup: Setup, *, sha
     copy each under autocast. Frozen Linears keep nothing (the input gradient needs only the weight).
     A LoRA-wrapped one runs its adapter in fp32 (peft upcasts adapters of half-precision models): it keeps
     the dropout mask and lora_A's input (the fp32 dropout output, autocast's copy, or when dropout is 0 the
-    shared input itself if it already is fp32), and lora_B keeps r values.
+    shared input itself if it already is fp32), and lora_B keeps r values. On the CPU the adapters of one
+    input share one mask and one fp32 dropout output (autocast still casts it once per lora_A).
     `shared_elsewhere`: another op keeps this tensor anyway (the fused attention's output).
     """
     p, c, *_ = _dtypes(setup)
@@ -85,7 +86,9 @@ def _input_bytes(consumers: int, targeted: int, width: int, setup: Setup, *, sha
     lora_in = c if autocast else 4
     out = targeted * lora_in * setup.lora_r
     if setup.lora_dropout > 0:
-        out += targeted * (_lora_mask_bytes(setup) + lora_in) * width
+        masks = _lora_masks(targeted, setup)
+        copies = targeted if autocast else masks  # autocast casts the dropped copy for each lora_A
+        out += (masks * _lora_mask_bytes(setup) + copies * lora_in) * width
     elif autocast or p != 4:
         out += targeted * lora_in * width
     elif not shared_elsewhere:
@@ -95,6 +98,14 @@ def _input_bytes(consumers: int, targeted: int, width: int, setup: Setup, *, sha
 
 def _lora_mask_bytes(setup: Setup) -> int:
     return 1  # a boolean mask: torch's dropout on CUDA, ift's LoraDropout on the CPU (ift/modeling/compute.py)
+
+
+def _lora_masks(targeted: int, setup: Setup) -> int:
+    """Dropout masks for one input read by `targeted` adapters: on the CPU they share one dropped copy
+    (ift/modeling/compute.py) when that input is float32 like the adapters; a half-precision input is cast for
+    each adapter (peft), and on CUDA each draws its own."""
+    shared = setup.device == "cpu" and DTYPE_BYTES[setup.weight_dtype] == 4
+    return min(targeted, 1) if shared else targeted
 
 
 def _attention_bytes(arch: Architecture, setup: Setup, kv_len: int, *, kv_here: bool) -> float:
@@ -161,7 +172,7 @@ def first_block_discount(arch: Architecture, params: ParamCounts, setup: Setup, 
     qkv = dict(params.block_targets).get("qkv", 0)
     out = 4 * arch.hidden + 4
     if qkv and setup.lora_dropout > 0:
-        out += qkv * _lora_mask_bytes(setup) * arch.hidden
+        out += _lora_masks(qkv, setup) * _lora_mask_bytes(setup) * arch.hidden
     if not qkv:
         out += _attention_bytes(arch, setup, self_len, kv_here=True)
     return out
