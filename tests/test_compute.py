@@ -154,6 +154,13 @@ def test_a_shared_copy_is_not_reused_for_a_changed_or_different_tensor():
     assert b(x.clone()) is not a(x)
     assert LoraDropout(0.25, shared).train()(x) is not a(x)  # another p, another mask
 
+    import copy
+
+    model = nn.Sequential(a, b)
+    model(x)
+    twin = copy.deepcopy(model)  # the saved output is part of a graph: it must not be copied, nor shared
+    assert twin[0].shared is twin[1].shared and twin[0].shared is not shared and twin[0].shared.out is None
+
 
 def test_shared_masks_give_peft_per_adapter_numbers_for_the_same_masks(tiny_tokenizer):
     """peft's per-adapter path is the reference: replaying the masks ift drew (one per shared input) as each

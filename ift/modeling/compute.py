@@ -70,6 +70,9 @@ class _LastInput:
     def clear(self) -> None:
         self.x, self.out = None, None
 
+    def __deepcopy__(self, memo) -> "_LastInput":  # a copied model shares nothing with this one's last forward
+        return _LastInput()
+
 
 class LoraDropout(nn.Module):
     """nn.Dropout(p) for LoRA's adapter inputs: on CPU the mask comes from `_keep_mask`; elsewhere torch's own
