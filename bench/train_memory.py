@@ -1,11 +1,13 @@
 """Peak RSS of a CPU training run under allocator settings and batch-length bucketing, against `ift estimate`.
 
-    python bench/train_memory.py recipes/phrasebank_lora.yaml [--steps 25] [--variants default pad64 mmap4 trim]
+    python bench/train_memory.py recipes/phrasebank_lora.yaml [--steps 25] [--variants default glibc pad64 mmap4 trim]
 
 Each variant trains the recipe for `--steps` optimizer steps in a fresh subprocess (validation loss only at the
 last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and median logged tokens/s:
 
-  default  glibc's malloc as it comes (its mmap threshold grows to 32 MB, so freed activations stay in arenas)
+  default  ift as it ships (on CPU it fixes glibc's mmap threshold at 4 MiB: ift/training/allocator.py)
+  glibc    glibc's malloc as it comes (ift's setting switched off; the threshold grows to 32 MB, so freed
+           activations stay in arenas)
   padN     batches padded to a multiple of N tokens: fewer distinct tensor shapes for glibc to fit
   mmapN    mallopt(M_MMAP_THRESHOLD, N MiB): blocks of N MiB and more are mmapped and returned on free
   trim     malloc_trim(0) after every optimizer step
@@ -37,6 +39,10 @@ def child(recipe: str, variant: str, steps: int, out: str) -> None:
     from ift.train import train
 
     libc = ctypes.CDLL("libc.so.6")
+    if variant != "default":  # every other variant starts from glibc as it comes
+        import ift.training.allocator as allocator
+
+        allocator.return_large_blocks = lambda *a, **k: False
     if variant.startswith("pad"):
         multiple, init = int(variant[3:]), collate.Collator.__init__
 
@@ -67,7 +73,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--variants", nargs="+", default=["default", "pad64", "mmap4", "trim"])
+    parser.add_argument("--variants", nargs="+", default=["default", "glibc", "pad64", "mmap4", "trim"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
