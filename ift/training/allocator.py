@@ -6,7 +6,10 @@ freed blocks there that no later shape fits, and the resident size grows far pas
 measured for a PhraseBank LoRA run whose tensors peak at 4.7 GB). A fixed threshold stops the growth: large
 tensors are mapped and unmapped, small ones stay in the arenas. Measured on 16 steps of
 recipes/phrasebank_lora.yaml (bench/train_memory.py, docs/benchmarks.md): peak RSS 5.26 → 4.79 GB at 208 → 225
-tokens/s (a 64 KiB threshold halved the speed; padding batches to a multiple of 64 raised the RSS).
+tokens/s (a 64 KiB threshold halved the speed; padding batches to a multiple of 64 raised the RSS). On
+recipes/dialogsum.yaml (640-token batches, activations of tens of MB) it costs speed: 16.35 -> 9.51 GB peak RSS at
+273 -> 178 tokens/s (fresh mappings are zeroed on every touch); kept for now because glibc's growth is what ran a
+24 GB machine out of memory, and a better threshold is still to be measured.
 """
 
 from __future__ import annotations
