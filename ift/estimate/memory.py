@@ -104,7 +104,7 @@ def _lora_masks(targeted: int, setup: Setup) -> int:
     """Dropout masks for one input read by `targeted` adapters: on the CPU they share one dropped copy
     (ift/modeling/compute.py) when that input is float32 like the adapters; a half-precision input is cast for
     each adapter (peft), and on CUDA each draws its own."""
-    shared = setup.device == "cpu" and DTYPE_BYTES[setup.weight_dtype] == 4
+    shared = setup.device == "cpu" and _dtypes(setup).p == 4
     return min(targeted, 1) if shared else targeted
 
 
