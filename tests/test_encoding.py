@@ -173,23 +173,53 @@ def test_shipped_templates_on_real_data(tiny, smollm2):
     assert_same(smollm2, prompts[::11], ["\n" + c for c in completions[::11]])
 
 
+class CountingBackend:
+    """The Rust tokenizer behind a fast tokenizer, counting the characters each encode call is given."""
+
+    def __init__(self, real):
+        self.real, self.chars = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def _counted(self, name):
+        def call(texts, *args, **kwargs):
+            self.chars += sum(len(t) if isinstance(t, str) else sum(map(len, t)) for t in texts)
+            return getattr(self.real, name)(texts, *args, **kwargs)
+        return call
+
+    def encode_batch(self, *args, **kwargs):
+        return self._counted("encode_batch")(*args, **kwargs)
+
+    def encode_batch_fast(self, *args, **kwargs):
+        return self._counted("encode_batch_fast")(*args, **kwargs)
+
+
 def test_one_pass_for_templated_rows(smollm2, monkeypatch):
-    """Plain rows and chat rows are tokenized once: the prompt alone only for rows whose boundary is in doubt."""
+    """Plain rows and chat rows: each character of the full text is tokenized once, the prompt alone only for rows
+    whose boundary is in doubt (and no offsets are asked for)."""
     pairs = shipped_rows(100)
     prompts, completions = map(list, zip(*pairs))
-    calls = []
-    real = type(smollm2).__call__
-
-    def counting(self, text=None, *args, **kwargs):
-        calls.append(len(text) if isinstance(text, list) else 1)
-        return real(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(type(smollm2), "__call__", counting)
+    counting = CountingBackend(smollm2.backend_tokenizer)
+    monkeypatch.setattr(smollm2, "_tokenizer", counting)
     for chat in (False, True):
-        calls.clear()
-        encode_pairs(smollm2, "causal", prompts, completions, chat_template=chat)
-        extra = sum(calls) - len(prompts)  # beyond the one pass: the small probe and doubtful rows
-        assert extra < 0.01 * len(prompts) + 10, (chat, extra)
+        counting.chars = 0
+        got = encode_pairs(smollm2, "causal", prompts, completions, chat_template=chat)
+        full = sum(len(chat_full(smollm2, p, c) if chat else join(p, c)) for p, c in pairs)
+        assert full <= counting.chars < 1.01 * full + 100, (chat, counting.chars, full)
+        monkeypatch.setattr(smollm2, "_tokenizer", counting.real)
+        assert got == reference_encode_pairs(smollm2, "causal", prompts, completions, chat_template=chat)
+        monkeypatch.setattr(smollm2, "_tokenizer", counting)
+
+
+def test_an_added_token_that_could_span_the_boundary_takes_two_passes():
+    """An added token holding whitespace ("x\ny") can join the prompt's end to the completion's start in the full
+    text: the prompt's ids alone would then not be the full text's; such tokenizers take two passes."""
+    tok = build_tiny_tokenizer()
+    tok.add_tokens(["x\ny", "q r"])
+    pairs = [("Value x\n", "y is next"), ("Say q", "r now"), ("plain", "row"), *ADVERSARIAL]
+    prompts, completions = map(list, zip(*pairs))
+    assert_same(tok, prompts, completions, modes=[(False, True), (False, False)])
 
 
 def test_seq2seq_unchanged(tiny):

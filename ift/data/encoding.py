@@ -1,14 +1,13 @@
 """How a prompt/completion pair becomes token ids — the one definition training and evaluation share.
 
 Loss masks come from token spans: the prompt's tokens are those of the prompt tokenized alone, the
-completion's tokens are what follows them in prompt+completion (read off one pass over the full text
-where that is provably the same, see `_prompt_tokens`). Never a search for a response marker, never
+completion's tokens are what follows them in prompt+completion (one pass over prompt and rest, joined,
+where that is provably the same, see `_split_at_prompt`). Never a search for a response marker, never
 a mask of every pad-id token (that would also hide the real EOS when pad == eos).
 """
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 if TYPE_CHECKING:  # annotations only: the ignore index and Kind are imported by light modules too
@@ -78,63 +77,45 @@ def encode_pairs(
         f_texts = [join(p, c) for p, c in zip(prompts, completions)]
         special = True
     eos = tokenizer.eos_token_id
-    head = _single_pass_head(tokenizer, special)
-    if head is None:  # not a tokenizer whose prompt tokens we can read off the full text: two passes
-        f_ids = tokenizer(f_texts, add_special_tokens=special)["input_ids"]
-        p_ids: list[Any] = tokenizer(p_texts, add_special_tokens=special)["input_ids"]
+    if _single_pass_head(tokenizer, special) is None:  # prompt tokens not provably those of the full text
+        pairs = _two_passes(tokenizer, p_texts, f_texts, completions, special)
     else:
-        enc = tokenizer(f_texts, add_special_tokens=special, return_offsets_mapping=True)
-        f_ids, p_ids = enc["input_ids"], [None] * len(f_texts)
-        for i, (f, offs) in enumerate(zip(f_ids, enc["offset_mapping"])):
-            k = _prompt_tokens(p_texts[i], f_texts[i], offs, len(head))
-            if k is not None and f[:len(head)] == head:
-                p_ids[i] = f[:k]
-        doubtful = [i for i, p in enumerate(p_ids) if p is None]
-        if doubtful:  # only these rows pay for tokenizing the prompt alone
-            for i, p in zip(doubtful, tokenizer([p_texts[i] for i in doubtful], add_special_tokens=special)["input_ids"]):
-                p_ids[i] = p
+        pairs = _split_at_prompt(tokenizer, p_texts, f_texts, completions, special)
     out = []
-    for i, (p, f) in enumerate(zip(p_ids, f_ids)):
-        if f[: len(p)] == p:
-            c = f[len(p):]
-        else:
-            # A token merged across the boundary (e.g. "Answer:" + " yes"): keep the prompt's own
-            # tokenization and encode the rest alone, so prompt ids stay identical at inference.
-            rest = f_texts[i][len(p_texts[i]):] if f_texts[i].startswith(p_texts[i]) else completions[i]
-            c = tokenizer(rest, add_special_tokens=False)["input_ids"]
-            # a tokenizer that appends EOS itself would put it in the middle otherwise
-            if p and eos is not None and p[-1] == eos and not special:
-                p = p[:-1]
+    for p, c in pairs:
         if chat_template and eos is not None and eos in c:
             pass  # the template closed the turn with EOS already (maybe followed by "\n", as ChatML does)
         elif add_eos and eos is not None and (not c or c[-1] != eos):
             c = c + [eos]
         if not add_eos and c and eos is not None and c[-1] == eos and not chat_template:
             c = c[:-1]
-        out.append((list(p), list(c)))
+        out.append((p, c))
     return out
 
 
-# One tokenizer pass per row (causal): the prompt's ids are read off the full text's ids, at the token that
-# ends where the prompt text ends. That equals tokenizing the prompt alone only when (1) the tokenizer adds
-# special tokens at the start only, (2) nothing rewrites text across the boundary (no normalizer, no added
-# token that strips spaces, no BPE dropout), and (3) the pre-tokenizer splits the full text at the boundary
-# into the same pieces as the prompt alone. (3) is proven for GPT-2's byte-level regex (SmolLM2, GPT-2, the
-# test tokenizer): `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, each
-# piece a run of one class (plus one leading " "), so
+# One tokenizer pass per row (causal): the prompt and the rest of the full text are tokenized apart, each
+# character once, and the full text's ids are the two joined. That equals tokenizing the full text only when
+# (1) the tokenizer adds special tokens at the start only, (2) nothing rewrites text across the boundary (no
+# normalizer, no added token that strips spaces or holds whitespace and so could span the boundary, no BPE
+# dropout), and (3) the pre-tokenizer splits the full text at the boundary into the same pieces as the prompt
+# alone and the rest alone. (3) is proven for GPT-2's byte-level regex (SmolLM2, GPT-2, the test tokenizer):
+# `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, each piece a run of one class
+# (plus one leading " "), so
 #   A. the prompt ends in a non-space and the rest starts with " ", "\t", "\n" or "\r" (plain `join`): every
 #      run stops at that whitespace in both texts, and only whitespace continues from there;
 #   B. the prompt ends in one "\n"/"\t"/"\r" after a non-space, the rest starts with a non-space (a chat
 #      template's "assistant\n"): that character is the piece `\s+(?!\S)` alone, `\s+` in context.
-# Anything else ("Answer: " + "yes" merges into " yes"; "\n\n" alone is one piece, two in context) and any
-# other tokenizer take the old two passes, so the ids are the same as tokenizing prompt and full text apart.
+# BPE merges never cross pieces, so the ids join. Anything else ("Answer: " + "yes" merges into " yes"; "\n\n"
+# alone is one piece, two in context) and any other tokenizer take two passes (prompt alone, full text).
+# Python's isspace() holds for every Unicode White_Space character the regex's \s matches, so the checks
+# below only ever err towards two passes. No offsets are asked for: reading them cost more than the encoding.
 _WS = " \t\n\r"
 
 
 def _single_pass_head(tokenizer: PreTrainedTokenizerBase, special: bool) -> list[int] | None:
     """The special tokens the tokenizer puts before any text, when the one-pass reading is exact; else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.normalizer is not None:
+    if backend is None or backend.normalizer is not None or not hasattr(backend, "encode_batch_fast"):
         return None
     try:
         from tokenizers import models, pre_tokenizers, processors
@@ -146,35 +127,77 @@ def _single_pass_head(tokenizer: PreTrainedTokenizerBase, special: bool) -> list
             return None
         if post is not None and not isinstance(post, processors.TemplateProcessing):
             return None  # e.g. a ByteLevel post-processor that trims offsets
-        if any(t.lstrip or t.rstrip or t.single_word for t in backend.get_added_tokens_decoder().values()):
-            return None
+        for t in backend.get_added_tokens_decoder().values():
+            if t.lstrip or t.rstrip or t.single_word or any(ch.isspace() for ch in t.content):
+                return None
     except (ImportError, AttributeError):
         return None
+    # a plain call also clears truncation or padding a caller left on the shared backend
     head = tokenizer("", add_special_tokens=special)["input_ids"]
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
     if tokenizer("a b", add_special_tokens=special)["input_ids"] != head + plain:
         return None  # special tokens after the text (an appended EOS): the old path handles those
+    if backend.truncation is not None or backend.padding is not None:
+        return None
     return head
 
 
-def _prompt_tokens(p_text: str, f_text: str, offs: Sequence[tuple[int, int]], n_head: int) -> int | None:
-    """How many of the full text's tokens are exactly the prompt's own tokens; None when not provable."""
+def _clean_boundary(p_text: str, f_text: str) -> bool:
+    """Whether the full text splits at the prompt's end exactly as prompt and rest split alone (rules A and B)."""
     n = len(p_text)
     if not f_text.startswith(p_text):
-        return None
-    if n == len(f_text):
-        return len(offs)  # the same text
-    if n == 0:
-        return n_head
+        return False
+    if n == 0 or n == len(f_text):
+        return True
     last, nxt = p_text[-1], f_text[n]
     rule_a = not last.isspace() and nxt in _WS
     rule_b = last in "\t\n\r" and (n == 1 or not p_text[-2].isspace()) and not nxt.isspace()
-    if not (rule_a or rule_b):
-        return None
-    k = bisect.bisect_right(offs, n, lo=n_head, key=lambda o: o[1])
-    if k <= n_head or offs[k - 1][1] != n or offs[k - 1][0] >= n or (k < len(offs) and offs[k][0] < n):
-        return None
-    return k
+    return rule_a or rule_b
+
+
+def _split_at_prompt(
+    tokenizer: PreTrainedTokenizerBase, p_texts: list[str], f_texts: list[str], completions: Sequence[str],
+    special: bool,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, rest ids) per row: one pass over prompt and rest where the boundary is clean, else two."""
+    backend = tokenizer.backend_tokenizer
+    clean = [i for i, (p, f) in enumerate(zip(p_texts, f_texts)) if _clean_boundary(p, f)]
+    heads = backend.encode_batch_fast([p_texts[i] for i in clean], add_special_tokens=special)
+    rests = backend.encode_batch_fast([f_texts[i][len(p_texts[i]):] for i in clean], add_special_tokens=False)
+    pairs: list[Any] = [None] * len(p_texts)
+    for i, h, r in zip(clean, heads, rests):
+        pairs[i] = (h.ids, r.ids)
+    doubtful = [i for i, pair in enumerate(pairs) if pair is None]
+    if doubtful:  # only these rows pay for tokenizing the prompt alone and the full text
+        two = _two_passes(tokenizer, [p_texts[i] for i in doubtful], [f_texts[i] for i in doubtful],
+                          [completions[i] for i in doubtful], special)
+        for i, pair in zip(doubtful, two):
+            pairs[i] = pair
+    return pairs
+
+
+def _two_passes(
+    tokenizer: PreTrainedTokenizerBase, p_texts: list[str], f_texts: list[str], completions: Sequence[str],
+    special: bool,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, rest ids) per row from the prompt tokenized alone and the full text tokenized whole."""
+    p_ids = tokenizer(p_texts, add_special_tokens=special)["input_ids"]
+    f_ids = tokenizer(f_texts, add_special_tokens=special)["input_ids"]
+    eos = tokenizer.eos_token_id
+    pairs = []
+    for i, (p, f) in enumerate(zip(p_ids, f_ids)):
+        if f[: len(p)] == p:
+            c = f[len(p):]
+        else:
+            # A token merged across the boundary (e.g. "Answer:" + " yes"): keep the prompt's own
+            # tokenization and encode the rest alone, so prompt ids stay identical at inference.
+            rest = f_texts[i][len(p_texts[i]):] if f_texts[i].startswith(p_texts[i]) else completions[i]
+            c = tokenizer(rest, add_special_tokens=False)["input_ids"]
+            # a tokenizer that appends EOS itself would put it in the middle otherwise
+            if p and eos is not None and p[-1] == eos and not special:
+                p = p[:-1]
+        pairs.append((p, c))
+    return pairs
 
 
 def encode_pair(
