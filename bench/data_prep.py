@@ -178,12 +178,12 @@ def ift_run(path: Path, tokenizer, num_proc: int, results: dict, label: str):
 
 
 def where_time_goes(prepared, tokenizer, results: dict) -> None:
-    """The tokenizer alone on the same pairs: both passes encode_pairs makes, and a single pass."""
+    """The tokenizer alone on the same pairs: encode_pairs as it runs, and one bare pass over the full texts."""
     from ift.data.encoding import encode_pairs, join
 
     train = prepared.splits["train"]
     prompts, completions = train["prompt"], train["completion"]
-    with timed(results, "profile: encode_pairs alone (prompt pass + prompt+completion pass)"):
+    with timed(results, "profile: encode_pairs alone (prompt and rest, one pass)"):
         for i in range(0, len(prompts), 1000):
             encode_pairs(tokenizer, "causal", prompts[i:i + 1000], completions[i:i + 1000])
     with timed(results, "profile: tokenizer, one pass over prompt+completion"):
