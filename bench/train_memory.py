@@ -11,6 +11,9 @@ last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and
   padN     batches padded to a multiple of N tokens: fewer distinct tensor shapes for glibc to fit
   mmapN    mallopt(M_MMAP_THRESHOLD, N MiB): blocks of N MiB and more are mmapped and returned on free
   trim     malloc_trim(0) after every optimizer step
+  arenaN   mallopt(M_ARENA_MAX, N): at most N malloc arenas (freed blocks of one thread's arena serve the others)
+
+Variants combine with "+" (e.g. mmap16+arena1); each part starts from glibc as it comes.
 
 Figures and what was chosen: docs/benchmarks.md ("CPU memory").
 """
@@ -30,11 +33,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def apply(part: str, libc) -> None:
+    import ift.data.collate as collate
+
+    if part.startswith("pad"):
+        multiple, init = int(part[3:]), collate.Collator.__init__
+
+        def padded(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "pad_to_multiple_of": multiple})
+
+        collate.Collator.__init__ = padded
+    elif part.startswith("mmap"):
+        assert libc.mallopt(M_MMAP_THRESHOLD, int(part[4:]) << 20), part
+    elif part.startswith("arena"):
+        assert libc.mallopt(M_ARENA_MAX, int(part[5:])), part
+    elif part == "trim":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *a: libc.malloc_trim(0))
+    elif part not in ("default", "glibc"):
+        raise SystemExit(f"unknown variant part {part!r}")
 
 
 def child(recipe: str, variant: str, steps: int, out: str) -> None:
     sys.path.insert(0, str(REPO))
-    import ift.data.collate as collate
     from ift.recipe import load_recipe
     from ift.train import train
 
@@ -43,19 +68,8 @@ def child(recipe: str, variant: str, steps: int, out: str) -> None:
         import ift.training.allocator as allocator
 
         allocator.return_large_blocks = lambda *a, **k: False
-    if variant.startswith("pad"):
-        multiple, init = int(variant[3:]), collate.Collator.__init__
-
-        def padded(self, *args, **kwargs):
-            init(self, *args, **{**kwargs, "pad_to_multiple_of": multiple})
-
-        collate.Collator.__init__ = padded
-    elif variant.startswith("mmap"):
-        libc.mallopt(M_MMAP_THRESHOLD, int(variant[4:]) << 20)
-    elif variant == "trim":
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        register_optimizer_step_post_hook(lambda *a: libc.malloc_trim(0))
+    for part in variant.split("+"):
+        apply(part, libc)
     work = tempfile.mkdtemp(prefix=f"ift-mem-{variant}-")
     run = train(load_recipe(Path(recipe), [
         f"training.max_steps={steps}", f"training.output_dir={work}/run", "training.overwrite_output_dir=true",
