@@ -5,7 +5,7 @@
 Each variant trains the recipe for `--steps` optimizer steps in a fresh subprocess (validation loss only at the
 last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and median logged tokens/s:
 
-  default  ift as it ships (on CPU it fixes glibc's mmap threshold at 4 MiB: ift/training/allocator.py)
+  default  ift as it ships (on CPU it fixes glibc's mmap threshold at 16 MiB: ift/training/allocator.py)
   glibc    glibc's malloc as it comes (ift's setting switched off; the threshold grows to 32 MB, so freed
            activations stay in arenas)
   padN     batches padded to a multiple of N tokens: fewer distinct tensor shapes for glibc to fit

@@ -1,15 +1,16 @@
-"""CPU memory: blocks of 4 MiB and more come from mmap and go back to the OS when freed.
+"""CPU memory: blocks of 16 MiB and more come from mmap and go back to the OS when freed.
 
 glibc's malloc raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), so after the
 first steps a training process keeps its activations in malloc's arenas; batches of varying length leave
 freed blocks there that no later shape fits, and the resident size grows far past the live tensors (13.3 GB
-measured for a PhraseBank LoRA run whose tensors peak at 4.7 GB). A fixed threshold stops the growth: large
-tensors are mapped and unmapped, small ones stay in the arenas. Measured on 16 steps of
-recipes/phrasebank_lora.yaml (bench/train_memory.py, docs/benchmarks.md): peak RSS 5.26 → 4.79 GB at 208 → 225
-tokens/s (a 64 KiB threshold halved the speed; padding batches to a multiple of 64 raised the RSS). On
-recipes/dialogsum.yaml (640-token batches, activations of tens of MB) it costs speed: 16.35 -> 9.51 GB peak RSS at
-273 -> 178 tokens/s (fresh mappings are zeroed on every touch); kept for now because glibc's growth is what ran a
-24 GB machine out of memory, and a better threshold is still to be measured.
+measured for a PhraseBank LoRA run whose tensors peak at 4.7 GB). A fixed threshold stops the growth: the
+largest tensors (a batch's MLP activations) are mapped and unmapped, smaller ones stay in the arenas and are
+reused. The threshold is a trade: every mapped block is zeroed by the kernel when first touched, every step.
+Measured with bench/train_memory.py (docs/benchmarks.md, "CPU memory"), peak RSS / tokens/s on one host:
+  recipes/phrasebank_lora.yaml, 16 steps: glibc 6.49 GB / 179.5, 16 MiB 6.27 / 172.2, 4 MiB 5.56 / 135.3
+  recipes/dialogsum.yaml, 6 steps:        glibc 16.25 GB / 220.9, 16 MiB 13.39 / 227.8
+(estimates 4.27 and 10.72 GB): 16 MiB keeps both within 1.5x the estimate at glibc's speed. 4 MiB, the earlier
+setting, cost 25% here and 35% on DialogSum on another host (9.51 GB / 177.5 against glibc's 16.35 / 272.9).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ctypes.util
 import os
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-THRESHOLD = 4 << 20
+THRESHOLD = 16 << 20
 
 
 def return_large_blocks(threshold: int = THRESHOLD) -> bool:
