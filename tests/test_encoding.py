@@ -1,4 +1,4 @@
-"""ift.data.encoding.encode_pairs reads the prompt's ids off one tokenizer pass over the full text: its output is
+"""ift.data.encoding.encode_pairs tokenizes each character once (prompt and rest apart, joined): its output is
 identical to the two-pass implementation it replaced (kept here as `reference_encode_pairs`), on the test
 tokenizer, SmolLM2's tokenizer, every shipped template over the real data, and boundary cases."""
 

@@ -77,7 +77,7 @@ def encode_pairs(
         f_texts = [join(p, c) for p, c in zip(prompts, completions)]
         special = True
     eos = tokenizer.eos_token_id
-    if _single_pass_head(tokenizer, special) is None:  # prompt tokens not provably those of the full text
+    if not _one_pass_exact(tokenizer, special):  # prompt tokens not provably those of the full text
         pairs = _two_passes(tokenizer, p_texts, f_texts, completions, special)
     else:
         pairs = _split_at_prompt(tokenizer, p_texts, f_texts, completions, special)
@@ -98,7 +98,8 @@ def encode_pairs(
 # (1) the tokenizer adds special tokens at the start only, (2) nothing rewrites text across the boundary (no
 # normalizer, no added token that strips spaces or holds whitespace and so could span the boundary, no BPE
 # dropout), and (3) the pre-tokenizer splits the full text at the boundary into the same pieces as the prompt
-# alone and the rest alone. (3) is proven for GPT-2's byte-level regex (SmolLM2, GPT-2, the test tokenizer):
+# alone and the rest alone. (3) is proven for GPT-2's byte-level regex (SmolLM2 and the test tokenizer use it with
+# no post-processor that rewrites; GPT-2 itself ships a ByteLevel post-processor and takes two passes):
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, each piece a run of one class
 # (plus one leading " "), so
 #   A. the prompt ends in a non-space and the rest starts with " ", "\t", "\n" or "\r" (plain `join`): every
@@ -112,34 +113,32 @@ def encode_pairs(
 _WS = " \t\n\r"
 
 
-def _single_pass_head(tokenizer: PreTrainedTokenizerBase, special: bool) -> list[int] | None:
-    """The special tokens the tokenizer puts before any text, when the one-pass reading is exact; else None."""
+def _one_pass_exact(tokenizer: PreTrainedTokenizerBase, special: bool) -> bool:
+    """Whether prompt and rest tokenized apart give the full text's ids (on rows with a clean boundary)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.normalizer is not None or not hasattr(backend, "encode_batch_fast"):
-        return None
+        return False
     try:
         from tokenizers import models, pre_tokenizers, processors
 
         pre, post, model = backend.pre_tokenizer, backend.post_processor, backend.model
         if not (isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space):
-            return None
+            return False
         if not (isinstance(model, models.BPE) and not model.dropout):
-            return None
+            return False
         if post is not None and not isinstance(post, processors.TemplateProcessing):
-            return None  # e.g. a ByteLevel post-processor that trims offsets
+            return False  # e.g. a ByteLevel post-processor that trims offsets
         for t in backend.get_added_tokens_decoder().values():
             if t.lstrip or t.rstrip or t.single_word or any(ch.isspace() for ch in t.content):
-                return None
+                return False
     except (ImportError, AttributeError):
-        return None
+        return False
     # a plain call also clears truncation or padding a caller left on the shared backend
     head = tokenizer("", add_special_tokens=special)["input_ids"]
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
     if tokenizer("a b", add_special_tokens=special)["input_ids"] != head + plain:
-        return None  # special tokens after the text (an appended EOS): the old path handles those
-    if backend.truncation is not None or backend.padding is not None:
-        return None
-    return head
+        return False  # special tokens after the text (an appended EOS): two passes handle those
+    return backend.truncation is None and backend.padding is None
 
 
 def _clean_boundary(p_text: str, f_text: str) -> bool:
