@@ -183,6 +183,12 @@ class TrainingConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "none"]] = ["tensorboard"]
     dataloader_num_workers: int = Field(0, ge=0)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _mixed_precision_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` (in a recipe or in training.mixed_precision=no) as false
+        return "no" if value is False else value
+
 
 class EvaluationConfig(_Section):
     metrics: list[Literal["loss", "accuracy", "rouge"]] = ["loss", "accuracy"]

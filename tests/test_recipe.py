@@ -154,6 +154,18 @@ def test_overrides_are_typed(tmp_path):
     assert recipe.training.gradient_checkpointing is True
 
 
+def test_an_unquoted_no_turns_mixed_precision_off(tmp_path):
+    # YAML reads `no` as false: the form ift's own fp32 note prints (training.mixed_precision: no) must load
+    text = yaml.safe_dump(GOOD).replace("output_dir: runs/x", "output_dir: runs/x\n  mixed_precision: no")
+    assert "mixed_precision: no\n" in text
+    assert load_recipe(write(tmp_path, text)).training.mixed_precision == "no"
+    bf16 = merged(training__mixed_precision="bf16")
+    assert load_recipe(write(tmp_path, bf16), ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    with pytest.raises(IftError) as info:
+        load_recipe(write(tmp_path, GOOD), ["training.mixed_precision=yes"])
+    assert "invalid value True" in info.value.lines()[0]
+
+
 def test_bad_overrides(tmp_path):
     path = write(tmp_path, GOOD)
     with pytest.raises(IftError) as info:
