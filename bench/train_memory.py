@@ -93,7 +93,9 @@ def main() -> int:
     if args.child:
         child(args.recipe, args.child[0], args.steps, args.child[2])
         return 0
-    estimate = subprocess.run([sys.executable, "-m", "ift", "estimate", args.recipe], capture_output=True,
+    # the run below is on this CPU: estimate that run (fp32 where this CPU has no native bf16)
+    estimate = subprocess.run([sys.executable, "-m", "ift", "estimate", args.recipe, "--device", "cpu"],
+                              capture_output=True,
                               text=True, cwd=REPO)
     peak_line = next((line for line in estimate.stdout.splitlines() if "peak" in line.lower()), "(no peak line)")
     print(f"ift estimate: {peak_line.strip()}")

@@ -687,22 +687,15 @@ def _dtype_of(model, t: TrainingConfig) -> str:
 
 
 def _runnable_precision(recipe: Recipe) -> Recipe:
-    """bf16 autocast on a CPU without native bf16 matmul (no AVX512-BF16/AMX: e.g. AVX2-only AMD EPYC) runs
-    torch's reference GEMM, measured 24x slower than fp32 here: such a run trains in fp32 instead, says so, and
-    its saved recipe and records say fp32 (what ran)."""
-    import torch
+    """The recipe as this machine runs it: its saved copy and the records say what ran."""
     from accelerate import PartialState
 
-    t = recipe.training
-    if t.mixed_precision != "bf16" or PartialState().device.type != "cpu":
-        return recipe
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return recipe
-    if PartialState().is_main_process:
-        print(f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, "
-              "so bf16 autocast would run many times slower than fp32: training in fp32 "
-              "(training.mixed_precision: no)", flush=True)
-    return recipe.model_copy(update={"training": t.model_copy(update={"mixed_precision": "no"})})
+    from ift.training.precision import runnable_precision
+
+    recipe, why = runnable_precision(recipe, PartialState().device.type)
+    if why and PartialState().is_main_process:
+        print(f"note: {why}: training in fp32 (training.mixed_precision: no)", flush=True)
+    return recipe
 
 
 def _finish_outputs(run_dir: Path, recipe: Recipe, library) -> None:

@@ -444,6 +444,33 @@ def test_cli_counts_tokens_and_caches_them(tmp_path, capsys, monkeypatch, tiny_t
     assert json.loads(capsys.readouterr().out)["data"] == data
 
 
+def test_a_cpu_estimate_is_for_the_precision_ift_train_runs_on_this_cpu(tmp_path, capsys, monkeypatch):
+    """On a CPU without native bf16, ift train runs a bf16 recipe in fp32: `--device cpu` estimates that run (it
+    estimated bf16 autocast copies and activations the run never held)."""
+    import torch
+
+    from ift.cli import main
+
+    def cpu_estimate(*overrides: str) -> tuple[dict, str]:
+        assert main(["estimate", _recipe(tmp_path), "adapter.method=lora", *overrides, "--no-data", "--json",
+                     "--device", "cpu"]) == 0
+        out = capsys.readouterr()
+        return json.loads(out.out), out.err
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    native, note = cpu_estimate("training.mixed_precision=bf16")
+    assert native["setup"]["mixed_precision"] == "bf16" and note == ""
+    fp32, _ = cpu_estimate("training.mixed_precision=no")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    fallback, note = cpu_estimate("training.mixed_precision=bf16")
+    assert "no native bf16 matrix multiply" in note and "this estimate is for that run" in note
+    assert fallback["setup"]["mixed_precision"] == "no"
+    assert fallback["memory"]["peak"] == fp32["memory"]["peak"] != native["memory"]["peak"]
+    cuda = json.loads((main(["estimate", _recipe(tmp_path), "adapter.method=lora", "training.mixed_precision=bf16",
+                             "--no-data", "--json"]), capsys.readouterr().out)[1])
+    assert cuda["setup"]["mixed_precision"] == "bf16"  # a GPU's bf16 does not depend on this CPU
+
+
 def test_cli_readable_report(tmp_path, capsys):
     from ift.cli import main
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,18 @@ def run(args: argparse.Namespace) -> int:
     from ift.estimate.memory import parse_memory
     from ift.estimate.report import estimate, to_dict
     from ift.recipe import load_recipe
+    from ift.training.precision import runnable_precision
 
     budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
     gpus = _number(args.gpus, "--gpus", int, 1, 4096)
     peak = _number(args.peak_tflops, "--peak-tflops", float, 1e-3) if args.peak_tflops else None
     mfu = _number(args.mfu, "--mfu", float, 0.01, 1.0)
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.device == "cpu":
+        recipe, why = runnable_precision(recipe, "cpu")
+        if why:  # stderr: --json output stays one JSON document
+            print(f"note: {why}: ift train runs such a recipe in fp32 here, and this estimate is for that run "
+                  "(training.mixed_precision: no)", file=sys.stderr)
     if budget is None and args.device == "cuda":
         budget = _local_gpu_memory()
     cache = Path(recipe.model.cache_dir).expanduser() if recipe.model.cache_dir else Path.home() / ".cache" / "ift"

@@ -1,0 +1,28 @@
+"""The autocast a run can use here: bf16 on a CPU without native bf16 matrix multiply trains in fp32.
+
+On such a CPU (no AVX512-BF16 or AMX: e.g. an AVX2-only AMD EPYC) torch's bf16 GEMM is a reference loop,
+measured 24x slower than fp32 on 2 cores, so `ift train` runs fp32 and says so; `ift estimate --device cpu`
+estimates what that run holds. One rule for both, so the estimate describes the run that happens.
+"""
+
+from __future__ import annotations
+
+from ift.recipe import Recipe
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def runnable_precision(recipe: Recipe, device_type: str) -> tuple[Recipe, str | None]:
+    """The recipe as it can run on `device_type` here, and why its precision changed (None when it did not)."""
+    t = recipe.training
+    if t.mixed_precision != "bf16" or device_type != "cpu" or cpu_has_native_bf16():
+        return recipe, None
+    import torch
+
+    why = (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, "
+           "so bf16 autocast would run many times slower than fp32")
+    return recipe.model_copy(update={"training": t.model_copy(update={"mixed_precision": "no"})}), why
