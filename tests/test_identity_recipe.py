@@ -1,7 +1,7 @@
 """The shipped ShareGPT recipe (recipes/vicuna_identity.yaml) teaches SmolLM2-135M-Instruct a new name: after
 fine-tuning it answers identity questions phrased unlike any training row with the taught identity, and the base
-(the same prompts, the same chat template) does not. Shortened to 30 steps (the recipe otherwise), on
-../shared/data/vicuna_identity; skips cleanly where that data or the SmolLM2 GGUF is absent."""
+(the same prompts, the same chat template) does not. Shortened to 30 steps, validated by loss alone (the
+recipe otherwise), on ../shared/data/vicuna_identity; skips cleanly where that data or the SmolLM2 GGUF is absent."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def test_vicuna_identity_recipe_teaches_the_name_and_the_base_does_not_know_it(t
     assert not any(p.lower() in seen for p in prompts)  # held out: no training row asks it this way
     run = tmp_path / "run"
     proc = ift("train", "recipes/vicuna_identity.yaml", f"training.output_dir={run}", "training.max_steps=30",
-               "evaluation.test=false", "evaluation.compare_base=false", "training.report_to=[none]",
+               "evaluation.test=false", "evaluation.compare_base=false", "evaluation.metrics=[loss]",
+               "training.report_to=[none]",
                "training.eval_steps=30", "training.save_steps=30")
     assert proc.returncode == 0, proc.stderr[-3000:]
     tuned = answers([str(run)], tmp_path / "tuned.jsonl")

@@ -34,6 +34,7 @@ def short_quickstart(tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
 @pytest.mark.slow
 def test_short_quickstart_is_quiet_and_its_card_is_traceable(short_quickstart):
     run, proc = short_quickstart
+    assert (run / "final" / "adapter_model.safetensors").exists()
     lines = [line for chunk in proc.stderr.splitlines() for line in chunk.split("\r") if line.strip()]
     noise = [line for line in lines if not PROGRESS.search(line)]
     assert not noise, noise[:20]

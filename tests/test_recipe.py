@@ -229,16 +229,6 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     assert "accuracy" in __import__("json").loads((out / "metrics.json").read_text())["test"]
 
 
-@pytest.mark.slow
-def test_quickstart_recipe_runs_at_tiny_scale(tmp_path):
-    out = tmp_path / "qs"
-    proc = _run_cli("train", "recipes/quickstart.yaml", f"training.output_dir={out}", "training.max_steps=2",
-                    "evaluation.max_eval_samples=6", "evaluation.test=false", "evaluation.compare_base=false",
-                    "evaluation.max_new_tokens=4", "training.report_to=[none]")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "final" / "adapter_model.safetensors").exists()
-
-
 def test_the_metrics_registry_is_what_recipes_accept():
     from typing import get_args
 
