@@ -221,7 +221,7 @@ def test_activation_formula_matches_autograds_saved_tensors(method, targets, dro
 
             frozen_linears_in(model, torch.bfloat16)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if method == "lora":
             model.enable_input_require_grads()
     model.train()
@@ -343,7 +343,7 @@ def test_flops_match_the_profiler(method, checkpointing):
     config = llama_config()
     model = LlamaForCausalLM(config)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if method == "lora":
             model.enable_input_require_grads()  # as ift.modeling.loading does
     if method == "lora":
