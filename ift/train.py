@@ -689,11 +689,16 @@ def _dtype_of(model, t: TrainingConfig) -> str:
 def _runnable_precision(recipe: Recipe) -> Recipe:
     """The recipe as this machine runs it: its saved copy and the records say what ran."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from ift.training.precision import runnable_precision
 
-    recipe, why = runnable_precision(recipe, PartialState().device.type)
-    if why and PartialState().is_main_process:
+    # The state as the Accelerator built next will see it: `accelerate launch` marks CPU runs with
+    # ACCELERATE_USE_CPU, and a PartialState made without it is, since accelerate 1.16, one process per rank on
+    # a CPU-only machine (every rank its own main process: two processes fought over the run folder's lock).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    recipe, why = runnable_precision(recipe, state.device.type)
+    if why and state.is_main_process:
         print(f"note: {why}: training in fp32 (training.mixed_precision: no)", flush=True)
     return recipe
 
