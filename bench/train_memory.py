@@ -95,8 +95,7 @@ def main() -> int:
         return 0
     # the run below is on this CPU: estimate that run (fp32 where this CPU has no native bf16)
     estimate = subprocess.run([sys.executable, "-m", "ift", "estimate", args.recipe, "--device", "cpu"],
-                              capture_output=True,
-                              text=True, cwd=REPO)
+                              capture_output=True, text=True, cwd=REPO)
     peak_line = next((line for line in estimate.stdout.splitlines() if "peak" in line.lower()), "(no peak line)")
     print(f"ift estimate: {peak_line.strip()}")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")

@@ -10,19 +10,15 @@ from __future__ import annotations
 from ift.recipe import Recipe
 
 
-def cpu_has_native_bf16() -> bool:
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def runnable_precision(recipe: Recipe, device_type: str) -> tuple[Recipe, str | None]:
     """The recipe as it can run on `device_type` here, and why its precision changed (None when it did not)."""
     t = recipe.training
-    if t.mixed_precision != "bf16" or device_type != "cpu" or cpu_has_native_bf16():
+    if t.mixed_precision != "bf16" or device_type != "cpu":
         return recipe, None
-    import torch
+    import torch  # only here: `ift estimate` of other recipes never loads torch for this
 
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return recipe, None
     why = (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, "
            "so bf16 autocast would run many times slower than fp32")
     return recipe.model_copy(update={"training": t.model_copy(update={"mixed_precision": "no"})}), why
