@@ -41,6 +41,9 @@ class ModelConfig(_Section):
     # from training.mixed_precision. Frozen weights (LoRA's base) keep this dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    # Attention kernel. auto: transformers' default (sdpa), except eager for short sequences in CPU training
+    # under bf16 autocast, where torch's CPU flash-attention backward is the slower one (ift/modeling/attention.py)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     init: Literal["pretrained", "scratch"] = "pretrained"
     config: str | dict[str, Any] | None = None  # init=scratch: a config path/Hub id, or inline sizes
     vocab_size: int = Field(8000, ge=256, le=1_000_000)  # tokenizer trained for init=scratch

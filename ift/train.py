@@ -159,6 +159,7 @@ class FineTune:
         model, self.tokenizer, self.kind = self.loaded.model, self.loaded.tokenizer, self.loaded.kind
         _fp32_master_weights(model, self.say)
         _frozen_base_in_compute_dtype(model, t, acc, self.say)
+        _attention_for_training(model, self.recipe, self.kind, acc.device.type, self.say)
         total, trainable = count_parameters(model)
         self.say(f"model: {self.loaded.source} ({self.kind}), {total:,} parameters, {trainable:,} trainable "
                  f"({100 * trainable / max(total, 1):.2f}%)")
@@ -552,6 +553,17 @@ def _frozen_base_in_compute_dtype(model, t: TrainingConfig, accelerator, say) ->
     if saved:
         say(f"frozen base weights held in {t.mixed_precision} for autocast: {saved / 2**20:,.0f} MiB less, "
             "no per-step casts")
+
+
+def _attention_for_training(model, recipe: Recipe, kind: str, device_type: str, say) -> None:
+    """The attention kernel ift/modeling/attention.py picks for this run (eager for short CPU bf16 runs)."""
+    from ift.modeling.attention import training_attention
+    from ift.modeling.loading import set_attention
+
+    chosen = training_attention(recipe, device_type, kind)
+    if chosen is not None and set_attention(model, chosen) and recipe.model.attn_implementation == "auto":
+        say(f"attention: {chosen} (faster than sdpa for sequences of at most {recipe.data.max_length} tokens in "
+            "bf16 on the CPU; model.attn_implementation: sdpa keeps sdpa)")
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

@@ -490,3 +490,24 @@ def test_cli_bad_numbers_exit_2_with_one_clear_line(tmp_path, capsys, flag, valu
     err = capsys.readouterr().err
     assert err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_a_cpu_estimate_counts_the_attention_kernel_ift_train_picks(tmp_path, capsys, monkeypatch):
+    """A short bf16 run on the CPU trains with eager attention (ift/modeling/attention.py), which keeps the scores
+    for backward: `--device cpu` estimates that kernel, a GPU estimate and `attn_implementation: sdpa` the fused one."""
+    import torch
+
+    from ift.cli import main
+
+    def estimate(*args: str) -> dict:
+        assert main(["estimate", _recipe(tmp_path), "adapter.method=lora", "training.mixed_precision=bf16",
+                     "--no-data", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    eager = estimate("--device", "cpu")
+    fused = estimate("model.attn_implementation=sdpa", "--device", "cpu")
+    assert (eager["model"]["attention"], fused["model"]["attention"]) == ("eager", "fused")
+    assert eager["memory"]["activations"] > fused["memory"]["activations"]
+    assert estimate()["model"]["attention"] == "fused"  # the GPU keeps sdpa
+    assert estimate("model.attn_implementation=eager")["model"]["attention"] == "eager"

@@ -770,3 +770,40 @@ def test_bf16_lora_holds_the_base_in_bf16_evaluates_under_autocast_and_trains_th
     assert_same_weights(final_weights(run), final_weights(reference))
     assert all(v.dtype == torch.float32 for v in final_weights(run).values())
     assert records["test"]["accuracy"] == json.loads((reference / "metrics.json").read_text())["test"]["accuracy"]
+
+
+def test_a_short_bf16_cpu_run_trains_with_eager_attention_like_sdpa(tmp_path, monkeypatch):
+    """model.attn_implementation: auto trains a short bf16 run on the CPU with eager attention (faster there than
+    torch's CPU flash-attention backward: ift/modeling/attention.py) and ends near the adapter sdpa gives; the saved
+    final/ config does not pin the kernel, and `sdpa` keeps sdpa."""
+    import ift.evaluation.evaluate as evaluation
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    seen = []
+    original = evaluation.evaluate
+
+    def watched(model, *args, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        seen.append(base.config._attn_implementation)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", watched)
+    options = dict(adapter="lora", max_steps=6, mixed_precision="bf16", eval_steps=3, save_steps=3)
+    run = run_train(toy_recipe(tmp_path / "auto", **options))
+    assert seen and set(seen) == {"eager"}
+    assert "eager" not in (run / "final" / "adapter_config.json").read_text()
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    seen.clear()
+    reference = run_train(toy_recipe(tmp_path / "sdpa", **options), "model.attn_implementation=sdpa")
+    assert seen and set(seen) == {"sdpa"}
+    eager_w, sdpa_w = final_weights(run), final_weights(reference)
+    assert eager_w.keys() == sdpa_w.keys()
+    for key in eager_w:  # bf16 attention either way: the kernels round differently, the updates agree
+        torch.testing.assert_close(eager_w[key], sdpa_w[key], atol=2e-3, rtol=2e-2, msg=key)
+    loss = [json.loads((r / "metrics.json").read_text())["validation"]["loss"] for r in (run, reference)]
+    assert abs(loss[0] - loss[1]) < 0.01 * loss[1], loss

@@ -14,6 +14,7 @@ from ift.estimate.memory import USABLE_FRACTION, Memory, memory
 from ift.estimate.model import ModelInfo, load_model_info
 from ift.estimate.plan import Setup, model_weight_dtype, setup_from_recipe
 from ift.estimate.tokens import TokenCount, count_tokens
+from ift.modeling.attention import training_attention
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal pretraining, ~20 tokens/parameter
 
@@ -40,6 +41,9 @@ def estimate(recipe: Any, *, gpu_memory: int | None = None, gpus: int = 1, peak_
              device: str = "cuda") -> Estimate:
     """Everything `ift estimate` prints, from the recipe alone."""
     info = load_model_info(recipe.model, recipe.adapter)
+    attention = training_attention(recipe, device, info.arch.kind)
+    if attention is not None and info.arch.attention != "math":  # the kernel the run will use (ift/modeling/attention.py)
+        info = replace(info, arch=replace(info.arch, attention="eager" if attention == "eager" else "fused"))
     data, error = None, None
     if with_data:
         try:

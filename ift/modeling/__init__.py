@@ -10,6 +10,7 @@
 - config: pretrained and scratch configs, and the dtype weights load in
 - adapters: LoRA targets and configs, peft calls, 4-bit checks, parameter counts and the one-line description
 - compute: LoRA's CPU dropout (LoraDropout) and frozen Linears held in the autocast dtype
+- attention: the attention kernel a training run uses (auto: eager for short CPU bf16 runs), for train and estimate
 - loading: `Loaded` and `load`: model + tokenizer as the recipe says, adapters attached
 - final: a run's final/ folder (full model or adapter on its base), for evaluation and export
 

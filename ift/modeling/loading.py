@@ -67,7 +67,7 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
         kind = model_kind(config, model.kind)
         _ensure_pad(tok, kind)
         net = _auto_class(kind).from_config(config, dtype=_torch_dtype(dtype_name, None),
-                                            trust_remote_code=model.trust_remote_code)
+                                            trust_remote_code=model.trust_remote_code, **_attention(model))
         net.eval()
         source = f"scratch:{config.model_type}"
     else:
@@ -99,7 +99,8 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
 
 def _from_pretrained(model: ModelConfig, adapter: AdapterConfig, source: str, config: PretrainedConfig,
                      kind: Kind, dtype: torch.dtype) -> PreTrainedModel:
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": model.trust_remote_code}
+    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": model.trust_remote_code,
+                              **_attention(model)}
     if source == model.name_or_path and model.revision:
         kwargs["revision"] = model.revision
     if adapter.method == "qlora":
@@ -112,6 +113,21 @@ def _from_pretrained(model: ModelConfig, adapter: AdapterConfig, source: str, co
     key = "model.gguf_file" if model.gguf_file else "model.name_or_path"
     with _hub_errors(model.name_or_path or source, key):
         return _auto_class(kind).from_pretrained(source, **kwargs)
+
+
+def _attention(model: ModelConfig) -> dict[str, str]:
+    """model.attn_implementation as a from_pretrained argument; auto leaves transformers' choice (training may
+    still switch it: ift/modeling/attention.py)."""
+    return {} if model.attn_implementation == "auto" else {"attn_implementation": model.attn_implementation}
+
+
+def set_attention(net: Any, implementation: str) -> bool:
+    """Switch a loaded model (or the base under a peft adapter) to `implementation`; True if it changed."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    if base.config._attn_implementation == implementation:
+        return False
+    base.set_attn_implementation(implementation)
+    return base.config._attn_implementation == implementation
 
 
 def _match_tokenizer(net: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
