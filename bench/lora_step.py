@@ -1,6 +1,6 @@
 """One LoRA training step of SmolLM2-135M-Instruct on the CPU, taken apart: where ift's LoRA speed-ups come from.
 
-    python bench/lora_step.py [--batch 8] [--seq-len 180] [--threads 2] [--profile]
+    python bench/lora_step.py [--batch 8] [--seq-len 180] [--threads 2] [--full] [--profile] [--variants ...]
 
 Plain transformers + peft (no ift loop, no TRL), LoRA r 16 on q/k/v/o/gate/up/down, loss on the last two
 positions, AdamW; median seconds of 4 steps after 2 warm-up steps, for each variant:
@@ -10,6 +10,9 @@ positions, AdamW; median seconds of 4 steps after 2 warm-up steps, for each vari
   dropout    peft's nn.Dropout(0.05) | ift's LoraDropout(0.05) | the same, one mask per shared input (ift-shared)
              | none (p = 0)
   attention  sdpa (transformers' default) | eager
+
+--full fine-tunes every weight instead (fused AdamW, clipping; precision fp32 or bf16, dropout ignored): the
+attention comparison behind ift/modeling/attention.py.
 
 --profile prints torch.profiler's table for ift's configuration (bf16, frozen base in bf16, LoraDropout, sdpa).
 """
@@ -35,15 +38,23 @@ def step_seconds(folder: str, precision: str, dropout: str, attention: str, args
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
+    if args.full:
+        return _timed(model, model, precision, args, profile,
+                      torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0 if dropout == "none" else 0.05,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     if dropout in ("ift", "ift-shared"):
         use_fast_dropout(model, share_inputs=dropout == "ift-shared")
     if precision == "bf16-base":
         frozen_linears_in(model, torch.bfloat16)
-    model.train()
-    causal = model.get_base_model()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return _timed(model, model.get_base_model(), precision, args, profile, opt)
+
+
+def _timed(model, causal, precision: str, args, profile: bool, opt) -> float:
+    import torch
+
+    model.train()
     ids = torch.randint(0, causal.config.vocab_size, (args.batch, args.seq_len))
 
     def step() -> None:
@@ -52,6 +63,8 @@ def step_seconds(folder: str, precision: str, dropout: str, attention: str, args
             logits = causal.lm_head(hidden).float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -2:].flatten())
         loss.backward()
+        if args.full:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
 
@@ -77,6 +90,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=180)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", nargs="*", help="precision:dropout:attention, e.g. bf16-base:ift-shared:sdpa")
     args = parser.parse_args()
@@ -94,7 +108,7 @@ def main() -> int:
     if args.variants:
         variants = [tuple(v.split(":")) for v in args.variants]
     tokens = args.batch * args.seq_len
-    print(f"SmolLM2-135M-Instruct LoRA r16, batch {args.batch} x {args.seq_len} tokens, {args.threads} threads\n")
+    print(f"SmolLM2-135M-Instruct {'full fine-tuning' if args.full else 'LoRA r16'}, batch {args.batch} x {args.seq_len} tokens, {args.threads} threads\n")
     print("| precision | LoRA dropout | attention | s/step | tokens/s |\n|---|---|---|---:|---:|")
     for precision, dropout, attention in variants:
         s = step_seconds(folder, precision, dropout, attention, args)

@@ -12,6 +12,8 @@ last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and
   mmapN    mallopt(M_MMAP_THRESHOLD, N MiB): blocks of N MiB and more are mmapped and returned on free
   trim     malloc_trim(0) after every optimizer step
   arenaN   mallopt(M_ARENA_MAX, N): at most N malloc arenas (freed blocks of one thread's arena serve the others)
+  keepgrad gradients kept allocated between steps and zeroed in place (zero_grad(set_to_none=False)) instead of
+           allocated afresh in every backward, scattered among the activations
 
 Variants combine with "+" (e.g. mmap16+arena1); each part starts from glibc as it comes.
 
@@ -54,6 +56,11 @@ def apply(part: str, libc) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         register_optimizer_step_post_hook(lambda *a: libc.malloc_trim(0))
+    elif part == "keepgrad":
+        import torch
+
+        zero_grad = torch.optim.Optimizer.zero_grad
+        torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, set_to_none=False)
     elif part not in ("default", "glibc"):
         raise SystemExit(f"unknown variant part {part!r}")
 
