@@ -2,12 +2,13 @@
 
 `model.attn_implementation: auto` keeps transformers' default (sdpa) except in one measured case: causal training
 on the CPU under bf16 autocast with sequences of at most EAGER_MAX_LENGTH tokens, where torch's CPU
-flash-attention backward is the slowest op after the matmuls (22% of a SmolLM2 step) and eager attention's
-plain matmuls and softmax are faster: a bf16 step of SmolLM2-135M at 8 x 180 tokens, 4.32 -> 3.59 s with LoRA and
-5.45 -> 4.71 s fully fine-tuned (docs/benchmarks.md). Eager keeps each layer's attention scores for backward
-(batch x heads x length^2, fp32 softmax and its bf16 copy), which grows with the square of the length; up to
-EAGER_MAX_LENGTH tokens that is a fraction of the block's other activations, and `ift estimate` counts it. In fp32
-the CPU's sdpa kernel is as fast or faster (full SmolLM2 step 6.71 s sdpa vs 7.30 s eager), so it stays.
+flash-attention backward is the slowest op after the matmuls (16% of a full SmolLM2 step, its forward 6%) and
+eager attention's plain matmuls and softmax are faster. `python bench/lora_step.py [--full]`, SmolLM2-135M at
+8 x 180 tokens: bf16 LoRA 3.75 -> 3.50 s per step, bf16 full fine-tuning 4.32 -> 3.68 s; at 8 x 512 tokens eager was
+5% slower (docs/benchmarks.md). Eager keeps each layer's attention scores for backward (batch x heads x length^2,
+the fp32 softmax and its bf16 copy), which grows with the square of the length: 0.42 GB at 8 x 180 for SmolLM2;
+`ift estimate` counts it, and `model.attn_implementation: sdpa` gives it back. In fp32 the CPU's sdpa kernel is as
+fast (6.64 vs 6.62 s for the full step), so it stays.
 """
 
 from __future__ import annotations
