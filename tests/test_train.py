@@ -807,3 +807,40 @@ def test_a_short_bf16_cpu_run_trains_with_eager_attention_like_sdpa(tmp_path, mo
         torch.testing.assert_close(eager_w[key], sdpa_w[key], atol=2e-3, rtol=2e-2, msg=key)
     loss = [json.loads((r / "metrics.json").read_text())["validation"]["loss"] for r in (run, reference)]
     assert abs(loss[0] - loss[1]) < 0.01 * loss[1], loss
+
+
+def test_a_cpu_run_meets_its_largest_batch_first_and_trains_exactly_as_without_it(tmp_path, monkeypatch):
+    """On the CPU the first forward and backward is on the run's longest rows (its peak first, so glibc's arenas
+    hold blocks every later batch fits: ift/training/allocator.py); its gradients are dropped and the dropout
+    stream left as it was, so the run ends with the very weights it would have without that pass."""
+    from ift.training.loss import CompletionLoss
+
+    shapes = []
+    forward = CompletionLoss.forward
+
+    def watched(self, input_ids, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            shapes.append(tuple(input_ids.shape))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(CompletionLoss, "forward", watched)
+    recipe = toy_recipe(tmp_path / "first", adapter="lora", max_steps=6, eval_steps=6, save_steps=6,
+                        evaluation={"metrics": ["loss"]})
+    run = run_train(recipe, "adapter.dropout=0.2")
+    warm, steps = shapes[0], shapes[1:]
+    assert len(steps) == 6 and warm[0] == 8
+    assert warm[1] == max(s[1] for s in steps) > steps[0][1]  # longer than the shuffle's first batch
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    import ift.training.allocator as allocator
+
+    monkeypatch.setattr(allocator, "largest_batch_first", lambda *a: None)
+    shapes.clear()
+    reference = run_train(toy_recipe(tmp_path / "without", adapter="lora", max_steps=6, eval_steps=6,
+                                     save_steps=6, evaluation={"metrics": ["loss"]}), "adapter.dropout=0.2")
+    assert len(shapes) == 6  # no extra pass
+    assert_same_weights(final_weights(run), final_weights(reference))
