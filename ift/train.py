@@ -171,18 +171,11 @@ class FineTune:
                                     group_by_length=self.recipe.data.group_by_length,
                                     num_workers=t.dataloader_num_workers)
         val_dl = eval_dataloader(self.tokens["validation"], t.per_device_eval_batch_size, self.collator)
-        loss_model = CompletionLoss(model, self.kind)
-        if acc.device.type == "cpu":  # the peak first, and memory every later batch reuses (allocator.py)
-            from ift.data.collate import longest_batch
-            from ift.training.allocator import largest_batch_first
-
-            largest_batch_first(loss_model, longest_batch(self.tokens["train"], t.per_device_train_batch_size,
-                                                          self.collator), acc.autocast())
 
         # 2. optimizer, loss module, distribution; then the schedule, from the per-process loader length
         optimizer = _adamw(_param_groups(model, t.weight_decay), t, acc)
         self.loss_model, self.optimizer, self.train_dl, self.val_dl = acc.prepare(
-            loss_model, optimizer, train_dl, val_dl)
+            CompletionLoss(model, self.kind), optimizer, train_dl, val_dl)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_dl) / t.gradient_accumulation_steps))
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
         warmup = t.warmup_steps or int(t.warmup_ratio * self.max_steps)

@@ -133,15 +133,6 @@ def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int,
                       generator=torch.Generator().manual_seed(seed))
 
 
-def longest_batch(ds: Any, batch_size: int, collator: Collator) -> dict:
-    """The `batch_size` longest rows of a tokenized split as one batch (the largest tensors a run will make)."""
-    lengths = np.asarray(ds.with_format("arrow")["length"].to_numpy() if "length" in ds.column_names
-                         else [len(ids) for ids in ds["input_ids"]])
-    rows = np.argsort(-lengths, kind="stable")[:batch_size].tolist()
-    columns = _model_columns(ds)
-    return collator([columns[i] for i in rows])
-
-
 def eval_dataloader(ds: Any, batch_size: int, collator: Collator) -> DataLoader:
     """Batches in the split's own order (predictions line up with rows)."""
     return DataLoader(_model_columns(ds), batch_size=batch_size, shuffle=False, collate_fn=collator,

@@ -1,4 +1,4 @@
-"""CPU memory: blocks of 16 MiB and more come from mmap and go back to the OS when freed; the largest batch first.
+"""CPU memory: blocks of 16 MiB and more come from mmap and go back to the OS when freed.
 
 glibc's malloc raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), so after the
 first steps a training process keeps its activations in malloc's arenas; batches of varying length leave
@@ -15,7 +15,6 @@ setting, cost 25% here and 35% on DialogSum on another host (9.51 GB / 177.5 aga
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -36,25 +35,3 @@ def return_large_blocks(threshold: int = THRESHOLD) -> bool:
     except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt, or not this one
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
-
-
-def largest_batch_first(loss_model, batch: dict, autocast: contextlib.AbstractContextManager) -> None:
-    """One forward and backward on the run's largest batch before the first step, its gradients dropped and every
-    random stream left as it was: the run's peak comes at its start (an out-of-memory error too), and the arenas
-    then hold blocks that every later, smaller batch fits into.
-
-    Without it the longest batch of an epoch lands wherever the shuffle puts it; glibc's arenas, by then cut into
-    blocks for the shorter shapes seen so far, cannot serve its larger tensors, and it takes fresh memory on top:
-    the whole recipes/phrasebank_lora.yaml run peaked at 11.3 GB (the estimate: 5.3 GB) when its one batch of
-    232-token rows came at step 108 of 117, after ~6.9 GB for every step before it (docs/benchmarks.md).
-    """
-    import torch
-
-    was_training = loss_model.training
-    with torch.random.fork_rng(devices=[]):  # dropout draws: the run's stream stays as without this pass
-        loss_model.train()
-        with autocast:
-            loss, _ = loss_model(**batch)
-        loss.backward()
-    loss_model.zero_grad(set_to_none=True)
-    loss_model.train(was_training)
