@@ -186,6 +186,12 @@ def _(w, tmp):
     return ["train", w.recipe, out(tmp), "data.sources.5.path=x"], ["'5'", "data.sources", "index from 0 to 0"]
 
 
+@case("override-attention-unavailable", sub=True)
+def _(w, tmp):
+    return ["train", w.recipe, out(tmp), "model.attn_implementation=flash_attention_2"], \
+        ["model.attn_implementation", "flash_attention_2", "flash-attn"]
+
+
 # -- templates
 
 @case("template-unknown-ref")

@@ -56,6 +56,7 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
     """
     if adapter.method == "qlora":
         _check_4bit(model)  # before any weights load
+    _check_attention(model)
     if adapter.method == "lora" and model.init == "scratch":
         raise IftError("LoRA on a randomly initialised base: the base weights are never saved, so the adapter "
                        "could not be reloaded after training", "adapter.method",
@@ -119,6 +120,17 @@ def _attention(model: ModelConfig) -> dict[str, str]:
     """model.attn_implementation as a from_pretrained argument; auto leaves transformers' choice (training may
     still switch it: ift/modeling/attention.py)."""
     return {} if model.attn_implementation == "auto" else {"attn_implementation": model.attn_implementation}
+
+
+def _check_attention(model: ModelConfig) -> None:
+    """A kernel this machine cannot run stops here, in one line, before anything loads."""
+    if model.attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise IftError("flash_attention_2 needs the flash-attn package and a CUDA GPU; this machine lacks one",
+                           "model.attn_implementation",
+                           "use auto (sdpa, or eager where faster), sdpa or eager, or install flash-attn on a CUDA GPU")
 
 
 def set_attention(net: Any, implementation: str) -> bool:
