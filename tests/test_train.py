@@ -114,15 +114,20 @@ def toy_recipe(tmp: Path, *, kind: str = "llama", adapter: str = "none", n_train
     return path
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide state; each in-process run starts from a clean one."""
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide state: cleared between in-process runs."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run starts from a clean accelerate state."""
+    yield
+    reset_accelerate_state()
 
 
 def run_train(recipe: Path, *overrides: str, resume=None) -> Path:
@@ -725,11 +730,7 @@ def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(tmp_path, 
     assert "no native bf16 matrix multiply" in capsys.readouterr().out
     saved = _yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["training"]["mixed_precision"] == "no"
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     run = run_train(toy_recipe(tmp_path / "native", max_steps=2, mixed_precision="bf16", eval_steps=2, save_steps=2))
     assert _yaml.safe_load((run / "recipe.yaml").read_text())["training"]["mixed_precision"] == "bf16"
@@ -758,11 +759,7 @@ def test_bf16_lora_holds_the_base_in_bf16_evaluates_under_autocast_and_trains_th
     assert seen and all(s == (True, torch.bfloat16) for s in seen)
     records = json.loads((run / "metrics.json").read_text())
 
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     monkeypatch.setattr(train_module, "_frozen_base_in_compute_dtype", lambda *a: None)
     seen.clear()
     reference = run_train(toy_recipe(tmp_path / "fp32-base", **options))
@@ -793,11 +790,7 @@ def test_a_short_bf16_cpu_run_trains_with_eager_attention_like_sdpa(tmp_path, mo
     assert seen and set(seen) == {"eager"}
     assert "eager" not in (run / "final" / "adapter_config.json").read_text()
 
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     seen.clear()
     reference = run_train(toy_recipe(tmp_path / "sdpa", **options), "model.attn_implementation=sdpa")
     assert seen and set(seen) == {"sdpa"}
