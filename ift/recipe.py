@@ -122,8 +122,18 @@ class DataConfig(_Section):
     special_tokens: list[str] = []  # added to the tokenizer (embeddings resized; with LoRA the new rows train)
     packing: bool = False
     group_by_length: bool = False
+    # training batches padded to a multiple of this many tokens; auto: 16 on the CPU (a few tensor sizes that
+    # glibc's malloc reuses, docs/benchmarks.md "CPU memory"), none elsewhere; null: each batch to its longest row
+    pad_to_multiple_of: int | str | None = "auto"
     leak_check: bool = True
     num_proc: int = Field(1, ge=1)
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad_multiple(cls, value: int | str | None) -> int | str | None:
+        if value is None or value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        raise ValueError("pad_to_multiple_of is auto, a number of tokens of at least 1, or null")
 
     @field_validator("chat_template", mode="before")
     @classmethod
@@ -496,6 +506,11 @@ def _translate(exc: ValidationError, path: Path, raw: dict[str, Any]) -> list[If
         if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), _Contradictions):
             for k, what, fix in err["ctx"]["error"].problems:
                 out.append(IftError(what, f"{path}: {k}", fix))
+            continue
+        if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), ValueError):  # our own checks
+            out.append(IftError(f"invalid value {err.get('input')!r}: {err['ctx']['error']}", where,
+                                "change it to a value the message names"))
+            seen.add(key)
             continue
         if kind == "extra_forbidden":
             owner = _model_at(loc)

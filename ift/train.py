@@ -103,7 +103,7 @@ class FineTune:
         from accelerate.utils import ProjectConfiguration, set_seed
         from tqdm.auto import tqdm
 
-        from ift.data.collate import Collator, eval_dataloader, train_dataloader
+        from ift.data.collate import Collator, eval_dataloader, longest_batch, train_dataloader, train_padding
         from ift.data.prepare import build_splits
         from ift.data.tokenization import tokenize
         from ift.training.loss import CompletionLoss
@@ -166,16 +166,23 @@ class FineTune:
         with acc.main_process_first():
             self.tokens, token_report = tokenize(self.prepared.splits, self.tokenizer, self.kind, self.recipe.data)
 
-        self.collator = Collator(self.tokenizer, self.kind, packing=self.recipe.data.packing)
-        train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, self.collator, seed=t.seed,
-                                    group_by_length=self.recipe.data.group_by_length,
-                                    num_workers=t.dataloader_num_workers)
+        self.collator = Collator(self.tokenizer, self.kind, packing=data.packing)
+        train_collator = Collator(self.tokenizer, self.kind, packing=data.packing,
+                                  pad_to_multiple_of=train_padding(data.pad_to_multiple_of, acc.device.type))
+        train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, train_collator, seed=t.seed,
+                                    group_by_length=data.group_by_length, num_workers=t.dataloader_num_workers)
         val_dl = eval_dataloader(self.tokens["validation"], t.per_device_eval_batch_size, self.collator)
+        loss_model = CompletionLoss(model, self.kind)
+        if acc.device.type == "cpu" and not data.packing:  # the peak first; later batches reuse its memory
+            from ift.training.allocator import largest_batch_first
+
+            largest_batch_first(loss_model, longest_batch(self.tokens["train"], t.per_device_train_batch_size,
+                                                          train_collator), acc.autocast())
 
         # 2. optimizer, loss module, distribution; then the schedule, from the per-process loader length
         optimizer = _adamw(_param_groups(model, t.weight_decay), t, acc)
         self.loss_model, self.optimizer, self.train_dl, self.val_dl = acc.prepare(
-            CompletionLoss(model, self.kind), optimizer, train_dl, val_dl)
+            loss_model, optimizer, train_dl, val_dl)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_dl) / t.gradient_accumulation_steps))
         self.max_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * self.steps_per_epoch)
         warmup = t.warmup_steps or int(t.warmup_ratio * self.max_steps)

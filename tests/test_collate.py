@@ -27,3 +27,26 @@ def test_plain_order_depends_only_on_seed_and_epoch():
     b.set_epoch(1)
     assert list(a) == torch.randperm(50, generator=_generator(3, 0)).tolist()
     assert list(a) != list(b) and sorted(list(b)) == list(range(50))
+
+
+def test_training_batches_on_the_cpu_are_padded_to_a_multiple_of_16_by_default():
+    from ift.data.collate import CPU_PAD_MULTIPLE, padded_length, train_padding
+
+    assert train_padding("auto", "cpu") == CPU_PAD_MULTIPLE == 16
+    assert train_padding("auto", "cuda") is None and train_padding(None, "cpu") is None
+    assert train_padding(64, "cuda") == 64 and train_padding(8, "cpu") == 8
+    assert [padded_length(n, 16) for n in (1, 16, 17, 232)] == [16, 16, 32, 240]
+    assert padded_length(233, None) == 233
+
+
+def test_the_longest_batch_is_the_longest_rows_padded_as_the_run_pads(tiny_tokenizer):
+    from datasets import Dataset
+
+    from ift.data.collate import Collator, longest_batch
+
+    lengths = [5, 40, 7, 33, 12, 39]
+    ds = Dataset.from_dict({"input_ids": [[3] * n for n in lengths], "labels": [[3] * n for n in lengths],
+                            "attention_mask": [[1] * n for n in lengths], "length": lengths})
+    batch = longest_batch(ds, 3, Collator(tiny_tokenizer, "causal", pad_to_multiple_of=16))
+    assert batch["input_ids"].shape == (3, 48)
+    assert sorted(batch["attention_mask"].sum(1).tolist()) == [33, 39, 40]

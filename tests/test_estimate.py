@@ -433,7 +433,8 @@ def test_cli_counts_tokens_and_caches_them(tmp_path, capsys, monkeypatch, tiny_t
     data = out["data"]
     assert data["rows"] == 32 and data["tokens"] > data["rows"] and data["max_tokens"] <= 64
     assert data["steps_per_epoch"] == math.ceil(math.ceil(32 / 4) / 2) and data["total_steps"] == 2 * data["steps_per_epoch"]
-    assert out["setup"]["seq_len"] == data["max_tokens"]  # memory at the longest real row, not max_length
+    # memory at the longest real row, not max_length, padded as the CPU run pads it (ift.data.collate.train_padding)
+    assert out["setup"]["seq_len"] == 16 * math.ceil(data["max_tokens"] / 16) < 64
     assert out["memory"]["fits"] is False and out["memory"]["advice"] is None
     assert out["scale"]["tokens_per_parameter"] == pytest.approx(2 * data["tokens"] / out["parameters"]["total"])
     # the second run reads the cached count instead of preparing the data again
@@ -442,6 +443,8 @@ def test_cli_counts_tokens_and_caches_them(tmp_path, capsys, monkeypatch, tiny_t
     monkeypatch.setattr(ift.data.prepare, "build_splits", lambda *a, **k: pytest.fail("data prepared twice"))
     assert main(["estimate", recipe, "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["data"] == data
+    assert main(["estimate", recipe, "--json", "--device", "cuda"]) == 0  # no padding there
+    assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == data["max_tokens"]
 
 
 def test_a_cpu_estimate_is_for_the_precision_ift_train_runs_on_this_cpu(tmp_path, capsys, monkeypatch):

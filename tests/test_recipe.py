@@ -239,3 +239,12 @@ def test_the_metrics_registry_is_what_recipes_accept():
     assert {m.family for m in METRICS.values()} == set(FAMILIES)
     assert computed_by(["rouge"]) == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     assert not higher_is_better("loss") and higher_is_better("rougeL")
+
+
+def test_pad_to_multiple_of_is_auto_a_positive_count_or_null(tmp_path):
+    assert load_recipe(write(tmp_path, GOOD)).data.pad_to_multiple_of == "auto"
+    for value, expected in (("8", 8), ("null", None), ("auto", "auto")):
+        assert load_recipe(write(tmp_path, GOOD), [f"data.pad_to_multiple_of={value}"]).data.pad_to_multiple_of \
+            == expected
+    lines = errors_of(tmp_path, merged(data__pad_to_multiple_of=0))
+    assert len(lines) == 1 and "data.pad_to_multiple_of" in lines[0], lines

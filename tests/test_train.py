@@ -235,7 +235,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     def poisoned(self, *args, **kwargs):
         loss, n = original(self, *args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] > 5 and self.training else loss), n
+        # call 1 is the pass on the longest batch before step 1 (on the CPU: ift/training/allocator.py)
+        return (loss * float("nan") if calls["n"] > 6 and self.training else loss), n
 
     monkeypatch.setattr(loss_module.CompletionLoss, "forward", poisoned)
     with pytest.raises(IftError, match="the loss became nan at step 6"):
@@ -482,7 +483,7 @@ def poisoned(self, *args, **kwargs):
     total, n = original(self, *args, **kwargs)
     if self.training and os.environ.get("RANK") == "1":
         calls["n"] += 1
-        if calls["n"] > 5:
+        if calls["n"] > 6:  # call 1 is the pass on the longest batch before step 1 (ift/training/allocator.py)
             total = total * float("nan")
     return total, n
 
@@ -786,13 +787,16 @@ def test_a_short_bf16_cpu_run_trains_with_eager_attention_like_sdpa(tmp_path, mo
 
     monkeypatch.setattr(evaluation, "evaluate", watched)
     options = dict(adapter="lora", max_steps=6, mixed_precision="bf16", eval_steps=3, save_steps=3)
-    run = run_train(toy_recipe(tmp_path / "auto", **options))
+    # unpadded batches: the kernels' bf16 rounding, not the padding's, is what this compares (padding is compared
+    # in fp32 by test_a_cpu_run_meets_its_largest_batch_first_in_a_few_lengths_and_trains_as_without)
+    unpadded = "data.pad_to_multiple_of=null"
+    run = run_train(toy_recipe(tmp_path / "auto", **options), unpadded)
     assert seen and set(seen) == {"eager"}
     assert "eager" not in (run / "final" / "adapter_config.json").read_text()
 
     reset_accelerate_state()
     seen.clear()
-    reference = run_train(toy_recipe(tmp_path / "sdpa", **options), "model.attn_implementation=sdpa")
+    reference = run_train(toy_recipe(tmp_path / "sdpa", **options), "model.attn_implementation=sdpa", unpadded)
     assert seen and set(seen) == {"sdpa"}
     eager_w, sdpa_w = final_weights(run), final_weights(reference)
     assert eager_w.keys() == sdpa_w.keys()
@@ -800,3 +804,49 @@ def test_a_short_bf16_cpu_run_trains_with_eager_attention_like_sdpa(tmp_path, mo
         torch.testing.assert_close(eager_w[key], sdpa_w[key], atol=2e-3, rtol=2e-2, msg=key)
     loss = [json.loads((r / "metrics.json").read_text())["validation"]["loss"] for r in (run, reference)]
     assert abs(loss[0] - loss[1]) < 0.01 * loss[1], loss
+
+
+def test_a_cpu_run_meets_its_largest_batch_first_in_a_few_lengths_and_trains_as_without(tmp_path, monkeypatch):
+    """On the CPU the first forward and backward is on the run's longest rows, and every training batch is padded
+    to a multiple of 16 tokens (ift/training/allocator.py, ift.data.collate.train_padding: the peak first, and a
+    few tensor sizes glibc reuses, so no later batch grows the heap). The pass's gradients are dropped and the
+    dropout stream left as it was: the run ends with the very weights it has without the pass. Padding carries no
+    loss: without dropout (whose draws follow the padded shape) the weights are those of unpadded batches, up to
+    the float rounding of other matmul shapes."""
+    from ift.training.loss import CompletionLoss
+
+    shapes = []
+    forward = CompletionLoss.forward
+
+    def watched(self, input_ids, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            shapes.append(tuple(input_ids.shape))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(CompletionLoss, "forward", watched)
+
+    def trained(name: str, *overrides: str) -> dict:
+        reset_accelerate_state()
+        shapes.clear()
+        recipe = toy_recipe(tmp_path / name, adapter="lora", max_steps=6, eval_steps=6, save_steps=6,
+                            evaluation={"metrics": ["loss"]})
+        return final_weights(run_train(recipe, *overrides))
+
+    first = trained("first", "adapter.dropout=0.2")
+    warm, steps = shapes[0], shapes[1:]
+    assert len(steps) == 6 and warm[0] == 8
+    assert all(width % 16 == 0 for _, width in shapes), shapes
+    assert warm[1] >= max(s[1] for s in steps)
+    assert warm[1] > steps[0][1] or len({s[1] for s in steps}) == 1, shapes
+
+    import ift.training.allocator as allocator
+
+    monkeypatch.setattr(allocator, "largest_batch_first", lambda *a: None)
+    without = trained("without", "adapter.dropout=0.2")
+    assert len(shapes) == 6  # no extra pass
+    assert_same_weights(first, without)
+
+    padded = trained("padded")
+    unpadded = trained("unpadded", "data.pad_to_multiple_of=null")
+    assert any(width % 16 for _, width in shapes), shapes
+    assert_same_weights(padded, unpadded, atol=1e-5)

@@ -21,9 +21,11 @@ from ift.errors import IftError
 from ift.data.encoding import IGNORE, pad_id, pad_rows
 
 FEATURES = ("input_ids", "attention_mask", "labels")
+CPU_PAD_MULTIPLE = 16  # tokens; PhraseBank's 117 batch lengths become 9 (2.6% more tokens computed)
 
 
-def _round_up(n: int, multiple: int | None) -> int:
+def padded_length(n: int, multiple: int | None) -> int:
+    """n tokens rounded up to the multiple a batch is padded to (none: n)."""
     return n if not multiple else int(math.ceil(n / multiple) * multiple)
 
 
@@ -42,11 +44,11 @@ class Collator:
             return self._packed(features)
         ids = [list(f["input_ids"]) for f in features]
         labels = [list(f["labels"]) if f.get("labels") is not None else list(f["input_ids"]) for f in features]
-        width = _round_up(max(len(x) for x in ids), self.multiple)
+        width = padded_length(max(len(x) for x in ids), self.multiple)
         input_ids, attention_mask = pad_rows(ids, self.pad_id, width=width)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.kind == "seq2seq":
-            batch["labels"] = pad_rows(labels, IGNORE, width=_round_up(max(len(x) for x in labels), self.multiple))[0]
+            batch["labels"] = pad_rows(labels, IGNORE, width=padded_length(max(len(x) for x in labels), self.multiple))[0]
         else:
             batch["labels"] = pad_rows(labels, IGNORE, width=width)[0]
         return batch
@@ -62,7 +64,7 @@ class Collator:
             # the first token of an example must not be predicted from the previous example's last one
             labels += [IGNORE] + y[1:]
             positions += range(len(x))
-        extra = _round_up(len(ids), self.multiple) - len(ids)
+        extra = padded_length(len(ids), self.multiple) - len(ids)
         if extra:  # padding forms its own pseudo-example: positions restart, no loss
             ids += [self.pad_id] * extra
             labels += [IGNORE] * extra
@@ -131,6 +133,25 @@ def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int,
     return DataLoader(_model_columns(ds), batch_size=batch_size, sampler=sampler, collate_fn=collator,
                       num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def train_padding(setting: str | int | None, device_type: str) -> int | None:
+    """The multiple a run pads its training batches to (`data.pad_to_multiple_of`): auto is CPU_PAD_MULTIPLE on
+    the CPU, where every distinct batch length is a new set of tensor sizes for glibc's malloc to fit among the
+    blocks earlier batches freed (a few lengths, each met again, keep the heap from growing: docs/benchmarks.md,
+    "CPU memory"), and no padding elsewhere (CUDA's caching allocator rounds sizes itself)."""
+    if setting == "auto":
+        return CPU_PAD_MULTIPLE if device_type == "cpu" else None
+    return setting
+
+
+def longest_batch(ds: Any, batch_size: int, collator: Collator) -> dict:
+    """The `batch_size` longest rows of a tokenized split as one batch: the largest tensors its run will make."""
+    lengths = np.asarray(ds.with_format("arrow")["length"].to_numpy() if "length" in ds.column_names
+                         else [len(ids) for ids in ds["input_ids"]])
+    rows = np.argsort(-lengths, kind="stable")[:batch_size].tolist()
+    columns = _model_columns(ds)
+    return collator([columns[i] for i in rows])
 
 
 def eval_dataloader(ds: Any, batch_size: int, collator: Collator) -> DataLoader:

@@ -50,7 +50,12 @@ def estimate(recipe: Any, *, gpu_memory: int | None = None, gpus: int = 1, peak_
             data = count_tokens(recipe, info.arch.kind, cache_dir)
         except IftError as err:
             error = err.line()
-    setup = setup_from_recipe(recipe, info, seq_len=data.max_tokens if data else None,
+    seq_len = None
+    if data:  # the longest batch as the run pads it (ift.data.collate.train_padding)
+        from ift.data.collate import padded_length, train_padding
+
+        seq_len = padded_length(data.max_tokens, train_padding(recipe.data.pad_to_multiple_of, device))
+    setup = setup_from_recipe(recipe, info, seq_len=seq_len,
                               loss_tokens=data.max_loss_tokens if data else None, gpus=gpus, device=device)
     mem = memory(info, setup)
     methods = {}
