@@ -1,6 +1,6 @@
 """Where a CPU run's memory goes, step by step: glibc's heap against the tensors alive in it.
 
-    python bench/heap_replay.py recipes/phrasebank_lora.yaml [--steps 40] [--longest-first] [KEY=VALUE ...]
+    python bench/heap_replay.py recipes/phrasebank_lora.yaml [KEY=VALUE ...] [--steps 40] [--longest-first] [--peak]
 
 Sets the recipe's run up as `ift train` does (on the CPU that includes the pass on its longest batch and the
 padding of batch lengths: ift/training/allocator.py, ift.data.collate.train_padding), then trains on the first
@@ -9,7 +9,8 @@ whole run, may come late: step 108 of 117 for PhraseBank). `--longest-first` tra
 too. After every step it prints the peak RSS so far (VmHWM), glibc's heap (`mallinfo2`: arena = bytes the heap
 holds from the OS, inuse = bytes of live blocks at the step's end) and, at the end, tokens/s of the steps in
 between (real tokens: padding not counted). `--peak` samples `mallinfo2` every 2 ms during each step, which
-gives the live bytes at the step's peak (what `ift estimate` estimates) beside the heap's peak.
+gives the live bytes at the step's peak (what `ift estimate` estimates) beside the heap's peak (the sampler
+slows the steps: leave it off for tokens/s).
 
 KEY=VALUE are recipe overrides (e.g. data.pad_to_multiple_of=null). Figures: docs/benchmarks.md ("CPU memory").
 """
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--longest-first", action="store_true")
     parser.add_argument("--peak", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     sys.path.insert(0, str(REPO))
     from ift.recipe import load_recipe
@@ -67,8 +68,10 @@ def main() -> None:
     order = [i for i in range(len(batches)) if i != longest][:args.steps] + [longest]
     if args.longest_first:
         order.insert(0, longest)
-    print(f"{len(batches)} batches, {len(set(widths))} widths, longest {widths[longest]}; after setup: {status()}",
-          flush=True)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    print(f"{len(batches)} batches, {len(set(widths))} widths, longest {widths[longest]}, padding "
+          f"{100 * (1 - real / padded):.1f}% of the batch tokens; after setup: {status()}", flush=True)
 
     peak = {"heap": 0, "inuse": 0}
     sampling = args.peak
