@@ -146,9 +146,9 @@ def train_padding(setting: str | int | None, device_type: str) -> int | None:
 
 
 def longest_batch(ds: Any, batch_size: int, collator: Collator) -> dict:
-    """The `batch_size` longest rows of a tokenized split as one batch: the largest tensors its run will make."""
-    lengths = np.asarray(ds.with_format("arrow")["length"].to_numpy() if "length" in ds.column_names
-                         else [len(ids) for ids in ds["input_ids"]])
+    """The `batch_size` longest rows of a split tokenized by ift.data.tokenization.tokenize (its `length` column)
+    as one batch: the largest tensors its run will make."""
+    lengths = ds.with_format("arrow")["length"].to_numpy()
     rows = np.argsort(-lengths, kind="stable")[:batch_size].tolist()
     columns = _model_columns(ds)
     return collator([columns[i] for i in rows])

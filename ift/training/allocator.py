@@ -45,7 +45,8 @@ def largest_batch_first(loss_model, batch: dict, autocast: contextlib.AbstractCo
 
     Without it the longest batch lands wherever the shuffle puts it, on a heap by then cut into blocks for the
     shorter shapes seen so far, and takes fresh memory on top: the whole recipes/phrasebank_lora.yaml run peaked
-    at 11.3 GB when its one 232-token batch came at step 108 of 117, after ~6.9 GB for every step before it.
+    at 11.3 GB (9.7 GB on another host) when its one 232-token batch came at step 108 of 117, after ~6.9 GB for
+    every step before it.
     With it (and batch lengths padded to a multiple of 16: ift.data.collate.train_padding) no later step grows
     the heap (docs/benchmarks.md, "CPU memory").
     """
