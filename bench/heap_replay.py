@@ -1,6 +1,7 @@
 """Where a CPU run's memory goes, step by step: glibc's heap against the tensors alive in it.
 
     python bench/heap_replay.py recipes/phrasebank_lora.yaml [KEY=VALUE ...] [--steps 40] [--longest-first] [--peak]
+                                [--trim-every N]
 
 Sets the recipe's run up as `ift train` does (on the CPU that includes the pass on its longest batch and the
 padding of batch lengths: ift/training/allocator.py, ift.data.collate.train_padding), then trains on the first
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--longest-first", action="store_true")
     parser.add_argument("--peak", action="store_true")
+    parser.add_argument("--trim-every", type=int, default=0, help="malloc_trim(0) after every N steps (0: never)")
     args = parser.parse_intermixed_args()
 
     sys.path.insert(0, str(REPO))
@@ -91,6 +93,8 @@ def main() -> None:
         peak.update(heap=0, inuse=0)
         start = time.perf_counter()
         ft.train_window([batches[i]])
+        if args.trim_every and (k + 1) % args.trim_every == 0:
+            libc.malloc_trim(0)
         took = time.perf_counter() - start
         if 0 < k < len(order) - 1:
             seconds, tokens = seconds + took, tokens + int(batches[i]["attention_mask"].sum())

@@ -103,7 +103,8 @@ class FineTune:
         from accelerate.utils import ProjectConfiguration, set_seed
         from tqdm.auto import tqdm
 
-        from ift.data.collate import Collator, eval_dataloader, longest_batch, train_dataloader, train_padding
+        from ift.data.collate import (Collator, eval_dataloader, longest_batch, longest_row, train_dataloader,
+                                      train_padding)
         from ift.data.prepare import build_splits
         from ift.data.tokenization import tokenize
         from ift.training.loss import CompletionLoss
@@ -167,8 +168,9 @@ class FineTune:
             self.tokens, token_report = tokenize(self.prepared.splits, self.tokenizer, self.kind, self.recipe.data)
 
         self.collator = Collator(self.tokenizer, self.kind, packing=data.packing)
-        train_collator = Collator(self.tokenizer, self.kind, packing=data.packing,
-                                  pad_to_multiple_of=train_padding(data.pad_to_multiple_of, acc.device.type))
+        multiple, limit = train_padding(data.pad_to_multiple_of, acc.device.type, longest_row(self.tokens["train"]))
+        train_collator = Collator(self.tokenizer, self.kind, packing=data.packing, pad_to_multiple_of=multiple,
+                                  pad_limit=None if data.packing else limit)
         train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, train_collator, seed=t.seed,
                                     group_by_length=data.group_by_length, num_workers=t.dataloader_num_workers)
         val_dl = eval_dataloader(self.tokens["validation"], t.per_device_eval_batch_size, self.collator)

@@ -29,14 +29,37 @@ def test_plain_order_depends_only_on_seed_and_epoch():
     assert list(a) != list(b) and sorted(list(b)) == list(range(50))
 
 
-def test_training_batches_on_the_cpu_are_padded_to_a_multiple_of_16_by_default():
+def test_training_batches_on_the_cpu_are_padded_to_a_multiple_of_16_by_default_never_past_the_longest_row():
     from ift.data.collate import CPU_PAD_MULTIPLE, padded_length, train_padding
 
-    assert train_padding("auto", "cpu") == CPU_PAD_MULTIPLE == 16
-    assert train_padding("auto", "cuda") is None and train_padding(None, "cpu") is None
-    assert train_padding(64, "cuda") == 64 and train_padding(8, "cpu") == 8
+    assert train_padding("auto", "cpu", 232) == (CPU_PAD_MULTIPLE, 232) and CPU_PAD_MULTIPLE == 16
+    assert train_padding("auto", "cuda", 232) == (None, None) and train_padding(None, "cpu", 232) == (None, None)
+    assert train_padding(64, "cuda", 232) == (64, None) and train_padding(8, "cpu", 232) == (8, None)
     assert [padded_length(n, 16) for n in (1, 16, 17, 232)] == [16, 16, 32, 240]
-    assert padded_length(233, None) == 233
+    assert padded_length(233, None) == 233 and padded_length(233, None, 200) == 233
+    # the top width is the longest row's (the shape of the pass before step 1), not the next multiple
+    assert [padded_length(n, 16, 180) for n in (150, 170, 176, 177, 180)] == [160, 176, 176, 180, 180]
+    assert padded_length(181, 16, 180) == 181  # never cut
+
+
+def test_rows_of_nearly_one_length_are_padded_to_the_longest_not_past_it(tiny_tokenizer):
+    from ift.data.collate import Collator
+
+    rows = [{"input_ids": [3] * n, "labels": [3] * n, "attention_mask": [1] * n} for n in (171, 178)]
+    assert Collator(tiny_tokenizer, "causal", pad_to_multiple_of=16, pad_limit=180)(rows)["input_ids"].shape == (2, 180)
+    assert Collator(tiny_tokenizer, "causal", pad_to_multiple_of=16)(rows)["labels"].shape == (2, 192)
+    s2s = Collator(tiny_tokenizer, "seq2seq", pad_to_multiple_of=16, pad_limit=20)(
+        [{"input_ids": [5] * 19, "labels": [8] * 3}])
+    assert s2s["input_ids"].shape == (1, 20) and s2s["labels"].shape == (1, 16)
+
+
+def test_the_longest_row_counts_input_ids(tiny_tokenizer):
+    from datasets import Dataset
+
+    from ift.data.collate import longest_row
+
+    ds = Dataset.from_dict({"input_ids": [[3] * 5, [3] * 9, [3] * 2], "length": [20, 9, 30]})  # seq2seq: + target
+    assert longest_row(ds) == 9
 
 
 def test_the_longest_batch_is_the_longest_rows_padded_as_the_run_pads(tiny_tokenizer):

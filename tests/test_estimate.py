@@ -433,8 +433,11 @@ def test_cli_counts_tokens_and_caches_them(tmp_path, capsys, monkeypatch, tiny_t
     data = out["data"]
     assert data["rows"] == 32 and data["tokens"] > data["rows"] and data["max_tokens"] <= 64
     assert data["steps_per_epoch"] == math.ceil(math.ceil(32 / 4) / 2) and data["total_steps"] == 2 * data["steps_per_epoch"]
-    # memory at the longest real row, not max_length, padded as the CPU run pads it (ift.data.collate.train_padding)
-    assert out["setup"]["seq_len"] == 16 * math.ceil(data["max_tokens"] / 16) < 64
+    # memory at the longest real row, not max_length: the CPU run pads to 16 but never past it
+    # (ift.data.collate.train_padding); a multiple the recipe names pads it
+    assert out["setup"]["seq_len"] == data["max_tokens"] < 64
+    assert main(["estimate", recipe, "data.pad_to_multiple_of=48", "--json", "--device", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == 48 * math.ceil(data["max_tokens"] / 48)
     assert out["memory"]["fits"] is False and out["memory"]["advice"] is None
     assert out["scale"]["tokens_per_parameter"] == pytest.approx(2 * data["tokens"] / out["parameters"]["total"])
     # the second run reads the cached count instead of preparing the data again

@@ -54,7 +54,7 @@ def estimate(recipe: Any, *, gpu_memory: int | None = None, gpus: int = 1, peak_
     if data:  # the longest batch as the run pads it (ift.data.collate.train_padding)
         from ift.data.collate import padded_length, train_padding
 
-        seq_len = padded_length(data.max_tokens, train_padding(recipe.data.pad_to_multiple_of, device))
+        seq_len = padded_length(data.max_tokens, *train_padding(recipe.data.pad_to_multiple_of, device, data.max_tokens))
     setup = setup_from_recipe(recipe, info, seq_len=seq_len,
                               loss_tokens=data.max_loss_tokens if data else None, gpus=gpus, device=device)
     mem = memory(info, setup)
