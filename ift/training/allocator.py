@@ -11,6 +11,10 @@ Measured with bench/train_memory.py (docs/benchmarks.md, "CPU memory"), peak RSS
   recipes/dialogsum.yaml, 6 steps:        glibc 16.25 GB / 220.9, 16 MiB 13.39 / 227.8
 (estimates 4.27 and 10.72 GB): 16 MiB keeps both within 1.5x the estimate at glibc's speed. 4 MiB, the earlier
 setting, cost 25% here and 35% on DialogSum on another host (9.51 GB / 177.5 against glibc's 16.35 / 272.9).
+Other allocators do not do better at glibc's speed (bench/heap_replay.py, docs/benchmarks.md "jemalloc"): jemalloc
+preloaded (Ray's build; PyPI has no jemalloc or tcmalloc of their own) peaks at 1.19x the PhraseBank estimate but
+hands pages back within each step and runs at 0.72-0.76x the tokens/s; told to keep them, it fragments worse
+than glibc (2.25x). An 8 MiB threshold helps PhraseBank and costs DialogSum 25% of its tokens/s.
 """
 
 from __future__ import annotations
