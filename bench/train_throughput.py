@@ -432,14 +432,14 @@ def summarize(runs: list[dict], warmup: int, steps: int, threads: int) -> dict:
     cpu_rates = [threads * s["tokens"] / s["cpu_seconds"] for s in steady if s["cpu_seconds"] > 0]
     tokens = sum(s["tokens"] for s in steady)
     seconds = sum(s["seconds"] for s in steady)
-    all_steps = [s for r in runs for s in r["steps"][:steps]]
     return {
         "median": statistics.median(rates) if rates else float("nan"),
         "aggregate": tokens / seconds if seconds else float("nan"),
         "min": min(rates) if rates else float("nan"), "max": max(rates) if rates else float("nan"),
         "steps": len(rates),
         "cpu_median": statistics.median(cpu_rates) if cpu_rates else float("nan"),
-        "tokens_per_row": sum(s["tokens"] for s in all_steps) / max(len(all_steps), 1),
+        # timed steps only: ift's first step also counts its setup pass on the longest rows (ift/train.py)
+        "tokens_per_row": tokens / max(len(steady), 1),
         "rss_train_mb": max(r["peak_rss_train_mb"] for r in runs),
         "rss_end_mb": max(r["peak_rss_mb"] for r in runs),
     }
