@@ -122,8 +122,9 @@ class DataConfig(_Section):
     special_tokens: list[str] = []  # added to the tokenizer (embeddings resized; with LoRA the new rows train)
     packing: bool = False
     group_by_length: bool = False
-    # training batches padded to a multiple of this many tokens; auto: 16 on the CPU (a few tensor sizes that
-    # glibc's malloc reuses, docs/benchmarks.md "CPU memory"), none elsewhere; null: each batch to its longest row
+    # training batches padded to a multiple of this many tokens; auto: 16 on the CPU but never past the run's
+    # longest row (a few tensor sizes that glibc's malloc reuses, docs/benchmarks.md "CPU memory"), none
+    # elsewhere; null: each batch to its longest row
     pad_to_multiple_of: int | str | None = "auto"
     leak_check: bool = True
     num_proc: int = Field(1, ge=1)

@@ -51,8 +51,10 @@ def largest_batch_first(loss_model, batch: dict, autocast: contextlib.AbstractCo
     shorter shapes seen so far, and takes fresh memory on top: the whole recipes/phrasebank_lora.yaml run peaked
     at 11.3 GB (9.7 GB on another host) when its one 232-token batch came at step 108 of 117, after ~6.9 GB for
     every step before it.
-    With it (and batch lengths padded to a multiple of 16: ift.data.collate.train_padding) no later step grows
-    the heap (docs/benchmarks.md, "CPU memory").
+    With it (and batch lengths padded to a multiple of 16: ift.data.collate.train_padding) the whole PhraseBank
+    run peaked in this pass (8.99 GB; 8.0 GB after it, 8.58 at the longest batch), though where glibc places a
+    given width is not predictable: a replay of 40 batches then the longest grew the heap past the pass's peak
+    (docs/benchmarks.md, "CPU memory").
     """
     import torch
 
