@@ -2,7 +2,7 @@
 
     python bench/adapter_batching.py [--tokens 1440] [--rank 16] [--threads 2] [--dtype float32|bfloat16]
 
-Issue 15 asks for it "if measured faster". This measures the most it could save: the adapter path alone of one
+It is worth building only if measured faster. This measures the most it could save: the adapter path alone of one
 SmolLM2-135M layer (hidden 576; q 576, k/v 192 outputs; gate/up 1536), forward and backward, as peft computes
 it (per module: x @ A_i^T, then @ B_i^T, scaled) against one x @ [A_q; A_k; A_v]^T split into the three B's.
 The dropped input x is shared in both (ift's LoraDropout already hands q/k/v one copy). Median of --repeats

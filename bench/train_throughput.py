@@ -10,7 +10,7 @@ with a one-word completion), batch 8, AdamW lr 2e-4 linear, clipping 1.0, no gra
 LoRA r 16 / alpha 32 / dropout 0.05 on q/k/v/o/gate/up/down or full fine-tuning. Configurations:
 
   trl             SFTTrainer as shipped (prompt-completion data, completion-only loss), fp32 (bf16=False)
-  trl-tuned       SFTTrainer tuned as an expert would on CPU (issue 15): a compute_loss override that runs the
+  trl-tuned       SFTTrainer tuned as an expert would on CPU: a compute_loss override that runs the
                   backbone, applies the LM head only at positions whose shifted label is not -100 and returns
                   the summed cross-entropy / num_items_in_batch inside accelerator.autocast(); fused AdamW
   trl-tuned-bf16  the same with bf16=True (autocast; weights and optimizer fp32)

@@ -371,7 +371,7 @@ def test_rouge_parity_small_case():
 
 
 def test_rouge_lsum_scores_one_sentence_per_line():
-    """Issue 11 #9: rougeLsum is rouge_score's on newline-separated sentences (as the summarization scripts
+    """rougeLsum is rouge_score's on newline-separated sentences (as the summarization scripts
     compute it), not rougeL again."""
     from rouge_score import rouge_scorer
 

@@ -381,7 +381,7 @@ def test_card_metadata_parses_back_with_huggingface_hub(run_dir):
 
 
 def test_model_index_one_entry_per_source_with_this_models_test_scores_only(run_dir):
-    """Issue 11 #5: no base scores, the real split and config, no "a+b" dataset, no accuracy next to ROUGE."""
+    """The model index: no base scores, the real split and config, no "a+b" dataset, no accuracy next to ROUGE."""
     raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     raw["data"]["sources"].append({"path": "nyu-mll/glue", "config": "sst2", "name": "sst2",
                                    "splits": {"train": "train", "validation": None, "test": "validation"}})
@@ -465,7 +465,7 @@ def test_card_for_a_merged_or_full_model(run_dir):
 
 
 def test_card_snippet_prompts_the_way_training_did(run_dir):
-    """Issue 11 #9: with data.chat_template the snippet wraps the prompt in the chat template (its special
+    """With data.chat_template the snippet wraps the prompt in the chat template (its special
     tokens not added twice), as ift.data.encoding does; without it the prompt goes in plain."""
     plain = _snippet(write_model_card(run_dir, load_recipe(run_dir / "recipe.yaml"), path=run_dir / "p.md"))
     assert "apply_chat_template" not in plain
@@ -702,7 +702,7 @@ def test_push_merge_uploads_the_merged_model(run_dir, install_hub, token_env):
     assert (run_dir / "merged" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-# ---------------------------------------------------------------- the base's Hub id (issue 11 #6)
+# ---------------------------------------------------------------- the base's Hub id
 
 
 def test_gguf_hub_id_reads_the_metadata(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
@@ -876,7 +876,7 @@ def _check_offline(root: Path, run: Path, recipe, adapter_out: Path, repos: dict
 
 def test_adapter_on_a_gguf_base_pushed_to_a_folder_loads_with_autopeft_offline(tmp_path, monkeypatch,
                                                                               tiny_llama, tiny_tokenizer):
-    """Issue 11 #6 and #9: the published adapter names the base's Hub id (from the GGUF's metadata), not ift's
+    """The published adapter names the base's Hub id (from the GGUF's metadata), not ift's
     cache folder, so AutoPeftModelForCausalLM loads it anywhere; the cards' snippets run as written and
     prompt through the chat template as training did. The Hub ids resolve offline through a local HF cache."""
     _with_gguf_metadata(monkeypatch, {"organization": "me", "basename": "tiny-base", "size_label": "1M",
@@ -945,7 +945,7 @@ def test_push_names_the_base_by_model_hub_id_and_warns_without_one(run_dir, inst
     assert card.data.base_model == "me/tiny-base" and 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ift")' in card.text
 
 
-# ---------------------------------------------------------------- a second push (issue 11 #7)
+# ---------------------------------------------------------------- a second push
 
 
 def test_a_second_push_replaces_what_the_first_one_owned(run_dir, install_hub, token_env):
@@ -1019,7 +1019,7 @@ def test_a_merged_qlora_card_publishes_no_scores_measured_on_the_4bit_base(run_d
 
 
 
-# ---------------------------------------------------------------- pushes during training (issue 11: hub.strategy)
+# ---------------------------------------------------------------- pushes during training (hub.strategy)
 
 
 def _checkpoint(run: Path, step: int, *, weights: bytes, state: dict[str, bytes] | None = None) -> Path:

@@ -165,7 +165,7 @@ def _dtypes(folder: Path) -> set:
 
 
 def test_merge_keeps_a_bf16_base_in_bf16(tmp_path, capsys):
-    """Issue 11 #8: a bf16 base merges to bf16 (half the float32 size) by default; --dtype chooses another."""
+    """A bf16 base merges to bf16 (half the float32 size) by default; --dtype chooses another."""
     run = _make_run(tmp_path, dtype=torch.bfloat16)
     assert main(["merge", str(run)]) == 0
     out = run / "merged"
