@@ -46,7 +46,8 @@ from ift.metrics import higher_is_better
 from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 from ift.training.checkpoints import (STATE_FILE, Progress, _best, _check_fresh_run_dir, _find_checkpoint,
-                                      _load_checkpoint, _prune_checkpoints, _save_final, _saved_tokenizer)
+                                      _prune_checkpoints, _save_final, _saved_tokenizer, keep_trainable,
+                                      load_checkpoint)
 
 # transformers' scheduler names for ours: a constant rate after warmup is its constant_with_warmup
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -195,11 +196,11 @@ class FineTune:
         self.scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler_type], self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.max_steps)
         acc.register_for_checkpointing(self.scheduler)
-        acc.register_save_state_pre_hook(_drop_tied_duplicates)
+        acc.register_save_state_pre_hook(keep_trainable)
 
         self.progress = Progress()
         if self.checkpoint is not None:
-            self.progress = _load_checkpoint(acc, self.checkpoint)
+            self.progress = load_checkpoint(acc, self.checkpoint, self.loss_model)
             self.say(f"resumed from {self.checkpoint} at step {self.progress.step}")
         if self.main:  # only now: a resume that fails leaves the run folder as it was
             self.recipe.save(self.rd.recipe)
@@ -424,7 +425,7 @@ class FineTune:
         weights = f"final/ (step {progress.step})"
         if progress.best_step is not None and progress.best_step != progress.step:
             # test and final/ use the best validation checkpoint (one is always kept, see train())
-            _load_checkpoint(acc, rd.checkpoint(progress.best_step))
+            load_checkpoint(acc, rd.checkpoint(progress.best_step), self.loss_model)
             weights = f"final/ (best validation checkpoint, step {progress.best_step})"
             self.say(f"loaded the best checkpoint (step {progress.best_step}) for the test evaluation")
         sections: dict = {}
@@ -496,21 +497,6 @@ def train(recipe: Recipe, *, resume: bool | str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------- pieces of the loop
-
-
-def _drop_tied_duplicates(models, weights: list[dict], output_dir) -> None:
-    """Tied weights (SmolLM2's head is its embedding) once in a checkpoint: safetensors cannot hold a storage
-    twice, and Accelerate drops the copy itself with a warning per save. Loading re-ties them."""
-    from accelerate.utils import id_tensor_storage
-
-    for state in weights:
-        seen = set()
-        for name in list(state):
-            if hasattr(state[name], "untyped_storage"):
-                key = id_tensor_storage(state[name])
-                if key in seen:
-                    del state[name]
-                seen.add(key)
 
 
 def _windows(batches, size: int):

@@ -2,6 +2,12 @@
 
 Accelerate's state (model, optimizer, scheduler, RNGs, dataloader position) plus `Progress`, the loop's own
 counters, make a checkpoint from which the run continues exactly; ift/run.py's RunDir owns the folder layout.
+
+A checkpoint holds the *trainable* weights only (`keep_trainable`): the frozen base of a LoRA or QLoRA run is
+loaded again from where the run loaded it, so a 7B QLoRA checkpoint is its adapter's size, not 14 GB, and holds
+none of bitsandbytes' quantization state (which a strict load would refuse). Loading checks that the file
+holds every trainable weight and nothing the model lacks (`load_checkpoint`): another model's checkpoint is
+refused by name, not half-loaded.
 """
 
 from __future__ import annotations
@@ -76,10 +82,54 @@ def _find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
                    "start without --resume, or point training.output_dir at the interrupted run")
 
 
-def _load_checkpoint(acc, folder: Path) -> Progress:
-    """Accelerate's state + our progress; a checkpoint that does not load is named, never a traceback."""
+def keep_trainable(models, weights: list[dict], output_dir) -> None:
+    """Accelerate save_state pre-hook: each model's state dict cut to its trainable parameters and buffers.
+
+    named_parameters() names a tied weight once (SmolLM2's head is its embedding), so a tie is saved once too:
+    safetensors cannot hold one storage twice, and loading re-ties it. FSDP and DeepSpeed save through their
+    own code (`weights` holds nothing for them)."""
+    for model, state in zip(models, weights):
+        keep = {name for name, p in model.named_parameters() if p.requires_grad}
+        keep |= {name for name, _ in model.named_buffers()}
+        for name in list(state):
+            if name not in keep:
+                del state[name]
+
+
+def check_checkpoint_weights(model, folder: Path) -> None:
+    """The checkpoint's weights file holds every trainable weight of `model` and no name `model` lacks."""
+    from safetensors import safe_open
+
+    file = folder / "model.safetensors"
+    if not file.exists():  # FSDP / DeepSpeed layouts, or a .bin file: their own loaders check
+        return
+    with safe_open(str(file), framework="pt") as f:
+        saved = set(f.keys())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - saved)
+    unknown = sorted(saved - set(model.state_dict()))
+    if missing or unknown:
+        what = (f"{len(missing)} trainable weights missing (e.g. {missing[0]})" if missing else
+                f"{len(unknown)} weights this model does not have (e.g. {unknown[0]})")
+        raise IftError(f"checkpoint {folder} does not match this model: {what}", str(folder),
+                       "it was written by another model or recipe: move it away to resume from the previous "
+                       "one, or start again without --resume")
+
+
+def load_checkpoint(acc, folder: Path, model=None) -> Progress:
+    """Accelerate's state + our progress; a checkpoint that does not load is named, never a traceback.
+
+    `model` is the prepared model: its trainable weights come from the checkpoint, its frozen ones stay as
+    loaded (see `keep_trainable`)."""
+    from accelerate.utils import DistributedType
+
+    plain = acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                         DistributedType.MEGATRON_LM)
+    if plain and model is not None:
+        check_checkpoint_weights(model, folder)
     try:
-        acc.load_state(str(folder))
+        # strict=False: the frozen weights are not in the file (checked above: nothing else is missing)
+        acc.load_state(str(folder), **({"strict": False} if plain else {}))
         return Progress(**json.loads((folder / STATE_FILE).read_text()))
     except Exception as err:  # safetensors, pickle, shape mismatches: all mean this checkpoint is unusable
         detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
