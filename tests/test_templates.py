@@ -22,7 +22,7 @@ from ift.templates.checks import validate
 from ift.templates.files import add_template, read_file, repo_templates_dir
 from ift.templates.library import TemplateLibrary
 from ift.templates.sandbox import ENV, MAX_SIZE
-from ift.templates.template import Template, render_batch, render_row
+from ift.templates.template import PROMPTSOURCE_PREFIX, Template, render_batch, render_row
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -258,6 +258,35 @@ def test_promptsource_reference_without_importing_promptsource() -> None:
     assert lib.get(tpl.id) is tpl
     with pytest.raises(IftError, match="did you mean: promptsource:ag_news/classify_question_first"):
         lib.get("ag_news/classify_question_first")
+
+
+def test_every_p3_template_is_reachable_by_the_names_users_write() -> None:
+    """Some P3 names end in a space (`imdb/Sentiment with choices `); a YAML recipe drops it. Every template of
+    the collection resolves to itself by its reference, by its exact name and by its name without the space; a
+    near-miss is told names that resolve, never the very name it gave."""
+    lib = TemplateLibrary()
+    if lib.promptsource_dir is None:
+        pytest.skip("promptsource is not installed")
+    templates = [t for t in lib.list() if t.source == "promptsource"]
+    assert len(templates) > 2000
+    spaced = [t for t in templates if t.name != t.name.strip()]
+    refs = {t.ref for t in templates}
+    assert len(spaced) == 19 and "promptsource:imdb/Sentiment with choices" in {t.ref for t in spaced}
+    for tpl in templates:
+        exact = f"{PROMPTSOURCE_PREFIX}{tpl.dataset}/{tpl.name}"
+        assert not tpl.ref.endswith(" ") and lib.get(tpl.ref) is tpl
+        assert lib.get(exact) is tpl and lib.get(exact.strip()) is tpl
+        assert lib.get(tpl.name, dataset=PROMPTSOURCE_PREFIX + tpl.dataset) is tpl
+        assert lib.get(tpl.name.strip(), dataset=PROMPTSOURCE_PREFIX + tpl.dataset) is tpl
+    for tpl in spaced:  # a misspelling: every suggestion resolves, and none is the refused reference
+        wrong = tpl.ref[:-1]
+        with pytest.raises(IftError) as err:
+            lib.get(wrong)
+        assert err.value.fix.startswith("did you mean: ")
+        listed = f", {err.value.fix.removeprefix('did you mean: ')}, "  # names may hold ", " themselves
+        items = sorted((ref for ref in refs if f", {ref}, " in listed), key=listed.index)
+        assert f", {', '.join(items)}, " == listed  # each suggestion is a reference that resolves
+        assert tpl.ref in items and wrong not in items
 
 
 # --------------------------------------------------------------------------------------------

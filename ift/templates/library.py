@@ -104,7 +104,7 @@ class TemplateLibrary:
         return found
 
     def _named(self, key: str, source: str, name: str) -> Template | None:
-        return next((t for t in self._templates(key, source) if t.name == name), None)
+        return next((t for t in self._templates(key, source) if _same_name(t.name, name)), None)
 
     def _by_path(self, body: str, source: str) -> Iterator[Template]:
         """`a/b/c/name`: try the longest dataset key first (names may contain '/')."""
@@ -118,7 +118,7 @@ class TemplateLibrary:
     def _by_bare_name(self, name: str, source: str) -> Template | None:
         if source != "local":
             return None
-        matches = [t for key in self._local for t in self._templates(key, "local") if t.name == name]
+        matches = [t for key in self._local for t in self._templates(key, "local") if _same_name(t.name, name)]
         if len(matches) > 1:
             raise IftError(f"template name {name!r} is ambiguous", None,
                            "use one of: " + ", ".join(t.ref for t in matches))
@@ -138,7 +138,7 @@ class TemplateLibrary:
     def _ref_hint(self, ref: str, dataset: str | None) -> str:
         if dataset is not None:
             try:
-                names = [t.name for t in self.list(dataset)]
+                names = [t.name.strip() for t in self.list(dataset)]
             except IftError as err:
                 return err.fix or ""
             close = difflib.get_close_matches(ref, names, n=5, cutoff=0.4)
@@ -147,7 +147,7 @@ class TemplateLibrary:
         keys = self._promptsource if source == "promptsource" else self._local
         key = max((k for k in keys if body.startswith(k + "/")), key=len, default=None)
         if key is not None:  # a known dataset: suggest among its names
-            names = [t.name for t in self._templates(key, source)]
+            names = [t.name.strip() for t in self._templates(key, source)]
             close = difflib.get_close_matches(body[len(key) + 1:], names, n=5, cutoff=0.6)
             prefix = (PROMPTSOURCE_PREFIX if source == "promptsource" else "") + key + "/"
             return ("did you mean: " + ", ".join(prefix + n for n in close)) if close else \
@@ -161,6 +161,12 @@ class TemplateLibrary:
         local = [r for r in refs if not r.startswith(PROMPTSOURCE_PREFIX)]
         return "available: " + (", ".join(local[:20]) or "none") + (" ..." if len(local) > 20 else "") + \
             "; `ift templates list` shows them all"
+
+
+def _same_name(name: str, wanted: str) -> bool:
+    """A template name as users write it: surrounding spaces do not count. Some of promptsource's names end in a
+    space (`imdb/Sentiment with choices `), which a YAML recipe or a shell argument drops; both spellings match."""
+    return name.strip() == wanted.strip()
 
 
 def _split_source(ref: str) -> tuple[str, str]:

@@ -87,9 +87,10 @@ class Template:
     # -- identity ------------------------------------------------------------------------------
     @property
     def ref(self) -> str:
-        """The reference that `TemplateLibrary.get` resolves back to this template."""
+        """The reference that `TemplateLibrary.get` resolves back to this template, as a recipe writes it: the
+        name without the trailing space some of promptsource's names have (YAML drops it)."""
         prefix = PROMPTSOURCE_PREFIX if self.source == "promptsource" else ""
-        return f"{prefix}{self.dataset}/{self.name}" if self.dataset else self.name
+        return f"{prefix}{self.dataset}/{self.name.strip()}" if self.dataset else self.name.strip()
 
     @property
     def location(self) -> str:
