@@ -2,6 +2,8 @@
 (docs/architecture.md draws the same order). The library never imports the CLI."""
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 IFT = Path(__file__).resolve().parents[1] / "ift"
@@ -75,3 +77,55 @@ def test_the_layout_test_sees_a_violation(tmp_path, monkeypatch):
         assert "ift/data/bad.py (data) imports ift.cli (cli)" in str(err)
     else:
         raise AssertionError("the violation was not reported")
+
+
+# The project speaks of itself alone: no work-round labels or tracker numbers in what it ships. The two words are
+# joined at run time so that this file does not match its own pattern.
+_HISTORY_LABEL = re.compile("sess" + r"ion [0-9]|" + "iss" + r"ue #?[0-9]+", re.IGNORECASE)
+_SHIPPED = ("README.md", "docs", "ift", "tests", "bench", "recipes")
+
+
+def _shipped_files(root: Path) -> list[Path]:
+    """Tracked and new (not ignored) files under _SHIPPED; outside a git checkout, every file under them."""
+    files = None
+    if (root / ".git").exists():
+        try:
+            out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
+                                  *_SHIPPED], cwd=root, capture_output=True, check=True).stdout.decode()
+            files = [root / rel for rel in out.split("\0") if rel]
+        except (OSError, subprocess.CalledProcessError):  # no git program: walk the folders instead
+            pass
+    if files is None:
+        files = [p for top in _SHIPPED for p in ([root / top] if (root / top).is_file() else (root / top).rglob("*"))]
+    return sorted({p for p in files if p.is_file() and "__pycache__" not in p.parts})
+
+
+def _history_labels(files: list[Path], root: Path) -> list[str]:
+    hits = []
+    for path in files:
+        data = path.read_bytes()
+        if b"\0" in data:  # binary (plots, weights)
+            continue
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if _HISTORY_LABEL.search(line):
+                hits.append(f"{path.relative_to(root)}:{number}: {line.strip()[:100]}")
+    return hits
+
+
+def test_no_work_round_labels_or_tracker_numbers():
+    """README, docs, code, tests, bench and recipes say what the code does and what was measured (with its date
+    and host), not which work round or tracker entry it came from."""
+    root = IFT.parent
+    hits = _history_labels(_shipped_files(root), root)
+    assert not hits, "say it in the code's own terms (or date the measurement):\n" + "\n".join(hits)
+
+
+def test_the_label_check_sees_a_label(tmp_path):
+    """The check itself bites, in a folder that is not a git checkout."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("fine\nmeasured in " + "Sess" + "ion 12\n")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "b.py").write_text("# see " + "iss" + "ue #15\n")
+    (tmp_path / "bench" / "plot.png").write_bytes(b"\0" + ("iss" + "ue 3").encode())
+    hits = _history_labels(_shipped_files(tmp_path), tmp_path)
+    assert [h.split(": ")[0] for h in hits] == ["bench/b.py:1", "docs/page.md:2"]
