@@ -626,6 +626,78 @@ def test_accuracy_and_rouge_evaluation_on_fsdp2_shards(tmp_path):
     assert proc.stdout.count("sharded evaluation equals the full model's") == 2
 
 
+FSDP2_ON_ONE_CPU_PROCESS = """
+import json, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+
+class FsdpOnCpu(accelerate.Accelerator):
+    # Accelerate refuses FSDP on a CPU; its FSDP2 preparation itself runs on one gloo process. The settings are
+    # recipes/accelerate/fsdp_2gpu.yaml's.
+    def prepare(self, *args):
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=True,
+            reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
+        self.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what later states copy
+        return super().prepare(*args)
+
+
+accelerate.Accelerator = FsdpOnCpu
+import ift.train as T
+
+setup = T.FineTune.setup
+
+
+def report(self):
+    setup(self)
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = self.accelerator.unwrap_model(self.loss_model).model
+    head, embed = inner.get_output_embeddings().weight, inner.get_input_embeddings().weight
+    optimized = {{id(p) for g in self.optimizer.param_groups for p in g["params"]}}
+    print("FSDP " + json.dumps({{
+        "units": [n for n, m in self.loss_model.named_modules() if isinstance(m, FSDPModule)],
+        "tied": head is embed, "head_optimized": id(head) in optimized}}), flush=True)
+
+
+T.FineTune.setup = report
+raise SystemExit(T.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_each_decoder_layer_keeps_the_head_tied_and_trains_as_unsharded(tmp_path):
+    """Accelerate's own FSDP2 preparation with the shipped accelerate config's settings, on one gloo process:
+    one unit per decoder layer, the tied head still the embedding and in the optimizer, accuracy evaluated during
+    training, and the same final weights as the unsharded run."""
+    def recipe(folder):
+        path = toy_recipe(folder, max_steps=4, save_steps=4, eval_steps=2)
+        raw = yaml.safe_load(path.read_text())
+        raw["model"]["config"]["tie_word_embeddings"] = True
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    plain = run_train(recipe(tmp_path / "plain"))
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(FSDP2_ON_ONE_CPU_PROCESS.format(repo=str(REPO), tests=str(REPO / "tests")))
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "1", str(script), str(recipe(tmp_path / "fsdp"))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    report = json.loads(out.split("FSDP ", 1)[1].splitlines()[0])
+    assert [u for u in report["units"] if ".layers." in u] == ["model.model.layers.0", "model.model.layers.1"]
+    assert report["tied"] and report["head_optimized"], report
+    sharded = tmp_path / "fsdp" / "run"
+    evals = [h for h in json.loads((sharded / "metrics.json").read_text())["history"] if "validation" in h]
+    assert [h["step"] for h in evals] == [2, 4] and "accuracy" in evals[0]["validation"]
+    assert_same_weights(final_weights(plain), final_weights(sharded), atol=1e-6)
+
+
 # ---------------------------------------------------------------- faults: damaged checkpoints, full disks, two runs
 
 

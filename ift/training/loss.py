@@ -60,6 +60,20 @@ class CompletionLoss(nn.Module):
         super().__init__()
         self.model = model
         self.kind = kind
+        # Accelerate's FSDP2 preparation reads these from the module it is given (this one): without them no
+        # decoder layer becomes its own unit and, with cpu_ram_efficient_loading, a tied head comes back untied
+        self._no_split_modules = getattr(hf_model(model), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return hf_model(self.model).get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return hf_model(self.model).get_output_embeddings()
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        tie = getattr(hf_model(self.model), "tie_weights", None)
+        if tie is not None:
+            tie(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, per_row: bool = False,
                 **extra):
