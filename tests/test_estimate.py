@@ -517,3 +517,50 @@ def test_a_cpu_estimate_counts_the_attention_kernel_ift_train_picks(tmp_path, ca
     assert eager["memory"]["activations"] > fused["memory"]["activations"]
     assert estimate()["model"]["attention"] == "fused"  # the GPU keeps sdpa
     assert estimate("model.attn_implementation=eager")["model"]["attention"] == "eager"
+
+
+def test_a_bf16_checkpoint_full_finetune_is_estimated_as_it_trains_with_fp32_master_weights(tmp_path):
+    """A bf16 checkpoint (dtype auto) trains on float32 master weights: the estimate's weights, gradients and
+    AdamW states are within 10% of the bytes the training loop holds after its first step."""
+    import yaml
+
+    from ift.estimate.model import load_model_info
+    from ift.estimate.plan import setup_from_recipe
+    from ift.recipe import load_recipe
+    from ift.train import FineTune
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from test_train import reset_accelerate_state, toy_recipe
+
+    base = tmp_path / "bf16-base"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    path = toy_recipe(tmp_path, max_steps=1, eval_steps=100, save_steps=100)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = {"name_or_path": str(base), "dtype": "auto"}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+
+    info = load_model_info(recipe.model, recipe.adapter)
+    assert info.config_dtype == "bfloat16"
+    mem = memory(info, setup_from_recipe(recipe, info, device="cpu"))
+    estimated = mem.weights + mem.gradients + mem.optimizer
+
+    run = FineTune(recipe)
+    try:
+        run.setup()
+        run.train_window([next(iter(run.train_dl))])
+        model = run.accelerator.unwrap_model(run.loss_model).model
+        params = list(model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in params)
+        # gradients are freed after the step (zero_grad(set_to_none)); during backward they are the size of
+        # the trainable weights
+        gradients = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        states = sum(t.numel() * t.element_size() for state in run.optimizer.state.values()
+                     for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+        held = weights + gradients + states
+    finally:
+        run.cleanup()
+        reset_accelerate_state()
+    assert {p.dtype for p in params} == {torch.float32}
+    assert abs(estimated - held) <= 0.1 * held, (estimated, held)

@@ -32,10 +32,12 @@ class Setup:
 
 
 def model_weight_dtype(model_cfg: Any, method: str, config_dtype: str | None) -> str:
-    """What the base weights are held in, as ift.modeling loads them: model.dtype; under 'auto' the checkpoint's
-    dtype (float32 when the config names none: GGUF conversions, scratch models). Under QLoRA peft's
-    prepare_model_for_kbit_training makes every weight that is not 4-bit float32."""
-    if method == "qlora":
+    """What the base weights are held in while training: model.dtype; under 'auto' the checkpoint's dtype
+    (float32 when the config names none: GGUF conversions, scratch models). Under QLoRA peft's
+    prepare_model_for_kbit_training makes every weight that is not 4-bit float32; a full fine-tune trains
+    float32 master weights whatever the checkpoint's dtype (ift/train.py: AdamW on bf16 weights rounds small
+    updates away; FSDP2 upcasts them too), with half-precision compute under autocast."""
+    if method in ("qlora", "none"):
         return "float32"
     if model_cfg.dtype != "auto":
         return model_cfg.dtype
