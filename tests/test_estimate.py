@@ -564,3 +564,14 @@ def test_a_bf16_checkpoint_full_finetune_is_estimated_as_it_trains_with_fp32_mas
         reset_accelerate_state()
     assert {p.dtype for p in params} == {torch.float32}
     assert abs(estimated - held) <= 0.1 * held, (estimated, held)
+
+
+def test_lora_advice_for_a_bf16_checkpoint_holds_the_frozen_base_as_loaded():
+    """A full fine-tune of a bf16 checkpoint is counted in float32; the LoRA it is advised holds the base in bf16."""
+    info = info_for(ad=adapter("lora"))
+    full = setup(batch_size=1, gradient_checkpointing=True, loaded_dtype="bfloat16")
+    lora_bf16 = memory(info, replace(full, method="lora", weight_dtype="bfloat16")).peak
+    lora_fp32 = memory(info, replace(full, method="lora", weight_dtype="float32")).peak
+    assert lora_bf16 < lora_fp32 < memory(info, full).peak
+    advice = fit_advice(info, full, int(lora_bf16 / USABLE_FRACTION) + 1)
+    assert advice is not None and advice.setup.method == "lora" and advice.setup.weight_dtype == "bfloat16"

@@ -52,7 +52,7 @@ def _apply(kind: str, info: ModelInfo, setup: Setup, budget: int) -> Setup | Non
     if kind == "checkpointing":
         return replace(setup, gradient_checkpointing=True)
     if kind == "lora":
-        return replace(setup, method="lora")
+        return replace(setup, method="lora", weight_dtype=setup.loaded_dtype)  # the frozen base as loaded
     if kind == "qlora":
         return replace(setup, method="qlora", weight_dtype="float32")  # as prepare_model_for_kbit_training leaves it
     for n in FSDP_GPU_OPTIONS:

@@ -29,6 +29,7 @@ class Setup:
     fsdp: int = 1  # FSDP FULL_SHARD: weights, gradients and optimizer states split over this many devices
     device: str = "cuda"  # CUDA's dropout keeps a bool mask, PyTorch's CPU dropout a float one
     fused_adamw: bool = True  # training.optim adamw_torch_fused (not under FSDP): on CUDA no step temporaries
+    loaded_dtype: str = "float32"  # the checkpoint as loaded: what LoRA's frozen base would be held in
 
 
 def model_weight_dtype(model_cfg: Any, method: str, config_dtype: str | None) -> str:
@@ -56,4 +57,5 @@ def setup_from_recipe(recipe: Any, info: ModelInfo, *, seq_len: int | None = Non
                  weight_dtype=model_weight_dtype(recipe.model, a.method, info.config_dtype),
                  mixed_precision=t.mixed_precision, lora_r=a.r, lora_dropout=a.dropout, double_quant=a.double_quant,
                  compute_dtype=a.compute_dtype,
-                 padded=not d.packing, gpus=gpus, device=device, fused_adamw=t.optim == "adamw_torch_fused")
+                 padded=not d.packing, gpus=gpus, device=device, fused_adamw=t.optim == "adamw_torch_fused",
+                 loaded_dtype=model_weight_dtype(recipe.model, "lora", info.config_dtype))

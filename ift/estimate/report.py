@@ -59,9 +59,8 @@ def estimate(recipe: Any, *, gpu_memory: int | None = None, gpus: int = 1, peak_
                               loss_tokens=data.max_loss_tokens if data else None, gpus=gpus, device=device)
     mem = memory(info, setup)
     methods = {}
-    base_dtype = model_weight_dtype(recipe.model, "lora", info.config_dtype)
     for method in ("none", "lora", "qlora"):
-        alt = replace(setup, method=method, weight_dtype="float32" if method == "qlora" else base_dtype)
+        alt = replace(setup, method=method, weight_dtype=model_weight_dtype(recipe.model, method, info.config_dtype))
         methods[method] = {"no_checkpointing": memory(info, replace(alt, gradient_checkpointing=False)).peak,
                            "checkpointing": memory(info, replace(alt, gradient_checkpointing=True)).peak}
     ok = fits(info, setup, gpu_memory) if gpu_memory else None
