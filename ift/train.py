@@ -45,6 +45,7 @@ from ift.errors import IftError
 from ift.metrics import higher_is_better
 from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
+from ift.training.precision import precision_record
 from ift.training.checkpoints import (STATE_FILE, Progress, _best, _check_fresh_run_dir, _find_checkpoint,
                                       _prune_checkpoints, _save_final, _saved_tokenizer, keep_trainable,
                                       load_checkpoint)
@@ -159,6 +160,11 @@ class FineTune:
         self.loaded = load(self.recipe.model, self.recipe.adapter, gradient_checkpointing=t.gradient_checkpointing,
                            tokenizer=tokenizer, new_tokens=new_tokens)
         model, self.tokenizer, self.kind = self.loaded.model, self.loaded.tokenizer, self.loaded.kind
+        loaded_dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        if self.recipe.model.dtype == "auto" and not (t.mixed_precision == "fp16" and loaded_dtype == "bfloat16"):
+            # pinned in the saved recipe: `ift eval/chat/generate` load the run's weights as they were loaded here
+            self.recipe = self.recipe.model_copy(update={"model": self.recipe.model.model_copy(
+                update={"dtype": loaded_dtype})})
         _fp32_master_weights(model, self.say)
         _frozen_base_in_compute_dtype(model, t, acc, self.say)
         _attention_for_training(model, self.recipe, self.kind, acc.device.type, self.say)
@@ -346,7 +352,7 @@ class FineTune:
             from ift.evaluation.evaluate import evaluate
 
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            # under the training's autocast, as the loss above and as the evaluation record says (_dtype_of)
+            # under the training's autocast, as the loss above and as the evaluation record says
             with full_weights(self.loss_model, bool(getattr(plugin, "reshard_after_forward", True))), \
                     self.accelerator.autocast():
                 scores, predictions = evaluate(self.accelerator.unwrap_model(self.loss_model).model, self.tokenizer,
@@ -482,7 +488,7 @@ class FineTune:
         model = self.accelerator.unwrap_model(self.loss_model).model
         quant = self.recipe.adapter.quant_type if self.recipe.adapter.method == "qlora" else None
         return self.rd.add_evaluation(model=r["model"], split=r["split"], metrics=r["metrics"], rows=rows,
-                                      limit=None, weights=r["weights"], dtype=_dtype_of(model, self.t),
+                                      limit=None, weights=r["weights"], dtype=precision_record(model, self.t.mixed_precision),
                                       quantization=quant, predictions=path, by="train")
 
     def cleanup(self) -> None:
@@ -684,13 +690,6 @@ def _early_stop(progress: Progress, t) -> bool:
 
 
 # ---------------------------------------------------------------- checkpoints and outputs
-
-
-def _dtype_of(model, t: TrainingConfig) -> str:
-    """What the evaluated forward ran in: the weights' dtype, or the autocast one."""
-    if t.mixed_precision != "no":
-        return f"{t.mixed_precision} autocast"
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _runnable_precision(recipe: Recipe) -> Recipe:

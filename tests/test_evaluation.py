@@ -624,3 +624,36 @@ def test_kv_cache_decoding_calls_nothing_deprecated(tiny_tokenizer, tiny_t5, tra
     lengths = {len(r) for r in decoding._generate_ids(model, tok, "causal", PROMPTS, max_new_tokens=8, batch_size=7,
                                                 chat_template=False)}
     assert len(lengths) > 1
+
+
+def test_ift_eval_of_a_bf16_run_loads_bf16_under_the_runs_autocast_and_equals_its_test(tmp_path, capsys):
+    """A LoRA run on a bf16 checkpoint (model.dtype auto): the saved recipe pins bfloat16, `ift eval` loads the
+    base in bf16 (not float32, twice the memory) under the run's autocast, records it, and scores as the run did."""
+    import yaml
+
+    from ift.modeling.final import load_final
+    from ift.recipe import load_recipe
+    from test_train import reset_accelerate_state, run_train, toy_recipe
+
+    base = tmp_path / "bf16-base"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    path = toy_recipe(tmp_path, adapter="lora", max_steps=4, eval_steps=100, save_steps=100, mixed_precision="bf16")
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = {"name_or_path": str(base), "dtype": "auto"}
+    path.write_text(yaml.safe_dump(raw))
+    run = run_train(path)
+    reset_accelerate_state()
+    recipe = load_recipe(run / "recipe.yaml")
+    assert recipe.model.dtype == "bfloat16"
+    loaded = load_final(run / "final", recipe.model, adapter=recipe.adapter)
+    assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+    code, out, err = _cli(capsys, run)
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    record = metrics["evaluations"][-1]
+    trained = recipe.training.mixed_precision  # "no" on a CPU without native bf16, and then so here
+    assert record["dtype"] == ("bfloat16 weights, bf16 autocast" if trained == "bf16" else "bfloat16")
+    assert record["metrics"]["accuracy"] == metrics["test"]["accuracy"]

@@ -61,12 +61,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ift.evaluation.evaluate import evaluate, write_predictions
     from ift.run import RunDir
+    from ift.training.precision import evaluation_autocast, precision_record, runnable_precision
 
+    # the run's weights dtype (load_final) and its autocast, as its own test evaluation ran
+    device = next(loaded.model.parameters()).device.type
+    recipe, why = runnable_precision(recipe, device)
+    if why:
+        print(f"note: {why}: evaluating without autocast", flush=True)
+    mixed = recipe.training.mixed_precision
     label = f"{'' if tuned else 'base '}{args.split}"
     began = time.perf_counter()
-    metrics, predictions = evaluate(loaded.model, loaded.tokenizer, loaded.kind, rows, recipe.evaluation,
-                                    chat_template=recipe.data.wraps_pairs, batch_size=args.batch_size,
-                                    limit=args.limit, desc=label)
+    with evaluation_autocast(mixed, device):
+        metrics, predictions = evaluate(loaded.model, loaded.tokenizer, loaded.kind, rows, recipe.evaluation,
+                                        chat_template=recipe.data.wraps_pairs, batch_size=args.batch_size,
+                                        limit=args.limit, desc=label)
     seconds = time.perf_counter() - began
     rd = RunDir(run_dir)
     four_bit = tuned and recipe.adapter.method == "qlora"
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     write_predictions(pred_path, predictions)
     record = rd.add_evaluation(model=model, split=args.split, metrics=metrics, rows=len(predictions),
                                limit=args.limit if args.limit and args.limit < len(rows) else None, weights=str(run_dir / "final") if tuned else loaded.source,
-                               dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                               dtype=precision_record(loaded.model, mixed),
                                quantization=recipe.adapter.quant_type if four_bit else None,
                                predictions=pred_path, by="ift-eval")
     _print_metrics(label, metrics, seconds)

@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 from ift.data.encoding import Kind
 
 
-def load_final(final_dir: Path, model_cfg: ModelConfig, *, merged_dtype: str = "float32",
+def load_final(final_dir: Path, model_cfg: ModelConfig, *, dtype: str | None = None,
                adapter: AdapterConfig | None = None) -> Loaded:
     """A run's `final/`: a full model, or a LoRA adapter on its base. Eval mode.
 
-    The base is full precision (to merge into real weights), unless `adapter` says the run was QLoRA: then it
-    is loaded in 4-bit as trained, so the figures describe the function that was trained and tested.
+    `dtype`: the weights' dtype; by default the run's own (`model.dtype`, which training pins in the saved
+    recipe), so a bf16 run is evaluated and chatted with in bf16 as it was trained, at half float32's memory
+    (merge and export name theirs). When `adapter` says the run was QLoRA the base is loaded in 4-bit as
+    trained, so the figures describe the function that was trained and tested.
     """
+    merged_dtype = dtype or model_cfg.dtype
     final_dir = Path(final_dir)
     if not final_dir.is_dir():
         raise IftError(f"no final weights at {final_dir}", str(final_dir),

@@ -99,7 +99,7 @@ def merged_model(run_dir: Path, recipe) -> tuple[Any, Any, list[str]]:
     notes: list[str] = []
     final = run_dir / "final"
     try:
-        loaded = load_final(final, recipe.model, merged_dtype="float32")  # no adapter arg: never 4-bit
+        loaded = load_final(final, recipe.model, dtype="float32")  # no adapter arg: never 4-bit
     except (RuntimeError, ValueError) as exc:
         raise IftError(f"the adapter does not fit the base model: {str(exc).strip().splitlines()[0][:300]}",
                        str(final), "check that the recipe's model is the base the adapter was trained on") from None

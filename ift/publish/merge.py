@@ -123,7 +123,7 @@ def _load_adapted(final: Path, recipe: Recipe, dtype_name: str):
     from ift.modeling.final import load_final
 
     try:
-        loaded = load_final(final, recipe.model, merged_dtype=dtype_name)
+        loaded = load_final(final, recipe.model, dtype=dtype_name)
     except (RuntimeError, ValueError) as exc:  # peft: shapes or modules that do not match the base
         raise IftError(f"the adapter does not fit the base model: {str(exc).strip().splitlines()[0][:300]}",
                        str(final), "check that model.name_or_path in recipe.yaml is the base the adapter was "

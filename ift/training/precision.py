@@ -7,6 +7,8 @@ estimates what that run holds. One rule for both, so the estimate describes the 
 
 from __future__ import annotations
 
+import contextlib
+
 from ift.recipe import Recipe
 
 
@@ -22,3 +24,19 @@ def runnable_precision(recipe: Recipe, device_type: str) -> tuple[Recipe, str | 
     why = (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, "
            "so bf16 autocast would run many times slower than fp32")
     return recipe.model_copy(update={"training": t.model_copy(update={"mixed_precision": "no"})}), why
+
+
+def evaluation_autocast(mixed_precision: str, device_type: str):
+    """The run's autocast around an evaluation outside the training loop (`ift eval`), as the loop's own test
+    evaluation ran under Accelerate's: the same figures for the same weights."""
+    if mixed_precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast(device_type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
+def precision_record(model, mixed_precision: str) -> str:
+    """What an evaluated forward ran in, for the evaluation record: the weights' dtype, and the autocast."""
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"{weights} weights, {mixed_precision} autocast" if mixed_precision in ("bf16", "fp16") else weights
