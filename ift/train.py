@@ -174,7 +174,9 @@ class FineTune:
         with acc.main_process_first():
             self.tokens, token_report = tokenize(self.prepared.splits, self.tokenizer, self.kind, self.recipe.data)
 
-        self.collator = Collator(self.tokenizer, self.kind, packing=data.packing)
+        # evaluation batches are never packed: Accelerate drops the rows it repeats to even out the shards by
+        # row, and a packed batch is one row of several examples
+        self.collator = Collator(self.tokenizer, self.kind)
         multiple, limit = train_padding(data.pad_to_multiple_of, acc.device.type, longest_row(self.tokens["train"]))
         train_collator = Collator(self.tokenizer, self.kind, packing=data.packing, pad_to_multiple_of=multiple,
                                   pad_limit=None if data.packing else limit)

@@ -528,6 +528,29 @@ def test_two_processes_equal_one_over_epochs_with_accumulation(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_evaluate_a_packed_run_as_one(tmp_path):
+    """Packed training: the validation and test losses of 2 processes equal one process's, with 25 validation rows
+    (Accelerate repeats rows to even out the shards, and drops them by row: a packed batch is one row)."""
+    def recipe(folder, batch):
+        path = toy_recipe(folder, n_train=16, n_validation=25, per_device_train_batch_size=batch,
+                          per_device_eval_batch_size=4, max_steps=2, eval_steps=2, save_steps=100,
+                          evaluation={"metrics": ["loss"]})
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["packing"] = True
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    one = run_train(recipe(tmp_path / "one", 4))
+    two = _launch(REPO / "ift" / "train.py", recipe(tmp_path / "two", 2))
+    out = two.communicate(timeout=900)[0]
+    assert two.returncode == 0, out[-3000:]
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, tmp_path / "two" / "run"))
+    v1, v2 = ([h["validation"]["loss"] for h in m["history"] if "validation" in h] for m in (m1, m2))
+    assert v2 == pytest.approx(v1, abs=1e-5)
+    assert m2["test"]["loss"] == pytest.approx(m1["test"]["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_nan_on_one_process_stops_both(tmp_path):
     script = tmp_path / "poisoned_train.py"
     script.write_text(NAN_ON_RANK_1.format(repo=str(REPO)))
