@@ -85,15 +85,28 @@ class SourceConfig(_Section):
     format: SourceFormat = "auto"
     conversation_column: str | None = None  # messages/sharegpt: the column of turns (default messages/conversations)
     config: str | None = None  # Hub config (subset)
-    revision: str | None = None
+    revision: str | None = None  # Hub branch, tag or commit (refs/convert/parquet: the Hub's Parquet export)
+    data_dir: str | None = None  # a folder of the Hub repo (in the Parquet export, one per config)
     splits: SplitNames = SplitNames()
     columns: dict[str, str] = {}  # renames: old -> new
+    # label names per column, as the source names the column (before renames): value i becomes the i-th name
+    # (a value that already is one of the names stays; -1 or null: no label), before templates render
+    labels: dict[str, list[str]] = {}
     templates: list[str] = []  # template refs; empty = raw text (loss on every token)
     template_mode: Literal["sample", "all"] = "sample"  # one random template per row (T0) or every one
     eval_template: str | None = None  # fix one template for validation/test
     text_column: str = "text"  # raw-text sources only
     weight: float | None = Field(None, gt=0)
     max_rows: int | None = Field(None, ge=1)  # cap (FLAN-style examples-proportional mixing)
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for column, names in value.items():
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"labels.{column} lists each label name once, in the order of the label ids "
+                                 "(e.g. [negative, neutral, positive])")
+        return value
 
 
 class MixtureConfig(_Section):
@@ -104,6 +117,10 @@ class MixtureConfig(_Section):
 
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
+    # a YAML file naming local copies of Hub datasets (docs/data.md): the sources it names read their copy
+    # instead, e.g. offline: data.data_map=tests/shared_data.yaml. Applied when the data loads; the prepared
+    # data, and a run's saved recipe, name the copies read (and no map)
+    data_map: str | None = None
     templates_dir: list[str] = []
     validation_size: float = Field(0.1, ge=0)  # < 1: fraction of train; >= 1: row count
     test_size: float = Field(0.1, ge=0)

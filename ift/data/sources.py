@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -272,12 +273,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _subset(src: SourceConfig) -> str:
+    parts = [f"{k} '{v}'" for k, v in (("config", src.config), ("data_dir", src.data_dir)) if v]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _hub_error(src: SourceConfig, key: str, detail: str = "") -> IftError:
     return IftError(
-        f"the Hugging Face Hub is not reachable, so dataset '{src.path}' cannot be loaded{detail}",
+        f"the Hugging Face Hub is not reachable, so dataset '{src.path}'{_subset(src)} cannot be loaded{detail}",
         _path_key(key),
-        "check your network (or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache), or download "
-        "the data and point the source at a local .jsonl/.csv/.parquet file or save_to_disk folder",
+        "check your network (or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache); or read a copy "
+        "on disk: a data map (data.data_map=FILE, docs/data.md), or the source's path set to a local "
+        ".jsonl/.csv/.parquet file or save_to_disk folder",
     )
 
 
@@ -289,12 +296,12 @@ def _load_hub(src: SourceConfig, key: str, split: str | None = None) -> Any:
     if not constants.HF_HUB_OFFLINE and not hub_reachable():
         raise _hub_error(src, key)
     try:
-        loaded = datasets.load_dataset(src.path, name=src.config, revision=src.revision, split=split)
+        loaded = datasets.load_dataset(src.path, name=src.config, data_dir=src.data_dir, revision=src.revision,
+                                       split=split)
     except connection_errors() as err:
         raise _hub_error(src, key, f" ({_first_line(err, 200)})") from None
     except Exception as err:  # noqa: BLE001 - not found, bad config, gated ...
-        raise IftError(f"cannot load Hub dataset '{src.path}'"
-                       + (f" (config '{src.config}')" if src.config else "") + f": {_first_line(err)}",
+        raise IftError(f"cannot load Hub dataset '{src.path}'" + _subset(src) + f": {_first_line(err)}",
                        _path_key(key), "check the dataset id, its config (data.sources.N.config, or --data ID:CONFIG),"
                        " revision and split; or use a local path") from None
     return datasets.DatasetDict({split: loaded}) if split is not None else loaded
@@ -311,10 +318,52 @@ def _load_source(index: int, src: SourceConfig, templates: Sequence[Any] = (), f
         loaded, origin, ignored = _load_hub(src, key), "hub", []
     raw = dict(loaded.items())
     source = _Source(index, src, source_name(src), raw, origin, ignored, files)
+    _name_labels(source)
     _check_source_values(source, templates, fixed)
     if rename:
         _rename(source)
     return source
+
+
+def _name_labels(source: _Source) -> None:
+    """The source's `labels`: each listed column's label ids (or names) become the names, in every split."""
+    for column, names in source.cfg.labels.items():
+        if not any(column in ds.column_names for ds in source.raw.values()):
+            raise IftError(f"column '{column}' given label names is not in the source", f"{source.key}.labels",
+                           f"name one of its columns as the source serves it (before renames): "
+                           f"{', '.join(source.columns())}")
+        for split, ds in source.raw.items():
+            if column in ds.column_names:
+                source.raw[split] = _named(ds, column, names, f"{source.key}.labels.{column}", split)
+
+
+def _named(ds: Any, column: str, names: list[str], key: str, split: str) -> Any:
+    """`column` of one split as label names: id i -> names[i], a name kept, -1 or null -> null."""
+    import datasets
+    import pyarrow.compute as pc
+
+    data = ds.with_format("arrow")[column]
+    values = [v for v in pc.unique(data).to_pylist() if v is not None]
+    if pa.types.is_string(data.type) or pa.types.is_large_string(data.type):
+        bad = next((v for v in values if v not in names), None)
+        if bad is None:
+            return ds  # already the names
+    elif pa.types.is_integer(data.type):
+        bad = next((v for v in values if not -1 <= v < len(names)), None)
+    else:
+        raise IftError(f"column '{column}' holds {data.type} values, not label ids or names", key,
+                       "give labels only for a column of whole-number ids or of label names")
+    if bad is not None:
+        row = pc.index(data, pa.scalar(bad, data.type)).as_py()
+        raise IftError(f"value {bad!r} of column '{column}' is not one of its {len(names)} labels",
+                       f"{key}, split '{split}', row {row}", "list every label name, in the order of the ids "
+                       f"(now ids 0 to {len(names) - 1} name {', '.join(names)})")
+    lookup: dict[Any, str | None] = {**dict(enumerate(names)), **{n: n for n in names}, -1: None}
+    features = ds.features.copy()
+    features[column] = datasets.Value("string")
+    fingerprint = hashlib.blake2b(repr(("labels", ds._fingerprint, column, names)).encode(), digest_size=16)
+    return ds.map(lambda batch: {column: [None if v is None else lookup[v] for v in batch[column]]}, batched=True,
+                  features=features, new_fingerprint=fingerprint.hexdigest(), desc=f"naming {column} labels")
 
 
 def _rename(source: _Source) -> None:
@@ -359,7 +408,8 @@ def _peek_hub(src: SourceConfig, key: str) -> dict[str, list[str]] | None:
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(src.path, name=src.config, revision=src.revision)
+        builder = datasets.load_dataset_builder(src.path, name=src.config, data_dir=src.data_dir,
+                                                revision=src.revision)
     except connection_errors():
         raise _hub_error(src, key) from None
     except Exception as err:  # noqa: BLE001
