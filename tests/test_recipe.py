@@ -203,8 +203,7 @@ def test_shipped_recipes_load_and_start_with_their_launch_command(recipe):
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_offline_from_a_fresh_clone(recipe, monkeypatch):
     """`ift validate` on every shipped recipe with no network and nothing beside the repository: templates
-    resolve and the project's own data/ is read; a Hub dataset is named in one error each, nothing downloaded.
-    With the data map of ../shared/data (tests/shared_data.yaml) every recipe validates clean."""
+    resolve and the project's own data/ is read; a Hub dataset is named in one error each, nothing downloaded."""
     from huggingface_hub import constants
 
     import ift.data.sources
@@ -222,8 +221,16 @@ def test_shipped_recipes_validate_offline_from_a_fresh_clone(recipe, monkeypatch
     for problem, src in zip(problems, hub):
         assert problem.what.startswith(f"the Hugging Face Hub is not reachable, so dataset '{src['path']}'")
         assert "data.data_map" in problem.fix
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate_on_the_shared_data_map(recipe, monkeypatch):
+    """With the data map of ../shared/data (tests/shared_data.yaml) every shipped recipe validates clean."""
+    from ift.cli.validate import check
+
     if not (REPO.parent / "shared" / "data").is_dir():
         pytest.skip("../shared/data is not present")
+    monkeypatch.chdir(REPO)
     assert [e.line() for e in check(str(recipe), ["data.data_map=tests/shared_data.yaml"])] == []
 
 
