@@ -370,6 +370,35 @@ def test_rouge_parity_small_case():
     assert text_metrics.rouge(preds[:2], multi) == pytest.approx(_rouge_score_means(preds[:2], multi), abs=1e-12)
 
 
+@pytest.mark.parametrize("text", ["今天天气很好", "Цены на нефть выросли",
+                                  "ارتفعت الأسعار", "कीमतें बढ़ीं",
+                                  "株価が上がった"])
+def test_rouge_scores_every_script(text):
+    """An identical prediction scores 1 in any script (rouge_score's own tokenizer finds no token in these)."""
+    assert text_metrics.rouge([text], [text]) == dict.fromkeys(text_metrics.ROUGE_KEYS, 1.0)
+
+
+def test_rouge_keeps_words_with_umlauts_and_counts_chinese_by_character():
+    # "Müller kam" vs "Müller ging": one word of two in common (rouge_score: "m ller" gives 2 of 3)
+    assert text_metrics.rouge(["Müller kam"], ["Müller ging"])["rouge1"] == pytest.approx(0.5)
+    # five characters of six in common: P = R = 5/6 over characters
+    assert text_metrics.rouge(["今天天气不好"], ["今天天气很好"])["rouge1"] == pytest.approx(5 / 6)
+
+
+def test_rouge_tokens_equal_rouge_scores_on_english(shared_data):
+    """On English text the tokenizer is rouge_score's own: DialogSum's references and summaries, token by token."""
+    from rouge_score import tokenizers
+
+    rows = [json.loads(line) for line in (shared_data / "dialogsum" / "test.jsonl").read_text().splitlines()]
+    texts = [r[k] for r in rows for k in ("summary1", "summary2", "summary3", "dialogue") if k in r]
+    texts += ["Cafés don't open 24/7; e.g. U.S. stores_closed at 5:30pm."]
+    for stem in (True, False):
+        ours, theirs = text_metrics.ScriptTokenizer(stem), tokenizers.DefaultTokenizer(stem)
+        for text in texts:
+            ascii_text = text.encode("ascii", "ignore").decode()
+            assert ours.tokenize(ascii_text) == theirs.tokenize(ascii_text), ascii_text
+
+
 def test_rouge_lsum_scores_one_sentence_per_line():
     """rougeLsum is rouge_score's on newline-separated sentences (as the summarization scripts
     compute it), not rougeL again."""

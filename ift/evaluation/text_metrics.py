@@ -96,11 +96,57 @@ def _rouge_per_pair(predictions: Sequence[str], references: Sequence[Any], use_s
     return out
 
 
+# Scripts written without spaces between words: each character is a token (as ROUGE for Chinese and Japanese
+# is usually computed), so a sentence is not one giant "word".
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                       "\uf900-\ufaff\U00020000-\U0002fa1f]")
+
+
+class ScriptTokenizer:
+    """ROUGE tokens for text in any script: rouge_score's own rule, widened from [a-z0-9] to every letter, digit
+    and combining mark.
+
+    rouge_score's default tokenizer keeps only a-z and 0-9, so Chinese, Russian or Arabic text has no tokens
+    at all (an identical prediction scores 0) and "Müller" becomes "m ller". Here: lower-case; a token is a
+    run of letters, digits and combining marks (Devanagari's vowel signs belong to their word); each character
+    of a script written without spaces (CJK, kana, Thai, Lao, Myanmar, Khmer) is a token; the Porter stemmer,
+    as rouge_score applies it, on ASCII words longer than 3 characters. On ASCII text this is exactly
+    rouge_score's tokenization (tests/test_evaluation.py compares them on DialogSum's references).
+    """
+
+    def __init__(self, use_stemmer: bool = True):
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens: list[str] = []
+        word: list[str] = []
+        for ch in text.lower() + " ":
+            if _UNSPACED.match(ch):
+                self._add(tokens, word)
+                tokens.append(ch)
+            elif ch.isalnum() or unicodedata.category(ch).startswith("M"):
+                word.append(ch)
+            else:
+                self._add(tokens, word)
+        return tokens
+
+    def _add(self, tokens: list[str], word: list[str]) -> None:
+        if not word:
+            return
+        text = "".join(word)
+        word.clear()
+        if self._stemmer is not None and text.isascii() and len(text) > 3:
+            text = self._stemmer.stem(text)
+        tokens.append(text)
+
+
 @functools.lru_cache(maxsize=2)
 def _rouge_scorer(use_stemmer: bool):
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=use_stemmer)
+    return rouge_scorer.RougeScorer(list(ROUGE_KEYS), tokenizer=ScriptTokenizer(use_stemmer))
 
 
 def _check_pairs(predictions: Sequence[Any], references: Sequence[Any]) -> None:

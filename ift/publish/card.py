@@ -478,7 +478,9 @@ def _results_section(f: _Facts) -> str:
         return "## Results\n\nNo evaluation results were recorded for this run.\n"
     lines = ["## Results\n", "All scores on a 0–1 scale. Accuracy ranks the answer choices by log-likelihood "
              "where a template has them, else compares the greedy generation; ROUGE is the mean F-measure "
-             "(ROUGE-Lsum with one sentence per line). The metadata (model-index) lists this model's test "
+             "(ROUGE-Lsum with one sentence per line) over rouge_score's tokens widened to every script: words of "
+             "letters, digits and combining marks, one token per character in Chinese, Japanese and Thai, the Porter "
+             "stemmer on English words. The metadata (model-index) lists this model's test "
              "scores per source; the base model's are in this table only.\n",
              "| metric | base model (test) | fine-tuned (test) | change | fine-tuned (validation) |",
              "|---|---:|---:|---:|---:|"]
