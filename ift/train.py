@@ -271,38 +271,47 @@ class FineTune:
         self.bar.close()
 
     def train_window(self, window: list[dict]) -> Window:
-        """Forward and backward over every micro-batch of the window, then one clip and one optimizer step."""
+        """Forward and backward over every micro-batch of the window, then one clip and one optimizer step.
+
+        Counts stay on the device until the window's end: one host sync per window, not one per micro-batch (a
+        GPU would otherwise wait for the host before each forward)."""
         torch, acc = self._torch, self.accelerator
         from ift.training.loss import count_loss_tokens
 
         # the mean is over every loss token of the window on every process: count them first
-        n_local = sum(count_loss_tokens(b, self.kind) for b in window)
-        n_total = int(acc.reduce(torch.tensor(n_local, device=self.device), reduction="sum"))
+        n_local = torch.stack([count_loss_tokens(b, self.kind) for b in window]).sum()
+        n_total = acc.reduce(n_local, reduction="sum")
         # DDP/FSDP average gradients over processes: undo it, so the gradient is that of sum(loss) / n_total
-        scale = acc.num_processes / max(n_total, 1)
+        scale = acc.num_processes / n_total.double().clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        seq_tokens = 0
+        seq_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(window):
             with self._sync_on(last=i == len(window) - 1):
                 loss, _ = self.loss_model(**batch)
                 acc.backward(loss * scale)
             loss_sum += loss.detach().double()
-            seq_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                else batch["input_ids"].numel()
+            seq_tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         # one decision for every process: a NaN or a signal on one rank stops them all at this step
-        flags = torch.tensor([float(loss_sum), float(seq_tokens), float(not math.isfinite(float(loss_sum))),
-                              float(self.stop_requested())], dtype=torch.float64, device=self.device)
-        flags = acc.reduce(flags, reduction="sum")
-        if flags[2] > 0:
-            raise IftError(f"the loss became {float(flags[0])} at step {self.progress.step + 1}", str(self.run_dir),
+        stop = torch.tensor(float(self.stop_requested()), dtype=torch.float64, device=self.device)
+        flags = acc.reduce(torch.stack([loss_sum, seq_tokens, (~torch.isfinite(loss_sum)).double(), stop,
+                                        n_local.double()]), reduction="sum")
+        total_loss, total_seq, nonfinite, stops, loss_tokens = flags.tolist()  # the window's one host sync
+        if nonfinite > 0:
+            raise IftError(f"the loss became {total_loss} at step {self.progress.step + 1}", str(self.run_dir),
                            "lower training.learning_rate or use mixed_precision: no; "
                            "the last good checkpoint is kept in checkpoints/")
         if self.t.max_grad_norm > 0:
             acc.clip_grad_norm_(self.loss_model.parameters(), self.t.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        # fp16: the GradScaler skips an update whose gradients overflowed; the schedule follows applied updates
+        # only (the window still counts: data, evaluations and checkpoints are keyed on windows consumed)
+        skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
+        if skipped:
+            self.progress.skipped_steps += 1
+        else:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return Window(float(flags[0]), n_total, int(flags[1]), False, bool(flags[3] > 0))
+        return Window(total_loss, int(loss_tokens), int(total_seq), False, stops > 0)
 
     def _sync_on(self, last: bool):
         """No gradient all-reduce until the window's last micro-batch."""

@@ -471,6 +471,59 @@ def test_half_precision_full_finetune_keeps_fp32_master_weights(tmp_path):
     assert len(moved) == len(after), sorted(set(after) - set(moved))
 
 
+def test_a_window_syncs_with_the_host_once_whatever_its_micro_batches(tmp_path, monkeypatch):
+    """Loss-token and sequence counts stay on the device until the window ends: one tensor-to-Python conversion
+    in the loop per window (on a GPU each one waits for the device), not one per micro-batch."""
+    from ift.train import FineTune
+
+    run = FineTune(load_recipe(toy_recipe(tmp_path, per_device_train_batch_size=2)))
+    run.setup()
+    batches = [b for b, _ in zip(run.train_dl, range(4))]
+    calls: list = []
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.endswith((os.path.join("ift", "train.py"),
+                                                   os.path.join("ift", "training", "loss.py"))):
+                calls.append((_name, caller.f_code.co_filename, caller.f_lineno))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        run.train_window(batches[:1])
+        one, calls[:] = list(calls), []
+        run.train_window(batches)
+        four = list(calls)
+    finally:
+        monkeypatch.undo()
+        run.cleanup()
+    assert len(one) == len(four) == 1, (one, four)
+
+
+def test_an_update_the_fp16_scaler_skips_does_not_advance_the_schedule(tmp_path, monkeypatch):
+    """fp16's GradScaler skips updates whose gradients overflowed (on GPUs, so the skip is simulated): the learning
+    rate schedule follows applied updates only, and the skipped windows are counted in the checkpoint."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    common = dict(max_steps=6, eval_steps=100, save_steps=6, logging_steps=1, lr_scheduler_type="linear",
+                  warmup_steps=4, evaluation={"metrics": ["loss"]})
+    plain = run_train(toy_recipe(tmp_path / "plain", **common))
+    reset_accelerate_state()
+    steps = {"n": 0}
+
+    def skipped(self):
+        steps["n"] += 1
+        return steps["n"] <= 2  # the first two updates overflow
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(skipped))
+    scaled = run_train(toy_recipe(tmp_path / "scaled", **common))
+    rates = [[h["learning_rate"] for h in json.loads((r / "metrics.json").read_text())["history"]
+              if "learning_rate" in h] for r in (plain, scaled)]
+    # shifted by the two skipped updates: the warmup still at its start (0) after them
+    assert rates[1] == [0.0, 0.0] + rates[0][:4] and rates[0][0] > 0, rates
+    assert _state(scaled)["skipped_steps"] == 2 and _state(plain)["skipped_steps"] == 0
+
+
 # ---------------------------------------------------------------- several processes (gloo on the CPU)
 
 NAN_ON_RANK_1 = """

@@ -37,6 +37,7 @@ class Progress:
     best_validation: dict | None = None  # every validation figure at best_step: what final/ scores
     evals_without_improvement: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # fp16 windows whose update the GradScaler skipped (inf/NaN gradients)
     history: list[dict] = field(default_factory=list)
 
 

@@ -116,9 +116,10 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, per_row: bool = Fals
     return _reduce(F.cross_entropy(logits[keep].float(), targets[keep], reduction="none"), keep, per_row)
 
 
-def count_loss_tokens(batch: dict, kind: str) -> int:
-    """Loss tokens in a collated batch, as CompletionLoss counts them (causal labels are shifted)."""
+def count_loss_tokens(batch: dict, kind: str) -> torch.Tensor:
+    """Loss tokens in a collated batch, as CompletionLoss counts them (causal labels are shifted); a tensor on
+    the batch's device, so counting does not wait for the device."""
     labels = batch["labels"]
     if kind == "causal":
         labels = labels[:, 1:]
-    return int((labels != IGNORE).sum())
+    return (labels != IGNORE).sum()
