@@ -128,6 +128,12 @@ class FineTune:
         )
         self.main = acc.is_main_process
         self.say = acc.print
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        if plugin is not None:  # the engine must clip and accumulate as the recipe says (ift/training/zero.py)
+            from ift.training.zero import deepspeed_updates
+
+            plugin.deepspeed_config.update(deepspeed_updates(plugin.deepspeed_config, plugin.zero_stage,
+                                                             t.max_grad_norm))
         if acc.device.type == "cpu":  # freed activations go back to the OS (ift/training/allocator.py)
             from ift.training.allocator import return_large_blocks
 
