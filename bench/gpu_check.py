@@ -7,7 +7,9 @@ Parts (each writes a section of the JSON; a failing part is recorded and the oth
   1. correctness  recipes/tiny.yaml end to end (from scratch, bf16 autocast on CUDA): loss falls, validation
                   accuracy above chance, and a stop/resume at a save step ends with the same weights
   2. qlora        a Llama-shaped model (~1B parameters on `full`, random weights, no download) in 4-bit NF4,
-                  LoRA on all linear layers, 30 steps: loss falls; peak CUDA memory against `ift estimate`
+                  LoRA on all linear layers, 30 steps: loss falls; peak CUDA memory against `ift estimate`;
+                  then a short run whose best validation step is not its last ends with final/, its
+                  checkpoints hold the adapter only, and a resume from a cut checkpoint ends with the same adapter
   3. throughput   ift vs TRL's SFTTrainer (completion-only loss; padding-free where TRL supports it; Liger
                   kernels when liger-kernel imports), LoRA and full fine-tuning, SmolLM2-135M's shape and the
                   1B shape, bf16: tokens/s, peak memory, MFU against the measured bf16 matmul peak
@@ -16,7 +18,11 @@ Parts (each writes a section of the JSON; a failing part is recorded and the oth
   6. fsdp         recipes/tiny.yaml under `accelerate launch` with FSDP2 (every GPU of the machine; one on the
                   H200) and accuracy evaluation during training: Accelerate runs FSDP only on CUDA (on CPU it
                   falls back to DDP), so this is where ift's sharded evaluation path (ift.train.full_weights)
-                  runs under Accelerate itself; on --device cpu it is recorded as skipped
+                  runs under Accelerate itself, with recipes/accelerate/fsdp_2gpu.yaml's settings (tied head,
+                  cpu_ram_efficient_loading): one unit per decoder layer, the head tied; on --device cpu it is
+                  recorded as skipped (tests/test_train.py runs that preparation on one gloo process)
+  7. deepspeed    recipes/tiny.yaml under ZeRO-2 and ZeRO-3 (one process per GPU) with max_grad_norm 0.5:
+                  final/ written and loss falls; skipped on --device cpu or where deepspeed does not import
 
 `--device cpu --size tiny` runs every part at toy sizes in a few minutes (tests/test_gpu_check.py does), so
 GPU minutes go to measuring, not debugging. Output: gpu_check.json and gpu_check.log under $OUT when set,
@@ -44,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARTS = ("correctness", "qlora", "throughput", "packing", "eval", "fsdp")
+PARTS = ("correctness", "qlora", "throughput", "packing", "eval", "fsdp", "deepspeed")
 SHAPES = {  # Llama-family configs: SmolLM2-135M's and a ~1B one (Llama-3.2-1B-like, smaller vocabulary)
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
@@ -306,9 +312,45 @@ def part_qlora(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
            "loss_falls": curve[-1] < curve[0], "peak_memory": peak, "estimate_peak": est.memory.peak,
            "peak_over_estimate": peak / est.memory.peak if est.memory.peak else None,
            "memory_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process peak RSS"}
-    out["ok"] = out["loss_falls"]
+    out.update(_qlora_best_and_resume(args, work, base, data, templates))
+    out["ok"] = out["loss_falls"] and out["best_final"] and out["adapter_only_checkpoints"] and out["resume_exact"]
     log("qlora:", json.dumps(out))
     return out
+
+
+def _qlora_best_and_resume(args, work: Path, base: Path, data: Path, templates: Path) -> dict:
+    """Best step not the last (loss, greater is better: the first evaluation wins) -> final/ from it; then the run
+    cut back to its second checkpoint and resumed ends with the same adapter."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ift.train import train as ift_train
+
+    steps = 8 if args.size == "full" else 4
+    r = recipe(work, data, templates, "qlora-best", model={"name_or_path": str(base), "dtype": "bfloat16"},
+               adapter={"method": "qlora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
+                        "compute_dtype": "bfloat16"},
+               max_steps=steps, save_steps=2, eval_steps=2, save_total_limit=10, metric_for_best_model="loss",
+               greater_is_better=True, per_device_train_batch_size=4, learning_rate=2e-3,
+               mixed_precision="bf16" if args.device == "cuda" else "no")
+    run = train(r)
+    best = json.loads((run / "metrics.json").read_text()).get("best") or {}
+    first = load_file(run / "final" / "adapter_model.safetensors")
+    with safe_open(str(run / "checkpoints" / "step-2" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    for step in range(4, steps + 1, 2):
+        shutil.rmtree(run / "checkpoints" / f"step-{step}", ignore_errors=True)
+    shutil.rmtree(run / "final")
+    fresh_accelerate()
+    try:
+        ift_train(r, resume="auto")
+    finally:
+        fresh_accelerate()
+    again = load_file(run / "final" / "adapter_model.safetensors")
+    return {"best_step": best.get("step"), "best_final": best.get("step") == 2 and bool(first),
+            "adapter_only_checkpoints": bool(keys) and all("lora_" in k for k in keys),
+            "checkpoint_bytes": (run / "checkpoints" / "step-2" / "model.safetensors").stat().st_size,
+            "resume_exact": first.keys() == again.keys() and all(bool((first[k] == again[k]).all()) for k in first)}
 
 
 def _trl_run(args, work: Path, base: Path, data: Path, method: str, s: dict) -> dict:
@@ -448,8 +490,7 @@ use_cpu: false
 fsdp_config:
   fsdp_version: 2
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
-  fsdp_cpu_ram_efficient_loading: false
+  fsdp_cpu_ram_efficient_loading: true
   fsdp_offload_params: false
   fsdp_reshard_after_forward: true
   fsdp_state_dict_type: SHARDED_STATE_DICT
@@ -476,11 +517,73 @@ def part_fsdp(args, work: Path, log: Log) -> dict:
                            "training.mixed_precision=bf16"], capture_output=True, text=True, timeout=600)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     evals = [h["validation"] for h in metrics.get("history", []) if "validation" in h]
+    final = run / "final" / "model.safetensors"
+    saved = []
+    if final.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(final), framework="pt") as f:
+            saved = list(f.keys())
+    # tiny.yaml ties its head: final/ holds the embedding once (a head saved apart would mean it came untied)
     out = {"processes": n, "returncode": proc.returncode, "validation": evals, "test": metrics.get("test"),
-           "ok": proc.returncode == 0 and bool(evals) and "accuracy" in evals[-1]}
+           "head_saved_apart": "lm_head.weight" in saved,
+           "ok": proc.returncode == 0 and bool(evals) and "accuracy" in evals[-1] and "lm_head.weight" not in saved}
     if not out["ok"]:
         out["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
     log("fsdp:", json.dumps({k: v for k, v in out.items() if k != "output_tail"}))
+    return out
+
+
+DEEPSPEED_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+num_machines: 1
+num_processes: {n}
+machine_rank: 0
+mixed_precision: bf16
+use_cpu: false
+deepspeed_config:
+  zero_stage: {stage}
+  gradient_accumulation_steps: 1
+  gradient_clipping: auto
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: false
+  zero3_save_16bit_model: true
+"""
+
+
+def part_deepspeed(args, work: Path, log: Log) -> dict:
+    import importlib.util
+    import subprocess
+
+    if args.device != "cuda" or importlib.util.find_spec("deepspeed") is None:
+        out = {"ok": True, "skipped": "DeepSpeed needs CUDA and the deepspeed package; tests/test_zero.py checks the "
+                                      "config rules on the CPU"}
+        log("deepspeed:", json.dumps(out))
+        return out
+    import torch
+
+    n = torch.cuda.device_count()
+    out: dict = {"processes": n}
+    for stage in (2, 3):
+        config = work / f"zero{stage}.yaml"
+        config.write_text(DEEPSPEED_CONFIG.format(n=n, stage=stage))
+        run = work / f"zero{stage}-run"
+        proc = subprocess.run(["accelerate", "launch", "--config_file", str(config), str(REPO / "ift" / "train.py"),
+                               str(REPO / "recipes" / "tiny.yaml"), f"training.output_dir={run}",
+                               "training.max_steps=20", "training.save_steps=10", "training.eval_steps=20",
+                               "training.max_grad_norm=0.5", "training.report_to=[none]", "evaluation.metrics=[loss]",
+                               "training.mixed_precision=bf16"], capture_output=True, text=True, timeout=600)
+        curve = losses(run) if (run / "metrics.json").exists() else []
+        part = {"returncode": proc.returncode, "final": (run / "final").is_dir(),
+                "loss_falls": bool(curve) and curve[-1] < curve[0]}
+        part["ok"] = proc.returncode == 0 and part["final"] and part["loss_falls"]
+        if not part["ok"]:
+            part["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
+        out[f"zero{stage}"] = part
+    out["ok"] = all(out[f"zero{stage}"]["ok"] for stage in (2, 3))
+    log("deepspeed:", json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "output_tail"}
+                                       if isinstance(v, dict) else v) for k, v in out.items()}))
     return out
 
 
@@ -545,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = part_eval(args, work, log, data)
             elif part == "fsdp":
                 result = part_fsdp(args, work, log)
+            elif part == "deepspeed":
+                result = part_deepspeed(args, work, log)
             else:
                 raise ValueError(f"unknown part {part!r}: use {', '.join(PARTS)}")
         except Exception as err:  # noqa: BLE001 - one broken part must not cost the others their GPU minutes

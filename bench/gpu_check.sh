@@ -13,6 +13,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
       pyarrow dill xxhash multiprocess evaluate
   # rouge_score ships only as an sdist (pure Python); pip builds it there without network
   pip download --no-deps --no-binary=:all: -d bench/wheels "rouge_score>=0.1.2"
+  # DeepSpeed (an sdist; its ops compile on first use) and its pure-Python dependencies, for the deepspeed part
+  pip download --no-deps --no-binary=:all: -d bench/wheels deepspeed
+  pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+      -d bench/wheels hjson py-cpuinfo ninja msgpack
   du -sh bench/wheels
   exit 0
 fi
