@@ -1,7 +1,7 @@
 """Where a CPU run's memory goes, step by step: glibc's heap against the tensors alive in it.
 
     python bench/heap_replay.py recipes/phrasebank_lora.yaml [KEY=VALUE ...] [--steps 40] [--longest-first] [--peak]
-                                [--trim-every N]
+                                [--trim-every N] [--data-map FILE|none]
 
 Sets the recipe's run up as `ift train` does (on the CPU that includes the pass on its longest batch and the
 padding of batch lengths: ift/training/allocator.py, ift.data.collate.train_padding), then trains on the first
@@ -13,7 +13,10 @@ between (real tokens: padding not counted). `--peak` samples `mallinfo2` every 2
 gives the live bytes at the step's peak (what `ift estimate` estimates) beside the heap's peak (the sampler
 slows the steps: leave it off for tokens/s).
 
-KEY=VALUE are recipe overrides (e.g. data.pad_to_multiple_of=null). Figures: docs/benchmarks.md ("CPU memory").
+KEY=VALUE are recipe overrides (e.g. data.pad_to_multiple_of=null). `--data-map` (default tests/shared_data.yaml,
+relative to the repository root) is passed as data.data_map, so a recipe that names Hub datasets reads their local
+copies (docs/data.md); a recipe's local sources are read as named; `--data-map none` reads the data as the recipe
+names it. Figures: docs/benchmarks.md ("CPU memory").
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DATA_MAP = "tests/shared_data.yaml"  # the shipped recipes' Hub datasets -> the copies in ../shared/data
+
+
+def data_map_override(data_map: str) -> list[str]:
+    """The recipe override that reads local copies of Hub datasets (none for `none`); a relative map is taken
+    from the repository root, wherever the bench runs from."""
+    if data_map.lower() == "none":
+        return []
+    path = Path(data_map).expanduser()
+    return [f"data.data_map={path if path.is_absolute() else REPO / path}"]
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -42,6 +55,8 @@ def main() -> None:
     parser.add_argument("--longest-first", action="store_true")
     parser.add_argument("--peak", action="store_true")
     parser.add_argument("--trim-every", type=int, default=0, help="malloc_trim(0) after every N steps (0: never)")
+    parser.add_argument("--data-map", default=DATA_MAP, help="data map for the recipe's Hub datasets, relative to "
+                        f"the repository root (default {DATA_MAP}); none: the data as the recipe names it")
     args = parser.parse_intermixed_args()
 
     sys.path.insert(0, str(REPO))
@@ -60,7 +75,8 @@ def main() -> None:
         return {**out, "heap": round((m.arena + m.hblkhd) / 1e9, 2), "inuse": round((m.uordblks + m.hblkhd) / 1e9, 2)}
 
     work = tempfile.mkdtemp(prefix="ift-heap-")
-    recipe = load_recipe(args.recipe, [f"training.output_dir={work}/run", *args.overrides])
+    recipe = load_recipe(args.recipe, [f"training.output_dir={work}/run", *data_map_override(args.data_map),
+                                       *args.overrides])
     ft = FineTune(recipe)
     ft.setup()
     ft.train_dl.set_epoch(0)

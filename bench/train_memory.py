@@ -1,6 +1,7 @@
 """Peak RSS of a CPU training run under allocator settings and batch-length bucketing, against `ift estimate`.
 
     python bench/train_memory.py recipes/phrasebank_lora.yaml [--steps 25] [--variants default glibc pad64 mmap4 trim]
+                                 [--data-map FILE|none]
 
 Each variant trains the recipe for `--steps` optimizer steps in a fresh subprocess (validation loss only at the
 last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and median logged tokens/s:
@@ -16,6 +17,10 @@ last step, no test, no base comparison) and reports its peak RSS (ru_maxrss) and
            allocated afresh in every backward, scattered among the activations
 
 Variants combine with "+" (e.g. mmap16+arena1); each part starts from glibc as it comes.
+
+`--data-map` (default tests/shared_data.yaml, relative to the repository root) is passed as data.data_map to the
+runs and to `ift estimate`, so a recipe that names Hub datasets reads their local copies (docs/data.md); a
+recipe's local sources are read as named; `--data-map none` reads the data as the recipe names it.
 
 Figures and what was chosen: docs/benchmarks.md ("CPU memory").
 """
@@ -36,6 +41,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8  # glibc's malloc.h
+DATA_MAP = "tests/shared_data.yaml"  # the shipped recipes' Hub datasets -> the copies in ../shared/data
+
+
+def data_map_override(data_map: str) -> list[str]:
+    """The recipe override that reads local copies of Hub datasets (none for `none`); a relative map is taken
+    from the repository root, wherever the bench runs from."""
+    if data_map.lower() == "none":
+        return []
+    path = Path(data_map).expanduser()
+    return [f"data.data_map={path if path.is_absolute() else REPO / path}"]
 
 
 def apply(part: str, libc) -> None:
@@ -65,7 +80,7 @@ def apply(part: str, libc) -> None:
         raise SystemExit(f"unknown variant part {part!r}")
 
 
-def child(recipe: str, variant: str, steps: int, out: str) -> None:
+def child(recipe: str, variant: str, steps: int, out: str, data_map: str) -> None:
     sys.path.insert(0, str(REPO))
     from ift.recipe import load_recipe
     from ift.train import train
@@ -82,7 +97,7 @@ def child(recipe: str, variant: str, steps: int, out: str) -> None:
         f"training.max_steps={steps}", f"training.output_dir={work}/run", "training.overwrite_output_dir=true",
         "training.eval_steps=100000", "training.save_steps=100000", "training.logging_steps=1",
         "evaluation.metrics=[loss]", "training.metric_for_best_model=loss", "evaluation.test=false",
-        "evaluation.compare_base=false"]))
+        "evaluation.compare_base=false", *data_map_override(data_map)]))
     history = json.loads((run / "metrics.json").read_text())["history"]
     rates = [h["tokens_per_second"] for h in history if "tokens_per_second" in h][2:]
     Path(out).write_text(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -95,13 +110,16 @@ def main() -> int:
     parser.add_argument("recipe")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--variants", nargs="+", default=["default", "glibc", "pad64", "mmap4", "trim"])
+    parser.add_argument("--data-map", default=DATA_MAP, help="data map for the recipe's Hub datasets, relative to "
+                        f"the repository root (default {DATA_MAP}); none: the data as the recipe names it")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.recipe, args.child[0], args.steps, args.child[2])
+        child(args.recipe, args.child[0], args.steps, args.child[2], args.data_map)
         return 0
     # the run below is on this CPU: estimate that run (fp32 where this CPU has no native bf16)
-    estimate = subprocess.run([sys.executable, "-m", "ift", "estimate", args.recipe, "--device", "cpu"],
+    estimate = subprocess.run([sys.executable, "-m", "ift", "estimate", args.recipe,
+                               *data_map_override(args.data_map), "--device", "cpu"],
                               capture_output=True, text=True, cwd=REPO)
     peak_line = next((line for line in estimate.stdout.splitlines() if "peak" in line.lower()), "(no peak line)")
     print(f"ift estimate: {peak_line.strip()}")
@@ -110,7 +128,7 @@ def main() -> int:
     for variant in args.variants:
         out = tempfile.mktemp(suffix=".json")
         subprocess.run([sys.executable, __file__, args.recipe, "--steps", str(args.steps),
-                        "--child", variant, "_", out], check=True, cwd=REPO, env=env,
+                        "--data-map", args.data_map, "--child", variant, "_", out], check=True, cwd=REPO, env=env,
                        stdout=subprocess.DEVNULL)
         r = json.loads(Path(out).read_text())
         print(f"| {variant} | {r['peak_rss_gb']:.2f} | {r['tokens_per_second']:.1f} |", flush=True)
