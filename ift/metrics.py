@@ -28,6 +28,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "generation"),
     Metric("accuracy_norm", "Accuracy (length-normalised)", True, "accuracy",
            "answer choices ranked by log-likelihood divided by their token count"),
+    Metric("macro_f1", "Macro-F1", True, "accuracy",
+           "unweighted mean over the answer choices of each class's F1 (ranked rows; per_class holds each class's "
+           "precision, recall, F1 and support, confusion_matrix the counts)"),
+    Metric("balanced_accuracy", "Balanced accuracy", True, "accuracy",
+           "unweighted mean over the answer choices that are targets of each class's recall (ranked rows)"),
     Metric("exact_match", "Exact match", True, "accuracy",
            "normalised exact match of the greedy reply to a held-out conversation's last user turn, given the "
            "history (conversational sources)"),

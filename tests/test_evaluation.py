@@ -257,6 +257,9 @@ def test_rank_accuracy_on_known_answers_and_breakdowns(trained):
                                               "rougeLsum": 1.0, "n": 1}
     assert metrics["by_template"]["sentiment"]["n"] == 4 and "rouge1" not in metrics["by_template"]["sentiment"]
     assert [p["mode"] for p in preds] == ["rank"] * 4 + ["generate"]
+    assert metrics["macro_f1"] == 1.0 and metrics["balanced_accuracy"] == 1.0
+    assert metrics["confusion_matrix"]["labels"] == ["neutral", "negative", "positive"]
+    assert [p["gold_index"] for p in preds[:4]] == [["neutral", "negative", "positive"].index(c) for _, c in TRAIN_PAIRS]
     first = preds[0]
     assert first["prediction"] == "positive" and first["correct"] is True and first["target"] == "positive"
     assert [s["choice"] for s in first["choice_scores"]] == ["neutral", "negative", "positive"]
@@ -492,6 +495,19 @@ def test_compare_table():
     assert len(rows) == 2
 
 
+def test_compare_table_adds_each_classs_f1_and_macro_f1():
+    base = {"accuracy": 0.6, "macro_f1": 0.25, "per_class": {"neutral": {"f1": 0.75}, "negative": {"f1": 0.0}}}
+    tuned = {"accuracy": 0.7, "macro_f1": 0.6, "per_class": {"negative": {"f1": 0.5}, "neutral": {"f1": 0.7},
+                                                             "positive": {"f1": 0.6}}}
+    rows = {r["metric"]: r for r in compare.compare_table(base, tuned)}
+    assert list(rows) == ["accuracy", "macro_f1", "per_class.negative.f1", "per_class.neutral.f1",
+                          "per_class.positive.f1"]
+    assert rows["macro_f1"]["delta"] == pytest.approx(0.35)
+    assert rows["per_class.negative.f1"] == {"metric": "per_class.negative.f1", "base": 0.0, "fine-tuned": 0.5,
+                                             "delta": 0.5}
+    assert rows["per_class.positive.f1"]["base"] is None and rows["per_class.positive.f1"]["delta"] is None
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -553,14 +569,16 @@ def test_cli_writes_evaluation_records_predictions_and_compares(capsys, run_dir,
     assert [(r["model"], r["split"], r["rows"], r["limit"], r["by"]) for r in records] == \
         [("base", "test", 2, None, "ift-eval"), ("fine-tuned", "test", 2, None, "ift-eval")]
     for record in records:
-        assert {"accuracy", "accuracy_norm", "rouge1", "rougeLsum", "n", "by_source", "by_template"} \
-            <= set(record["metrics"])
+        assert {"accuracy", "accuracy_norm", "rouge1", "rougeLsum", "n", "by_source", "by_template", "macro_f1",
+                "balanced_accuracy", "per_class", "confusion_matrix"} <= set(record["metrics"])
+        assert record["metrics"]["confusion_matrix"]["labels"] == ["positive", "negative"]
         assert record["dtype"] == "float32" and record["when"]
         lines = (run_dir / record["predictions"]).read_text().splitlines()
         assert [json.loads(x)["target"] for x in lines] == ["positive", "The customer asked for a refund"]
     code, out, err = _cli(capsys, "--compare", run_dir)
     assert code == 0, err
     assert "fine-tuned" in out and "rouge1" in out and "accuracy" in out
+    assert "per_class.positive.f1" in out and "confusion matrix" in out
 
 
 def test_cli_eval_never_rewrites_the_training_figures(capsys, run_dir, fake_loading):

@@ -87,3 +87,35 @@ def test_corrupt_metrics_is_a_clear_error(tmp_path):
     (run / "metrics.json").write_text(json.dumps({"history": {"step": 1}}))
     with pytest.raises(IftError, match="'history' must be a list"):
         write_plots(run)
+
+
+def _cm(labels, matrix):
+    return {"labels": labels, "matrix": matrix}
+
+
+def test_confusion_matrix_png_of_base_and_fine_tuned_test(tmp_path):
+    import matplotlib.image
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tuned = _cm(["anger", "joy", "sadness"], [[5, 1, 0], [0, 7, 1], [2, 0, 3]])
+    base = _cm(["anger", "joy", "sadness"], [[0, 6, 0], [0, 8, 0], [0, 5, 0]])
+    (run / "metrics.json").write_text(json.dumps({"history": [], "test": {"confusion_matrix": tuned},
+                                                  "base": {"test": {"confusion_matrix": base}},
+                                                  "validation": {"confusion_matrix": base}}))
+    from ift.training.plots import confusion_matrices
+
+    assert confusion_matrices(run / "metrics.json") == [("base model, test", base), ("fine-tuned, test", tuned)]
+    written = write_plots(run)
+    assert [p.name for p in written] == ["confusion_matrix.png"]
+    height, width, _ = matplotlib.image.imread(written[0]).shape
+    assert width == 2 * height  # one square panel per model
+
+
+def test_confusion_matrix_of_the_best_validation_without_test(tmp_path):
+    run = _run(tmp_path, _history())
+    data = json.loads((run / "metrics.json").read_text())
+    data["validation"] = {"accuracy": 0.5, "confusion_matrix": _cm(["a", "b"], [[1, 1], [0, 2]])}
+    (run / "metrics.json").write_text(json.dumps(data))
+    assert [p.name for p in write_plots(run)] == ["loss.png", "learning_rate.png", "metrics.png",
+                                                  "confusion_matrix.png"]

@@ -16,15 +16,37 @@ def fmt(value: Any) -> str:
 
 
 def compare_table(base: dict, tuned: dict) -> list[dict]:
-    """Rows (metric, base, fine-tuned, delta) for the metrics either side has; None where one is missing."""
+    """Rows (metric, base, fine-tuned, delta) for the metrics either side has; None where one is missing.
+
+    After the registry's scores come each answer choice's F1 (`per_class.<label>.f1`, labels of the fine-tuned
+    side first), where either side has per-class figures.
+    """
     rows = []
     for name in COMPARED:
-        b, t = base.get(name), tuned.get(name)
-        if b is None and t is None:
-            continue
-        rows.append({"metric": name, "base": b, "fine-tuned": t,
-                     "delta": (t - b) if (b is not None and t is not None) else None})
-    return rows
+        rows.append(_row(name, base.get(name), tuned.get(name)))
+    for label in per_class_labels(base, tuned):
+        rows.append(_row(f"per_class.{label}.f1", _class_f1(base, label), _class_f1(tuned, label)))
+    return [r for r in rows if r is not None]
+
+
+def _row(name: str, b, t) -> dict | None:
+    if b is None and t is None:
+        return None
+    return {"metric": name, "base": b, "fine-tuned": t, "delta": (t - b) if (b is not None and t is not None) else None}
+
+
+def per_class_labels(*sections: dict) -> list[str]:
+    """The labels of the sections' per-class figures, in order of first appearance."""
+    order: dict[str, None] = {}
+    for section in reversed(sections):
+        per_class = section.get("per_class") if isinstance(section, dict) else None
+        order.update(dict.fromkeys(per_class if isinstance(per_class, dict) else ()))
+    return list(order)
+
+
+def _class_f1(section: dict, label: str):
+    figures = (section.get("per_class") or {}).get(label)
+    return figures.get("f1") if isinstance(figures, dict) else None
 
 
 def compare_sections(run_dir: Path, split: str) -> tuple[dict, dict]:
@@ -59,4 +81,21 @@ def print_compare(run_dir: Path, split: str) -> None:
     for r in rows:
         delta = "—" if r["delta"] is None else f"{r['delta']:+.4f}"
         table.add_row(r["metric"], fmt(r["base"]), fmt(r["fine-tuned"]), delta)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for side, figures in (("base", base), ("fine-tuned", tuned)):
+        cm = figures.get("confusion_matrix")
+        if isinstance(cm, dict) and cm.get("labels"):
+            console.print(confusion_table(cm, f"{split}, {side}: confusion matrix (rows: target, columns: predicted)"))
+
+
+def confusion_table(cm: dict, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("target \\ predicted")
+    for label in cm["labels"]:
+        table.add_column(str(label), justify="right")
+    for label, row in zip(cm["labels"], cm["matrix"]):
+        table.add_row(str(label), *map(str, row))
+    return table

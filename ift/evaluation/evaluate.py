@@ -1,4 +1,5 @@
-"""Evaluation: rank-classification and exact-match accuracy, ROUGE, per-source and per-template breakdowns.
+"""Evaluation: rank-classification and exact-match accuracy, macro-F1 / balanced accuracy / per-class figures and
+the confusion matrix of ranked rows, ROUGE, per-source and per-template breakdowns.
 
 Serves the training loop (validation every eval_steps, test at the end) and `ift eval`.
 
@@ -16,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from ift import atomic
 from ift.errors import IftError
+from ift.evaluation.classification import figures_of, row_labels
 from ift.evaluation.decoding import check_can_generate, generate
 from ift.metrics import FAMILIES
 from ift.evaluation.plumbing import _check_kind
@@ -159,6 +161,7 @@ def _fill_rank(pred: dict, choices: Sequence[str], scores: list[tuple[float, flo
     best = max(range(len(scores)), key=lambda k: scores[k][0])
     best_norm = max(range(len(scores)), key=lambda k: scores[k][1])
     pred.update(prediction=choices[best], correct=best == gold, correct_norm=best_norm == gold, mode="rank",
+                gold_index=gold,
                 choice_scores=[{"choice": c, "sum": s, "mean": m} for c, (s, m) in zip(choices, scores)])
 
 
@@ -171,17 +174,19 @@ def summarize(predictions: list[dict], cfg: EvaluationConfig) -> dict:
             pairs = _rouge_per_pair([predictions[i]["prediction"] for i in gen],
                                     [predictions[i]["target"] for i in gen], cfg.rouge_use_stemmer)
             rouge_of = {i: {k: pairs[k][n] for k in ROUGE_KEYS} for n, i in enumerate(gen)}
+    labels_of = row_labels(predictions) if "accuracy" in cfg.metrics else {}
     everything = list(range(len(predictions)))
-    metrics = _figures(predictions, everything, rouge_of)
+    metrics = _figures(predictions, everything, rouge_of, labels_of)
     for key, name in (("source", "by_source"), ("template", "by_template")):
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(predictions):
             groups[p[key]].append(i)
-        metrics[name] = {g: _figures(predictions, idx, rouge_of) for g, idx in sorted(groups.items())}
+        metrics[name] = {g: _figures(predictions, idx, rouge_of, labels_of) for g, idx in sorted(groups.items())}
     return metrics
 
 
-def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[str, float]]) -> dict:
+def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[str, float]],
+             labels_of: dict) -> dict:
     out: dict[str, Any] = {}
     correct = [predictions[i]["correct"] for i in idx if predictions[i]["correct"] is not None]
     if correct:
@@ -192,6 +197,7 @@ def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[s
     exact = [predictions[i]["exact_match"] for i in idx if predictions[i].get("exact_match") is not None]
     if exact:
         out["exact_match"] = sum(exact) / len(exact)
+    out.update(figures_of(labels_of, idx))  # macro-F1, balanced accuracy, per class, confusion matrix
     scored = [rouge_of[i] for i in idx if i in rouge_of]
     for k in ROUGE_KEYS if scored else ():
         out[k] = sum(s[k] for s in scored) / len(scored)

@@ -109,7 +109,8 @@ class _Facts:
             license=_base_license(recipe),
             chat_setup=(_read_json(run_dir / "data_report.json").get("chat") or {}),
             has_loss_plot=(run_dir / "plots" / "loss.png").exists(),
-            other_plots=sorted(p.name for p in (run_dir / "plots").glob("*.png") if p.name != "loss.png"),
+            other_plots=sorted(p.name for p in (run_dir / "plots").glob("*.png")
+                               if p.name not in ("loss.png", "confusion_matrix.png")),  # the latter: in Results
         )
 
     @property
@@ -477,7 +478,8 @@ def _results_section(f: _Facts) -> str:
     if not (test or val or base):
         return "## Results\n\nNo evaluation results were recorded for this run.\n"
     lines = ["## Results\n", "All scores on a 0–1 scale. Accuracy ranks the answer choices by log-likelihood "
-             "where a template has them, else compares the greedy generation; ROUGE is the mean F-measure "
+             "where a template has them, else compares the greedy generation; macro-F1 and balanced accuracy average each answer choice's F1 and "
+             "recall over the ranked rows (equal to scikit-learn's); ROUGE is the mean F-measure "
              "(ROUGE-Lsum with one sentence per line) over rouge_score's tokens widened to every script: words of "
              "letters, digits and combining marks, one token per character in Chinese, Japanese and Thai, the Porter "
              "stemmer on English words. The metadata (model-index) lists this model's test "
@@ -493,6 +495,7 @@ def _results_section(f: _Facts) -> str:
         table = _breakdown(test.get(key), label)
         if table:
             lines += [f"Fine-tuned, test split, by {label}:\n", table]
+    lines += _classes_section(f, test or val, base, "test" if test else "validation")
     best = f.metrics.get("best")
     if isinstance(best, dict) and best.get("step") is not None:
         lines.append(f"The weights are those of the best validation checkpoint (step {best['step']}, "
@@ -500,6 +503,46 @@ def _results_section(f: _Facts) -> str:
                      "validation column is that evaluation.\n")
     lines.append(_provenance(f, test, base))
     return "\n".join(lines)
+
+
+def _classes_section(f: _Facts, tuned: dict, base: dict, split: str) -> list[str]:
+    """Per-class precision / recall / F1 / support (base F1 beside them) and the confusion matrix, where the rows
+    had answer choices."""
+    per_class = tuned.get("per_class")
+    cm = tuned.get("confusion_matrix")
+    if not isinstance(per_class, dict) or not per_class:
+        return []
+    base_classes = base.get("per_class") if isinstance(base.get("per_class"), dict) else {}
+    lines = [f"Fine-tuned, {split} split, per class (the gold answer choice; macro-F1 and balanced accuracy above "
+             "average these over the classes that occur):\n",
+             "| class | support | precision | recall | F1 |" + (" F1, base model |" if base_classes else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if base_classes else "")]
+    for label, v in per_class.items():
+        if not isinstance(v, dict):
+            continue
+        support = v.get("support")
+        row = (f"| {_cell(label)} | {support if isinstance(support, int) else MISSING} | "
+               f"{_fmt(_number(v.get('precision')))} | {_fmt(_number(v.get('recall')))} | {_fmt(_number(v.get('f1')))} |")
+        if base_classes:
+            b = base_classes.get(label)
+            row += f" {_fmt(_number(b.get('f1')) if isinstance(b, dict) else None)} |"
+        lines.append(row)
+    lines.append("")
+    if isinstance(cm, dict) and isinstance(cm.get("labels"), list) and isinstance(cm.get("matrix"), list):
+        labels = [_cell(x) for x in cm["labels"]]
+        lines += [f"Confusion matrix, fine-tuned, {split} split (rows: target, columns: predicted):\n",
+                  "| target \\ predicted | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        for label, row in zip(labels, cm["matrix"]):
+            lines.append(f"| {label} | " + " | ".join(str(x) for x in row) + " |")
+        lines.append("")
+    if (f.run_dir / "plots" / "confusion_matrix.png").exists():
+        lines.append("![confusion matrix](plots/confusion_matrix.png)\n")
+    return lines
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _provenance(f: _Facts, test: dict, base: dict) -> str:

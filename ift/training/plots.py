@@ -20,22 +20,47 @@ from ift.metrics import SCORES
 
 
 def write_plots(run_dir: Path) -> list[Path]:
-    """Draw RUN_DIR/plots/{loss,learning_rate,metrics}.png from metrics.json; return the files written.
+    """Draw RUN_DIR/plots/{loss,learning_rate,metrics,confusion_matrix}.png from metrics.json; return the files
+    written.
 
-    A figure is drawn only when its series exist (a run without validation has no metrics.png);
-    a run without history gets none.
+    A figure is drawn only when its series exist (a run without validation has no metrics.png, one without
+    answer choices no confusion_matrix.png); a run without history gets no curves.
     """
     run_dir = Path(run_dir)
     history = load_history(run_dir / "metrics.json")
     out_dir = run_dir / "plots"
     written: list[Path] = []
-    for name, draw in (("loss", _draw_loss), ("learning_rate", _draw_learning_rate), ("metrics", _draw_scores)):
-        fig = draw(history)
+    figures = [(name, lambda draw=draw: draw(history))
+               for name, draw in (("loss", _draw_loss), ("learning_rate", _draw_learning_rate),
+                                  ("metrics", _draw_scores))]
+    figures.append(("confusion_matrix", lambda: _draw_confusion(confusion_matrices(run_dir / "metrics.json"))))
+    for name, draw in figures:
+        fig = draw()
         if fig is None:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
         written.append(_save(fig, out_dir / f"{name}.png"))
     return written
+
+
+def confusion_matrices(path: Path) -> list[tuple[str, dict]]:
+    """(title, {labels, matrix}) of the run's own evaluations: base and fine-tuned on test, else the best
+    validation; [] when none has one (no answer choices, or no evaluation yet)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))  # load_history has read it, or said why it cannot
+    if not isinstance(data, dict):
+        return []
+    sections = [("base model, test", (data.get("base") or {}).get("test")), ("fine-tuned, test", data.get("test"))]
+    if not any(isinstance(s, dict) and s.get("confusion_matrix") for _, s in sections):
+        sections = [("fine-tuned, validation (best)", data.get("validation"))]
+    out = []
+    for title, section in sections:
+        cm = section.get("confusion_matrix") if isinstance(section, dict) else None
+        if isinstance(cm, dict) and isinstance(cm.get("labels"), list) and isinstance(cm.get("matrix"), list) \
+                and cm["labels"] and len(cm["matrix"]) == len(cm["labels"]):
+            out.append((title, cm))
+    return out
 
 
 def load_history(path: Path) -> list[dict[str, Any]]:
@@ -119,6 +144,36 @@ def _draw_scores(history: list[dict[str, Any]]):
         ax.plot(*s, "o-", label=name, linewidth=1.5, markersize=4)
     ax.set_ylim(-0.02, 1.02)  # room for markers at 0 and 1
     ax.legend()
+    return fig
+
+
+def _draw_confusion(matrices: list[tuple[str, dict]]):
+    """One panel per evaluation: gold label down, predicted label across, each cell its count."""
+    if not matrices:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    size = max(len(cm["labels"]) for _, cm in matrices)
+    side = min(max(3.5, 0.6 * size + 2), 12)
+    fig = Figure(figsize=(side * len(matrices), side), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    for ax, (title, cm) in zip(axes, matrices):
+        labels, matrix = [str(x) for x in cm["labels"]], cm["matrix"]
+        peak = max((v for row in matrix for v in row), default=0) or 1
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)
+        ax.set_title(f"Confusion matrix ({title})")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("target")
+        ticks = range(len(labels))
+        short = [x if len(x) <= 18 else x[:17] + "…" for x in labels]
+        ax.set_xticks(ticks, short, rotation=45, ha="right")
+        ax.set_yticks(ticks, short)
+        for r, row in enumerate(matrix):
+            for c, value in enumerate(row):
+                ax.text(c, r, str(value), ha="center", va="center", fontsize=8,
+                        color="white" if value > peak / 2 else "black")
     return fig
 
 
