@@ -140,7 +140,7 @@ def test_preview_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, news
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", "someone/finance_news:default")
     assert code == 2 and err.startswith("error: the Hugging Face Hub is not reachable, so dataset 'someone/finance_news' "
-                                        "cannot be loaded (--data) — ")
+                                        "(config 'default') cannot be loaded (--data) — ")
     assert "local .jsonl/.csv/.parquet file" in err and err.count("\n") == 1
     (tmp_path / "empty.jsonl").write_text("")  # was an IndexError from a second, different loader
     code, _, err = run(capsys, "preview", "finance_news/headline_sentiment", "--data", str(tmp_path / "empty.jsonl"))
