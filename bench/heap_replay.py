@@ -29,17 +29,9 @@ import threading
 import time
 from pathlib import Path
 
+from train_memory import DATA_MAP, data_map_override  # bench/ is this script's folder
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_MAP = "tests/shared_data.yaml"  # the shipped recipes' Hub datasets -> the copies in ../shared/data
-
-
-def data_map_override(data_map: str) -> list[str]:
-    """The recipe override that reads local copies of Hub datasets (none for `none`); a relative map is taken
-    from the repository root, wherever the bench runs from."""
-    if data_map.lower() == "none":
-        return []
-    path = Path(data_map).expanduser()
-    return [f"data.data_map={path if path.is_absolute() else REPO / path}"]
 
 
 class _Mallinfo2(ctypes.Structure):

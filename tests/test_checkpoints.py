@@ -35,15 +35,20 @@ def test_lora_checkpoints_hold_the_adapter_not_the_frozen_base(tmp_path):
     assert (run / "checkpoints" / "step-4" / "model.safetensors").stat().st_size < base / 4
 
 
-def test_lora_resume_from_a_trainable_only_checkpoint_is_bit_exact(tmp_path):
-    a = run_train(toy_recipe(tmp_path / "a", adapter="lora", dropout=0.1))
-    b_recipe = toy_recipe(tmp_path / "b", adapter="lora", dropout=0.1)
+def _assert_resume_is_bit_exact(make_recipe, tmp_path) -> None:
+    """A run, and the same run cut back to its step-4 checkpoint and resumed: the same final weights."""
+    a = run_train(make_recipe(tmp_path / "a"))
+    b_recipe = make_recipe(tmp_path / "b")
     b = run_train(b_recipe)
     for step in (8, 12):
         shutil.rmtree(b / "checkpoints" / f"step-{step}")
     shutil.rmtree(b / "final")
     run_train(b_recipe, resume="auto")
     assert_same_weights(final_weights(a), final_weights(b))
+
+
+def test_lora_resume_from_a_trainable_only_checkpoint_is_bit_exact(tmp_path):
+    _assert_resume_is_bit_exact(lambda folder: toy_recipe(folder, adapter="lora", dropout=0.1), tmp_path)
 
 
 def test_a_qlora_run_whose_best_step_is_not_its_last_ends_with_final(tmp_path):
@@ -63,14 +68,7 @@ def test_a_qlora_run_whose_best_step_is_not_its_last_ends_with_final(tmp_path):
 
 
 def test_qlora_resume_is_bit_exact(tmp_path):
-    a = run_train(_qlora_recipe(tmp_path / "a"))
-    b_recipe = _qlora_recipe(tmp_path / "b")
-    b = run_train(b_recipe)
-    for step in (8, 12):
-        shutil.rmtree(b / "checkpoints" / f"step-{step}")
-    shutil.rmtree(b / "final")
-    run_train(b_recipe, resume="auto")
-    assert_same_weights(final_weights(a), final_weights(b))
+    _assert_resume_is_bit_exact(_qlora_recipe, tmp_path)
 
 
 def test_a_checkpoint_of_another_adapter_is_refused_by_name(tmp_path):
