@@ -84,6 +84,8 @@ class SourceConfig(_Section):
     # else the conversational format the columns show, else text
     format: SourceFormat = "auto"
     conversation_column: str | None = None  # messages/sharegpt: the column of turns (default messages/conversations)
+    # conversations: the function schemas handed to the chat template for rows without a `tools` column of their own
+    tools: list[dict[str, Any]] | None = None
     config: str | None = None  # Hub config (subset)
     revision: str | None = None  # Hub branch, tag or commit (refs/convert/parquet: the Hub's Parquet export)
     data_dir: str | None = None  # a folder of the Hub repo (in the Parquet export, one per config)
@@ -136,6 +138,7 @@ class DataConfig(_Section):
     chat_template: str = "auto"
     system_prompt: str | None = None  # conversations without a system message of their own get this one
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # conversations: which replies carry loss
+    train_on_reasoning: bool = True  # conversations: an assistant's reasoning (<think>, reasoning_content) carries loss
     special_tokens: list[str] = []  # added to the tokenizer (embeddings resized; with LoRA the new rows train)
     packing: bool = False
     group_by_length: bool = False

@@ -13,7 +13,7 @@ import ift.data.conversations as conv
 from ift.data.chat_templates import CHAT_TEMPLATES, END_OF_TURN, resolve_chat_template
 from ift.data.conversations import encode_conversation
 from ift.data.encoding import IGNORE
-from ift.data.formats import conversation_hash, detect_format, normalize_row
+from ift.data.formats import conversation_hash, conversation_tools, detect_format, normalize_row
 from ift.errors import IftError
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -245,12 +245,15 @@ def test_formats_normalise_and_encode(tok):
 
 
 def test_sharegpt_role_mapping():
-    row = {"conversations": [{"from": f, "value": f} for f in
-                             ("system", "human", "gpt", "user", "chatgpt", "function", "bing", "observation",
-                              "bard", "tool", "assistant")]}
+    # each tool result answers the function_call turn before it (a result with no call is an error)
+    call = '{"name": "f", "arguments": {}}'
+    row = {"conversations": [{"from": f, "value": call if f == "function_call" else f} for f in
+                             ("system", "human", "gpt", "user", "function_call", "function", "bing", "user",
+                              "function_call", "observation", "bard", "user", "function_call", "tool", "chatgpt",
+                              "user", "assistant")]}
     roles = [m["role"] for m in normalize_row(row, "sharegpt")]
-    assert roles == ["system", "user", "assistant", "user", "assistant", "tool", "assistant", "tool",
-                     "assistant", "tool", "assistant"]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "tool", "assistant", "user",
+                     "assistant", "tool", "assistant", "user", "assistant", "tool", "assistant", "user", "assistant"]
 
 
 def test_conversational_prompt_completion_and_custom_column():
@@ -415,3 +418,285 @@ def test_batched_encoding_equals_one_at_a_time(tok, shared_data, template):
             [tuple(s) if s is not None else None for s in single]
         assert [(b.dropped_messages, b.cut_tokens) for b in batched if b is not None] == \
             [(s.dropped_messages, s.cut_tokens) for s in single if s is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# Tool calls, tool results, tools and reasoning in the formats
+# --------------------------------------------------------------------------------------------
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}
+TOOL_CONVO = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [dict(CALL, id="c1")]},
+    {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "21 degrees."},
+]
+
+
+def _bad(row, fmt, *needles):
+    with pytest.raises(IftError) as err:
+        normalize_row(row, fmt, source="calls.jsonl", index=7)
+    text = str(err.value)
+    assert "calls.jsonl, row 7" in text and "\n" not in text
+    for n in needles:
+        assert n in text, text
+    return text
+
+
+def test_tool_calls_and_results_are_kept():
+    msgs = normalize_row({"messages": TOOL_CONVO})
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}},
+         "id": "c1"}]}
+    assert msgs[2] == {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "c1", "name": "get_weather"}
+    # a flat call and dict arguments give the same canonical call
+    flat = normalize_row({"messages": [TOOL_CONVO[0], {"role": "assistant", "content": "Let me look.",
+                                                        "tool_calls": [{"name": "get_weather",
+                                                                        "arguments": {"city": "Paris", "days": 2}}]},
+                                       {"role": "tool", "content": "21"}, TOOL_CONVO[3]]})
+    assert flat[1]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
+                                                                       "arguments": {"city": "Paris", "days": 2}}}]
+    assert flat[1]["content"] == "Let me look."
+
+
+def test_malformed_tool_calls_name_the_row():
+    def with_call(call, **extra):
+        return {"messages": [TOOL_CONVO[0], {"role": "assistant", "content": None, "tool_calls": [call], **extra},
+                             {"role": "tool", "content": "x"}, TOOL_CONVO[3]]}
+    _bad(with_call({"type": "function", "function": {"name": "f", "arguments": "{city: Paris}"}}),
+         "messages", "not valid JSON", "(f) arguments")
+    _bad(with_call({"type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}),
+         "messages", "not a JSON object")
+    _bad(with_call({"type": "function", "function": {"arguments": {}}}), "messages", "no function name")
+    _bad(with_call("get_weather()"), "messages", "not a tool call")
+    _bad({"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}, TOOL_CONVO[3]]}, "messages",
+         "message 0 (user) has tool_calls")
+    _bad({"messages": [TOOL_CONVO[0], {"role": "assistant", "content": None}]}, "messages",
+         "content is a NoneType")
+
+
+def test_tool_result_without_a_call_is_an_error():
+    _bad({"messages": [TOOL_CONVO[0], {"role": "assistant", "content": "checking"}, {"role": "tool", "content": "21"},
+                       TOOL_CONVO[3]]}, "messages", "message 2 is a tool result with no tool call")
+    _bad({"messages": [*TOOL_CONVO[:3], {"role": "tool", "tool_call_id": "c1", "content": "again"}, TOOL_CONVO[3]]},
+         "messages", "one tool result more than the calls")
+    _bad({"messages": [*TOOL_CONVO[:2], {"role": "tool", "tool_call_id": "c9", "content": "21"}, TOOL_CONVO[3]]},
+         "messages", "tool_call_id 'c9'", "'c1'")
+    # a user turn closes the calls before it
+    _bad({"messages": [*TOOL_CONVO[:2], {"role": "user", "content": "hurry"}, TOOL_CONVO[2], TOOL_CONVO[3]]},
+         "messages", "message 3 is a tool result with no tool call")
+
+
+def test_parallel_calls_answered_by_id_in_any_order():
+    calls = [dict(CALL, id="a"), {"type": "function", "function": {"name": "get_time", "arguments": {}}, "id": "b"}]
+    msgs = normalize_row({"messages": [TOOL_CONVO[0], {"role": "assistant", "content": None, "tool_calls": calls},
+                                       {"role": "tool", "tool_call_id": "b", "content": "noon"},
+                                       {"role": "tool", "tool_call_id": "a", "content": "21"}, TOOL_CONVO[3]]})
+    assert [m.get("tool_call_id") for m in msgs] == [None, None, "b", "a", None]
+
+
+def test_sharegpt_function_call_and_observation():
+    row = {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                             {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                             {"from": "observation", "value": '{"temp": 21}'},
+                             {"from": "gpt", "value": "21 degrees."}],
+           "tools": '[{"name": "get_weather", "parameters": {"type": "object"}}]'}
+    msgs = normalize_row(row, "sharegpt")
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    assert msgs[2]["role"] == "tool"
+    assert conversation_tools(row) == [{"type": "function",
+                                        "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    row["conversations"][1]["value"] = "get_weather(Paris)"
+    _bad(row, "sharegpt", "message 1 (function_call)", "not valid JSON")
+
+
+def test_tools_column_and_source_default():
+    schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    assert conversation_tools({"tools": [schema]}) == [schema]
+    assert conversation_tools({"tools": None}, default=[schema["function"]]) == [schema]  # the source's list
+    assert conversation_tools({"messages": []}) is None
+    for bad, needle in (("[{", "not valid JSON"), ('[{"parameters": {}}]', "tool 0 has no function name"),
+                        ("3", "not a list")):
+        with pytest.raises(IftError, match=needle) as err:
+            conversation_tools({"tools": bad}, source="calls.jsonl", index=3)
+        assert "calls.jsonl, row 3" in str(err.value)
+
+
+def test_reasoning_content_and_think_convention():
+    given = normalize_row({"messages": [{"role": "user", "content": "2+2?"},
+                                        {"role": "assistant", "content": "4", "reasoning_content": "2 and 2"}]})
+    inline = normalize_row({"messages": [{"role": "user", "content": "2+2?"},
+                                         {"role": "assistant", "content": "<think>\n2 and 2\n</think>\n\n4"}]})
+    assert given[1] == inline[1] == {"role": "assistant", "content": "4", "reasoning_content": "2 and 2"}
+    # a reply that only mentions the tags, not at its start, is content
+    plain = normalize_row({"messages": [{"role": "user", "content": "tags?"},
+                                        {"role": "assistant", "content": "use <think> and </think>"}]})
+    assert plain[1] == {"role": "assistant", "content": "use <think> and </think>"}
+    _bad({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+                                                          "reasoning_content": ["x"]}]},
+         "messages", "reasoning_content is a list")
+
+
+def test_hash_keeps_plain_conversations_and_sees_calls():
+    import hashlib
+    import json
+
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    old = json.dumps(plain, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert conversation_hash(plain) == int.from_bytes(hashlib.sha1(old.encode()).digest()[:8], "big")
+    msgs = normalize_row({"messages": TOOL_CONVO})
+    other = copy.deepcopy(msgs)
+    other[1]["tool_calls"][0]["function"]["arguments"]["city"] = "Lyon"
+    assert conversation_hash(msgs) != conversation_hash(other)
+
+
+# --------------------------------------------------------------------------------------------
+# Published chat templates (tests/fixtures/chat_templates, sources in its README): tools and reasoning
+# --------------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+FAMILY_TOKENS = {
+    "qwen": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<think>", "</think>",
+             "<tool_response>", "</tool_response>"],
+    "llama": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+              "<|python_tag|>"],
+    "deepseek": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
+}
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALLING = normalize_row({"messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": "21 C"}, {"role": "assistant", "content": "It is 21 C."}]})
+THINKING = normalize_row({"messages": [
+    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+    {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "add again"}]})
+
+
+def real_tokenizer(name: str):
+    """The tiny BPE tokenizer with a published template and its family's control tokens."""
+    t = build_tiny_tokenizer()
+    family = next(f for f in FAMILY_TOKENS if name.startswith(f))
+    t.add_special_tokens({"additional_special_tokens": FAMILY_TOKENS[family]})
+    t.chat_template = (FIXTURES / f"{name}.jinja").read_text(encoding="utf-8")
+    if family == "llama":
+        t.bos_token = "<|begin_of_text|>"
+    if family == "deepseek":
+        t.bos_token, t.eos_token = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    return t
+
+
+def row_runs(t, rows):
+    return [labelled_runs(t, ids, labels) for ids, labels in rows]
+
+
+QWEN_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+LLAMA_CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("qwen2_5", [[QWEN_CALL, "It is 21 C.<|im_end|>"]]),
+    # Qwen3 writes an empty thinking block on the last turn only: the call is trained in the row that ends with
+    # it (as the model writes it at inference), the answer in the whole conversation
+    ("qwen3", [["<think>\n\n</think>\n\n" + QWEN_CALL], ["<think>\n\n</think>\n\nIt is 21 C.<|im_end|>"]]),
+    ("llama3_1", [[LLAMA_CALL, "It is 21 C.<|eot_id|>"]]),
+    ("llama3_2", [[LLAMA_CALL, "It is 21 C.<|eot_id|>"]]),
+])
+def test_published_templates_train_calls_and_replies_only(name, expected):
+    t = real_tokenizer(name)
+    rows = conv.encode_conversation_rows(t, CALLING, tools=WEATHER_TOOLS)
+    assert row_runs(t, rows) == expected
+    for ids, labels in rows:
+        text = t.decode(ids)
+        assert "Current weather of a city" in text  # the tools block is there, and carries no loss
+        trained = "".join(labelled_runs(t, ids, labels))
+        for never in ("Current weather", "21 C\n", "Weather in Paris", "Be brief"):
+            assert never not in trained
+    if name != "qwen3":  # prefix-stable for this conversation: one row, equal to encode_conversation's
+        assert [tuple(r) for r in rows] == [tuple(encode_conversation(t, CALLING, tools=WEATHER_TOOLS))]
+
+
+@pytest.mark.parametrize("name, with_reasoning, without", [
+    ("qwen2_5", [["<think>\nadd them\n</think>\n\n4<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"]],
+     [["4<|im_end|>", "6<|im_end|>"]]),
+    # Qwen3 drops reasoning from turns before the last user query; DeepSeek-R1 distills from every turn and
+    # open the think block in the generation prompt: one row per turn, each in its inference context
+    ("qwen3", [["<think>\nadd them\n</think>\n\n4<|im_end|>"], ["<think>\nadd again\n</think>\n\n6<|im_end|>"]],
+     [["4<|im_end|>"], ["6<|im_end|>"]]),
+    ("deepseek_r1_distill", [["add them\n</think>\n\n4<｜end▁of▁sentence｜>"],
+                             ["add again\n</think>\n\n6<｜end▁of▁sentence｜>"]],
+     [["4<｜end▁of▁sentence｜>"], ["6<｜end▁of▁sentence｜>"]]),
+])
+def test_reasoning_masks_and_train_on_reasoning(name, with_reasoning, without):
+    t = real_tokenizer(name)
+    assert row_runs(t, conv.encode_conversation_rows(t, THINKING)) == with_reasoning
+    assert row_runs(t, conv.encode_conversation_rows(t, THINKING, train_on_reasoning=False)) == without
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1_distill"])
+def test_each_row_trains_a_turn_in_its_inference_context(name):
+    """What precedes a row's trained turn is exactly the prompt the template gives the model for that turn."""
+    t = real_tokenizer(name)
+    plans = conv.conversation_rows(t, THINKING)
+    assert [r.turns for r in plans] == [[1], [3]] and [r.messages for r in plans] == [2, 4]
+    for row in plans:
+        (i,) = row.turns
+        prompt = t.apply_chat_template(conv.template_messages(t, THINKING[:i]), tokenize=False,
+                                       add_generation_prompt=True)
+        assert row.text.startswith(prompt)
+        assert row.text[len(prompt):].startswith(("<think>\n", "add "))  # the reasoning the model writes next
+    # the single-row API refuses what needs several rows, naming the row
+    with pytest.raises(IftError, match="not prefix-stable") as err:
+        encode_conversation(t, THINKING, source="r1.jsonl", index=4)
+    assert err.value.where == "r1.jsonl, row 4"
+    # trained in one row when only the last reply carries loss
+    assert len(conv.encode_conversation_rows(t, THINKING, train_on="last_assistant")) == 1
+
+
+def test_templates_that_cannot_render_calls_or_tools_are_refused(tok):
+    with pytest.raises(IftError, match="does not render tool_calls"):
+        encode_conversation(tok, CALLING)  # ChatML: content only, the call would vanish
+    with pytest.raises(IftError, match="does not render tools"):
+        encode_conversation(tok, CONVO, tools=WEATHER_TOOLS)
+
+
+def _layout_only_difference(t, ids, ours, theirs, prefill=()):
+    """Tokens where two masks differ: TRL marks them, ift does not, and they are text the template writes around a
+    turn: whitespace (the newline after ``<|im_start|>assistant``, which the generation prompt holds, and the one
+    after the end-of-turn token, which the model never writes since generation stops at that token), or what the
+    generation prompt writes (DeepSeek-R1's ``<｜Assistant｜><think>``, which TRL's training template puts inside
+    its generation block)."""
+    diff = [k for k in range(len(ids)) if ours[k] != theirs[k]]
+    assert all(theirs[k] == 1 and ours[k] == 0 and (not t.decode([ids[k]]).strip() or t.decode([ids[k]]) in prefill)
+               for k in diff), [(k, t.decode([ids[k]]), ours[k], theirs[k]) for k in diff]
+    return diff
+
+
+@pytest.mark.parametrize("name, convo, tools", [
+    ("qwen2_5", CALLING, WEATHER_TOOLS), ("qwen2_5", THINKING, None),
+    # TRL's Qwen3 and DeepSeek-R1 training templates keep reasoning in every past turn (ift trains each turn in
+    # the context inference gives it), so the renderings agree where one assistant turn is trained
+    ("qwen3", CALLING[:3], WEATHER_TOOLS), ("qwen3", THINKING[2:], None), ("deepseek_r1_distill", THINKING[2:], None),
+])
+def test_masks_equal_trl_assistant_only_loss(name, convo, tools):
+    """TRL (assistant_only_loss) swaps in its training template and takes transformers' generation mask; ift's
+    mask from the published template is the same, token by token, up to the layout around turns."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    t = real_tokenizer(name)
+    training = get_training_chat_template(t)
+    (ids, labels), = conv.encode_conversation_rows(t, convo, tools=tools)
+    msgs = conv.template_messages(t, convo, tools=tools)
+    if name == "deepseek_r1_distill":  # its training template keeps the reasoning written in the content
+        msgs[-1]["content"] = f"<think>\n{convo[-1]['reasoning_content']}\n</think>\n\n{convo[-1]['content']}"
+    ref = t.apply_chat_template(msgs, tools=tools, chat_template=training, tokenize=True, return_dict=True,
+                                return_assistant_tokens_mask=True)
+    ours, theirs = [int(lab != IGNORE) for lab in labels], list(ref["assistant_masks"])
+    assert list(ref["input_ids"]) == ids
+    assert sum(ours) > 0
+    prefill = ("<｜Assistant｜>", "<think>") if name == "deepseek_r1_distill" else ()
+    diff = _layout_only_difference(t, ids, ours, theirs, prefill)
+    assert len(diff) <= (2 + len(prefill)) * sum(m["role"] == "assistant" for m in convo)

@@ -124,8 +124,8 @@ def test_kept_splits_and_columns(tmp_path, library):
     sizes = {s: len(prepared.splits[s]) for s in ("train", "validation", "test")}
     assert sizes == {"train": 40, "validation": 7, "test": 9}  # dev.jsonl is the validation split
     row = prepared.splits["validation"][0]
-    assert set(row) == {"prompt", "completion", "choices", "source", "template", "messages"}
-    assert row["messages"] == []  # a template row is no conversation
+    assert set(row) == {"prompt", "completion", "choices", "source", "template", "messages", "chat"}
+    assert row["messages"] == [] and row["chat"] == ""  # a template row is no conversation
     assert row["prompt"].startswith("Text: row ") and row["completion"] in ("neg", "pos")
     assert row["choices"] == ["neg", "pos"] and row["source"] == "kept" and row["template"] == "toy/cls"
     assert prepared.report["sources"]["kept"]["own"] == ["train", "validation", "test"]

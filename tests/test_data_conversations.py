@@ -217,6 +217,15 @@ BAD_ROWS = {
     "empty conversation": ({"conversations": []}, "empty conversation"),
     "ends with a user turn": ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"},
                                                  {"from": "human", "value": "z"}]}, "ends with a user turn"),
+    "call arguments not JSON": ({"conversations": [{"from": "human", "value": "x"},
+                                                   {"from": "function_call", "value": '{"name": "f", "arguments": {a}}'},
+                                                   {"from": "observation", "value": "1"}, {"from": "gpt", "value": "y"}]},
+                                "message 1 (function_call)"),
+    "tool result with no call": ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"},
+                                                    {"from": "observation", "value": "1"}, {"from": "gpt", "value": "z"}]},
+                                 "message 2 is a tool result with no tool call"),
+    "tools not a list": ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+                          "tools": "get_weather"}, "column 'tools' is not valid JSON"),
 }
 
 
@@ -225,6 +234,8 @@ BAD_ROWS = {
 def test_bad_conversations_are_one_clear_error_with_exit_2(tmp_path, capsys, case, command):
     bad, message = BAD_ROWS[case]
     rows = [as_format("sharegpt", i) for i in range(12)]
+    if case == "tools not a list":
+        rows = [dict(r, tools=None) for r in rows]
     if case == "missing column":
         rows = [{"dialogue": r["conversations"]} for r in rows]
     else:
@@ -263,3 +274,66 @@ def test_preview_marks_every_reply_and_stats_count_turns(tmp_path, capsys):
     assert cli_main(["data", "stats", str(recipe)]) == 0
     text = capsys.readouterr().out
     assert "turns per conversation" in text and "earliest exchanges dropped" in text
+
+
+# ------------------------------------------------------------------------------------------- tools and reasoning
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}
+CITIES = ["Paris", "Lyon", "Nice", "Lille", "Brest"]
+
+
+def tool_row(i: int) -> dict:
+    """A call, its result and the answer (reasoning on odd rows); even rows carry their own tools column."""
+    city = CITIES[i % len(CITIES)]
+    answer = {"role": "assistant", "content": f"It is {20 + i} C in {city}."}
+    if i % 2:
+        answer["reasoning_content"] = f"the tool said {20 + i}"
+    row = {"messages": [
+        {"role": "user", "content": f"Weather in {city} {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": json.dumps({"city": city})}}]},
+        {"role": "tool", "tool_call_id": f"c{i}", "content": f"{20 + i} C"}, answer]}
+    row["tools"] = json.dumps([WEATHER]) if i % 2 == 0 else None
+    return row
+
+
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_tool_calls_tools_and_reasoning_through_the_pipeline(tmp_path, library, reasoning):
+    """A messages source with calls, tool results, per-row and source-level tools and reasoning, in Qwen3's
+    template: the tokenized rows are the library's rows per turn (Qwen3 renders the empty thinking block of a
+    call only while it is the last turn, so each call trains in its own row), the tools reach the template."""
+    from test_conversations import real_tokenizer
+
+    import ift.data.conversations as conv
+
+    t = real_tokenizer("qwen3")
+    path = write_jsonl(tmp_path / "calls.jsonl", [tool_row(i) for i in range(30)])
+    data = cfg(sources=[{"path": str(path), "tools": [WEATHER]}], chat_template="tokenizer",
+               train_on_reasoning=reasoning)
+    prepared = D.build_splits(data, library)
+    tokens, report = tokenize(prepared.splits, t, "causal", data)
+    train, toks = prepared.splits["train"], tokens["train"]
+    assert len(toks) == 2 * len(train) and report["train"]["turn_rows"] == len(train)
+    assert report["train"]["dropped"] == 0 and report["settings"]["train_on_reasoning"] is reasoning
+    k = 0
+    for row in train:
+        whole = json.loads(row["chat"])
+        assert whole["tools"] == [WEATHER]  # the row's own column or the source's list
+        assert row["messages"][1] == {"role": "assistant", "content": ""}  # role/content view for reports
+        expected = conv.encode_conversation_rows(t, whole["messages"], tools=whole["tools"],
+                                                 train_on_reasoning=reasoning)
+        for ids, labels in expected:
+            assert (toks[k]["input_ids"], toks[k]["labels"]) == (ids, labels)
+            assert "Current weather of a city" in t.decode(ids)
+            k += 1
+        answer = whole["messages"][-1]
+        think = (f"<think>\n{answer['reasoning_content']}\n</think>\n\n"
+                 if answer.get("reasoning_content") and reasoning else
+                 "" if answer.get("reasoning_content") else "<think>\n\n</think>\n\n")
+        assert runs(t, *expected[-1]) == [think + answer["content"] + "<|im_end|>"]
+        call = json.dumps({"name": "get_weather", "arguments": whole["messages"][1]["tool_calls"][0]["function"]
+                           ["arguments"]})
+        assert runs(t, *expected[0]) == [f"<think>\n\n</think>\n\n<tool_call>\n{call}\n</tool_call><|im_end|>"]

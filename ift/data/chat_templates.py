@@ -42,7 +42,8 @@ TEMPLATE_TOKENS = {  # special tokens a base model's tokenizer needs for each na
     "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
 }
 # tried in order when the template is the tokenizer's own and no end-of-turn string is given
-_EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+_EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>", "<|endoftext|>",
+                   "</s>")
 
 
 def resolve_chat_template(tokenizer: Any, spec: str) -> tuple[str | None, str | None]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any, Sequence
 
 import numpy as np
 
 from ift.data.cache import BATCH, CODE_VERSION, _cache_file, _conversation_hash, _fingerprint, _pair_hash, _stable_int
-from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS
+from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, conversation_tools
 from ift.data.sources import _format_columns, _normalize, _Source
 from ift.errors import IftError
 from ift.recipe import SPLITS, DataConfig, SourceConfig
@@ -26,6 +27,9 @@ def _features() -> Any:
         "choices": datasets.List(datasets.Value("string")), "source": datasets.Value("string"),
         "template": datasets.Value("string"), "_pair": datasets.Value("int64"),
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        # a conversation with tool calls, tool ids, reasoning or tools: the whole of it as JSON ({"messages",
+        # "tools"}, what encoding reads); "" for plain {role, content} conversations and template rows
+        "chat": datasets.Value("string"),
     })
 
 
@@ -107,13 +111,14 @@ class _Renderer:
         from ift.templates.template import render_row
 
         out: dict[str, list] = {k: [] for k in ("prompt", "completion", "choices", "source", "template", "_pair",
-                                                "messages")}
+                                                "messages", "chat")}
         columns = list(batch)
         if self.fmt in ("messages", "sharegpt", "prompt_completion"):
             for pos, index in enumerate(indices):  # every row was checked on load (_check_conversations)
                 row = {c: batch[c][pos] for c in columns}
                 messages = _normalize(self.cfg, self.fmt, row, self.source, index, self.system_prompt)
-                self._add_conversation(out, messages, [], f"({self.fmt})")
+                tools = conversation_tools(row, source=self.source, index=index, default=self.cfg.tools)
+                self._add_conversation(out, messages, [], f"({self.fmt})", tools)
             return out
         if not self.templates:
             for text in batch[self.text_column]:
@@ -148,16 +153,21 @@ class _Renderer:
         out["template"].append(template)
         out["_pair"].append(_pair_hash(prompt, completion))
         out["messages"].append([])
+        out["chat"].append("")
 
-    def _add_conversation(self, out: dict[str, list], messages: list[dict], choices: list[str], template: str) -> None:
-        """A conversation hashed whole (leak check); prompt/completion are its last user turn and final reply."""
+    def _add_conversation(self, out: dict[str, list], messages: list[dict], choices: list[str], template: str,
+                          tools: list[dict] | None = None) -> None:
+        """A conversation hashed whole (leak check); prompt/completion are its last user turn and final reply;
+        `messages` holds role and content, `chat` the whole conversation when it has more (calls, reasoning, tools)."""
         out["prompt"].append(next(m["content"] for m in reversed(messages[:-1]) if m["role"] != "assistant"))
         out["completion"].append(messages[-1]["content"])
         out["choices"].append(list(choices))
         out["source"].append(self.source)
         out["template"].append(template)
         out["_pair"].append(_conversation_hash(messages))
-        out["messages"].append(messages)
+        plain = not tools and all(set(m) <= {"role", "content"} for m in messages)
+        out["messages"].append([{"role": m["role"], "content": m["content"]} for m in messages])
+        out["chat"].append("" if plain else json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False))
 
 
 def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: DataConfig) -> tuple[Any, dict]:
@@ -182,7 +192,8 @@ def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: Da
     conversational = source.format in CONVERSATION_FORMATS
     fp = _fingerprint("render", ds._fingerprint, seed, mode, [_template_identity(t) for t in templates],
                       cfg.text_column if not templates else None, source.format,
-                      (cfg.conversation_column, data.system_prompt) if conversational else None, CODE_VERSION)
+                      (cfg.conversation_column, data.system_prompt, cfg.tools) if conversational else None,
+                      CODE_VERSION)
     fn = _Renderer(source.name, templates, picks, cfg.text_column, seed, source.format, cfg,
                    data.system_prompt if conversational else None)
     if not len(ds):  # datasets skips the function on empty input and keeps no columns

@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from ift.data.cache import BATCH, source_name
-from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, detect_format, normalize_row
+from ift.data.formats import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, TOOLS_COLUMN, conversation_tools,
+                              detect_format, normalize_row)
 from ift.data.reading import _first_line, _path_key, _read_split
 from ift.errors import IftError
 from ift.locations import connection_errors, looks_local
@@ -247,11 +248,14 @@ def _check_conversations(source: _Source, system_prompt: str | None) -> None:
         wanted = [c for c in _format_columns(source.format, source.cfg) if c in ds.column_names]
         if len(wanted) < len(_format_columns(source.format, source.cfg)):
             continue  # reported by _check_columns, with the columns there are
+        if TOOLS_COLUMN in ds.column_names:
+            wanted.append(TOOLS_COLUMN)
         table = ds.with_format("arrow").select_columns(wanted) if len(ds) else None
         for start in range(0, len(ds), BATCH):
             rows = table[start:start + BATCH].to_pylist()
             for k, row in enumerate(rows):
                 _normalize(source.cfg, source.format, row, where, start + k, system_prompt)
+                conversation_tools(row, source=where, index=start + k, default=source.cfg.tools)
 
 
 # ------------------------------------------------------------------------------------- loading

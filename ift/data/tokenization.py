@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from itertools import chain
 from typing import Any
@@ -18,8 +19,10 @@ from ift.recipe import DataConfig
 
 # `truncated` codes written by tokenize(): how a row got into the tokenized split. A conversation too long for
 # max_length first loses whole earliest exchanges (TURNS_DROPPED); only if the last exchange alone is too long is
-# its reply's tail cut (REPLY_CUT), and a final prompt that alone fills max_length drops the row
-INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW, TURNS_DROPPED, REPLY_CUT = 0, 1, 2, 3, 4, 5
+# its reply's tail cut (REPLY_CUT), and a final prompt that alone fills max_length drops the row. A conversation
+# whose chat template renders earlier turns differently once later ones follow trains as one row per assistant
+# turn (or group of turns): its first row is coded as above, each further row TURN_ROW
+INTACT, PROMPT_CUT, FIRST_WINDOW, LATER_WINDOW, TURNS_DROPPED, REPLY_CUT, TURN_ROW = 0, 1, 2, 3, 4, 5, 6
 
 
 def _cut(ids: list[int], budget: int, side: str, keep_head: int, keep_tail: int) -> list[int]:
@@ -47,6 +50,7 @@ class _Encoder:
         self.max_length, self.mode = data.max_length, data.truncation
         self.train_on_prompt, self.chat = data.train_on_prompt, data.wraps_pairs
         self.train_on, self.template_spec = data.train_on, data.chat_template
+        self.train_on_reasoning = data.train_on_reasoning
         self.end_of_turn = end_of_turn_token(tokenizer)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         # a chat-wrapped prompt with no content: its head (system turn, user tag) and tail (end of turn,
@@ -63,14 +67,17 @@ class _Encoder:
         rows, heads, tails, status, override, labels = [], [], [], [], {}, {}
         for i, (p, c) in enumerate(pairs):
             if i in convs:
-                encoded = convs[i]
-                if encoded is not None:  # None: the final prompt alone fills max_length (dropped, counted)
+                first = True
+                for encoded in convs[i]:
+                    if encoded is None:  # the final prompt alone fills max_length (dropped, counted)
+                        continue
                     labels[len(rows)] = encoded.labels
                     rows.append(i)
                     heads.append([])
                     tails.append(encoded.input_ids)
-                    status.append(REPLY_CUT if encoded.cut_tokens else TURNS_DROPPED if encoded.dropped_messages
-                                  else INTACT)
+                    status.append(TURN_ROW if not first else REPLY_CUT if encoded.cut_tokens else TURNS_DROPPED
+                                  if encoded.dropped_messages else INTACT)
+                    first = False
                 continue
             for head, tail, code in (self._raw(p, c) if raw[i] else self._pair(p, c)):
                 if code in (FIRST_WINDOW, LATER_WINDOW):
@@ -106,13 +113,20 @@ class _Encoder:
                 "data.chat_template", "set data.chat_template: chatml or llama3 (their tokens are added to the "
                 "tokenizer), or a .jinja file")
         messages = table.column("messages").take(pa.array(idx)).to_pylist()
+        tools: list[Any] = [None] * len(messages)
+        if "chat" in table.column_names:  # conversations with calls, reasoning or tools: the whole of them
+            for k, chat in enumerate(table.column("chat").take(pa.array(idx)).to_pylist()):
+                if chat:
+                    whole = json.loads(chat)
+                    messages[k], tools[k] = whole["messages"], whole.get("tools")
         sources = table.column("source").take(pa.array(idx)).to_pylist()
         limit = None if self.mode == "drop" else self.max_length  # drop: an over-long conversation leaves whole
         encoded = encode_conversations(self.tokenizer, messages, train_on=self.train_on, max_length=limit,
                                        end_of_turn=self.end_of_turn, sources=[f"source '{s}'" for s in sources],
-                                       drop_overlong=True)
-        return {int(i): None if e is not None and len(e.input_ids) > self.max_length else e
-                for i, e in zip(idx, encoded)}
+                                       drop_overlong=True, tools=tools, train_on_reasoning=self.train_on_reasoning,
+                                       rows=True)
+        return {int(i): [None if e is not None and len(e.input_ids) > self.max_length else e for e in rows]
+                for i, rows in zip(idx, encoded)}
 
     def _encode(self, prompts: list[str], completions: list[str], raw: list[bool],
                 skip: set[int] = frozenset()) -> list[tuple[list[int], list[int]]]:
@@ -230,10 +244,12 @@ def tokenize(splits: Any, tokenizer: Any, kind: str, data: DataConfig) -> tuple[
                        "data.chat_template", "set data.chat_template: auto (or none), a named template (chatml, "
                        "llama3), or use an instruct model whose tokenizer has one")
     tok_fp = tokenizer_fingerprint(tokenizer)
-    settings = (kind, data.max_length, data.truncation, data.train_on_prompt, data.chat_template, data.train_on)
+    settings = (kind, data.max_length, data.truncation, data.train_on_prompt, data.chat_template, data.train_on,
+                data.train_on_reasoning)
     out, report = {}, {"settings": {"kind": kind, "max_length": data.max_length, "truncation": data.truncation,
                                     "train_on_prompt": data.train_on_prompt, "chat_template": data.chat_template,
-                                    "train_on": data.train_on, "end_of_turn": end_of_turn_token(tokenizer)}}
+                                    "train_on": data.train_on, "train_on_reasoning": data.train_on_reasoning,
+                                    "end_of_turn": end_of_turn_token(tokenizer)}}
     encoder = _Encoder(tokenizer, kind, data)
     for split, ds in splits.items():
         fp = _fingerprint("tokenize", ds._fingerprint, tok_fp, settings, CODE_VERSION)
@@ -305,11 +321,14 @@ def token_report(before: Any, after: Any) -> dict:
 
 
 def _counts(length: np.ndarray, status: np.ndarray, loss: np.ndarray, rows_in: int) -> dict[str, int]:
-    originals = int((status != LATER_WINDOW).sum())
+    originals = int(((status != LATER_WINDOW) & (status != TURN_ROW)).sum())
     out = {"tokens": int(length.sum()), "loss_tokens": int(loss.sum()), "truncated": int((status == PROMPT_CUT).sum()),
            "split_into_windows": int((status == FIRST_WINDOW).sum()),
            "windows": int(((status == FIRST_WINDOW) | (status == LATER_WINDOW)).sum()), "dropped": rows_in - originals}
     dropped_turns, reply_cut = int((status == TURNS_DROPPED).sum()), int((status == REPLY_CUT).sum())
     if dropped_turns or reply_cut:  # conversations: earliest exchanges dropped / the last reply's tail cut
         out.update(turns_dropped=dropped_turns, reply_cut=reply_cut)
+    turn_rows = int((status == TURN_ROW).sum())
+    if turn_rows:  # conversations trained as one row per assistant turn: the rows beyond each one's first
+        out.update(turn_rows=turn_rows)
     return out
