@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# what a recipe lists in evaluation.metrics; each computes one or more figures below
+# what a recipe lists in evaluation.metrics; each computes one or more figures below. Any other entry names an
+# `evaluate` module (ift.evaluation.modules), whose figures are recorded as `<module>.<key>`.
 FAMILIES = ("loss", "accuracy", "rouge")
 
 
@@ -50,6 +51,43 @@ SCORES = tuple(m.name for m in METRICS.values() if m.family != "loss")  # what b
 def computed_by(families) -> list[str]:
     """The figures a recipe's evaluation.metrics produces, in registry order."""
     return [m.name for m in METRICS.values() if m.family in set(families)]
+
+
+def evaluate_modules(entries) -> list[str]:
+    """The entries of evaluation.metrics that name an `evaluate` module (a Hub id or a local path), not a family."""
+    return [e for e in entries if e not in FAMILIES]
+
+
+def module_name(entry: str) -> str:
+    """The prefix of an evaluate module's figures in metrics.json: `sacrebleu` for `sacrebleu`,
+    `evaluate-metric/sacrebleu`, `metrics/sacrebleu/` or `metrics/sacrebleu/sacrebleu.py`."""
+    parts = [p for p in entry.replace("\\", "/").split("/") if p]
+    last = parts[-1] if parts else entry
+    if last.endswith(".py"):
+        last = last[:-3]
+    return last
+
+
+def module_figures(entries, names) -> list[str]:
+    """Of `names`, those an evaluate module among `entries` computes (`<module>.<key>`), in order."""
+    prefixes = tuple(f"{module_name(e)}." for e in evaluate_modules(entries))
+    return [n for n in names if prefixes and n.startswith(prefixes)]
+
+
+def recorded_module_figures(*sections) -> list[str]:
+    """The evaluate modules' figures (`<module>.<key>`, numbers) that any of the metrics.json sections holds, in
+    order of first appearance."""
+    order: dict[str, None] = {}
+    for section in sections:
+        for key, value in (section.items() if isinstance(section, dict) else ()):
+            if "." in key and key not in METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                order.setdefault(key, None)
+    return list(order)
+
+
+def needs_predictions(entries) -> bool:
+    """Whether evaluation.metrics asks for anything beyond the loss: then the model answers every row."""
+    return any(e != "loss" for e in entries)
 
 
 def higher_is_better(name: str) -> bool:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ift.errors import IftError, IftErrors
-from ift.metrics import computed_by
+from ift.metrics import FAMILIES, computed_by, evaluate_modules, module_figures, module_name
 
 SPLITS = ("train", "validation", "test")
 # Keys that hold secrets: refused in recipes, so a resolved recipe written to a run folder never leaks one.
@@ -225,7 +225,9 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    metrics: list[Literal["loss", "accuracy", "rouge"]] = ["loss", "accuracy"]
+    # loss, accuracy, rouge, or any `evaluate` module for generated answers: a Hub id (sacrebleu, chrf,
+    # bertscore) or a local module file / folder; its figures are recorded as <module>.<key>
+    metrics: list[str] = ["loss", "accuracy"]
     accuracy_mode: Literal["auto", "rank", "generate"] = "auto"  # auto: rank where rows have choices
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -233,6 +235,31 @@ class EvaluationConfig(_Section):
     test: bool = True  # evaluate the test split when training ends
     compare_base: bool = False  # also evaluate the untuned base model on test
     rouge_use_stemmer: bool = True
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_entries(cls, value: list[str]) -> list[str]:
+        names: dict[str, str] = {}
+        for entry in value:
+            if not entry.strip():
+                raise ValueError("an empty entry; list loss, accuracy, rouge or evaluate modules (e.g. sacrebleu)")
+            if entry in FAMILIES:
+                continue
+            local = entry.endswith(".py") or entry.startswith((".", "/", "~")) or Path(entry).exists()
+            if local and not Path(entry).expanduser().exists():
+                raise ValueError(f"the evaluate module file {entry!r} does not exist (give an existing .py file or "
+                                 "its folder, or a Hub id such as sacrebleu)")
+            name = module_name(entry)
+            if name in FAMILIES:
+                raise ValueError(f"{entry!r} is named like the built-in {name}; use {name} (ift's own), or copy the "
+                                 "module to a file of another name")
+            if name in names:
+                raise ValueError(f"{entry!r} and {names[name]!r} would both record figures named "
+                                 f"{name}.*; keep one")
+            names[name] = entry
+        if len(set(value)) != len(value):
+            raise ValueError("list each metric once")
+        return value
 
 
 class HubConfig(_Section):
@@ -340,9 +367,11 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
                     "use training.mixed_precision: bf16 or model.dtype: float32"))
     metric = t.metric_for_best_model.removeprefix("validation.")
     known = {"loss", *computed_by(e.metrics)}
-    if metric not in known:
+    if metric not in known and not module_figures(e.metrics, [metric]):
         out.append(("training.metric_for_best_model", f"'{t.metric_for_best_model}' is not among the computed metrics",
-                    f"use one of {sorted(known)} or add it to evaluation.metrics"))
+                    f"use one of {sorted(known)}"
+                    + "".join(f", {module_name(m)}.<key>" for m in evaluate_modules(e.metrics))
+                    + " or add it to evaluation.metrics"))
     if t.early_stopping_patience and "loss" not in e.metrics and metric == "loss":
         out.append(("training.early_stopping_patience", "early stopping on loss but loss is not evaluated",
                     "add loss to evaluation.metrics"))

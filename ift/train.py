@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 from ift import atomic
 from ift.errors import IftError
-from ift.metrics import higher_is_better
+from ift.metrics import higher_is_better, needs_predictions
 from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 from ift.training.precision import precision_record
@@ -222,6 +222,9 @@ class FineTune:
                                                      "chat": self.chat.as_dict()})
             self.tokenizer.save_pretrained(self.rd.tokenizer)
         _check_sharded_evaluation(acc, self.recipe)
+        from ift.evaluation.modules import load_modules
+
+        load_modules(self.recipe.evaluation.metrics)  # an evaluate module that cannot load stops the run here
         if self.main and acc.log_with:
             acc.init_trackers("ift", config=_flat_config(self.recipe))
         self.stop_requested = _install_signal_handlers()
@@ -365,7 +368,7 @@ class FineTune:
         ev = self.recipe.evaluation
         if "loss" in ev.metrics:
             metrics["loss"] = mean_loss(self.accelerator, self.loss_model, loader)
-        if "accuracy" in ev.metrics or "rouge" in ev.metrics:
+        if needs_predictions(ev.metrics):  # accuracy, ROUGE, evaluate modules
             from ift.evaluation.evaluate import evaluate
 
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
@@ -638,7 +641,7 @@ def _check_sharded_evaluation(accelerator, recipe: Recipe) -> None:
     """Generation-based metrics need local forwards: FSDP2 (see full_weights) gives them, FSDP1/ZeRO-3 do not."""
     from accelerate.utils import DistributedType
 
-    if not ({"accuracy", "rouge"} & set(recipe.evaluation.metrics)):
+    if not needs_predictions(recipe.evaluation.metrics):
         return
     fsdp1 = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)

@@ -285,8 +285,8 @@ def test_evaluate_rejects_bad_rows_and_settings(tiny_tokenizer, tiny_llama):
         ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [], cfg)
     with pytest.raises(IftError, match="has a target"):
         ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [{**row, "completion": ""}], cfg)
-    with pytest.raises(IftError, match="unknown metric"):
-        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [row], EvaluationConfig.model_construct(metrics=["bleu"]))
+    with pytest.raises(IftError, match="cannot load the evaluate module 'ift-no-such-metric'"):
+        ev.evaluate(tiny_llama, tiny_tokenizer, "causal", [row], EvaluationConfig(metrics=["ift-no-such-metric"]))
     with pytest.raises(IftError, match="cannot generate"):
         ev.evaluate(tiny_llama.model, tiny_tokenizer, "causal", [{**row, "choices": []}], cfg)
 
@@ -614,7 +614,7 @@ def test_cli_errors_exit_2(case, message, capsys, tmp_path, run_dir, fake_loadin
     elif case == "no_final":
         args = [run_dir]
     elif case == "bad_override":
-        args = [run_dir, "evaluation.metrics=[bleu]", "--base"]
+        args = [run_dir, "evaluation.accuracy_mode=sometimes", "--base"]
     elif case == "compare_no_base":
         RunDir(run_dir).record_training(history=[], test={"accuracy": 0.5})
         args = ["--compare", run_dir]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ift.errors import IftError
-from ift.metrics import SCORES
+from ift.metrics import SCORES, recorded_module_figures
 
 COMPARED = tuple(m for m in SCORES if m != "accuracy_norm")
 
@@ -18,11 +18,11 @@ def fmt(value: Any) -> str:
 def compare_table(base: dict, tuned: dict) -> list[dict]:
     """Rows (metric, base, fine-tuned, delta) for the metrics either side has; None where one is missing.
 
-    After the registry's scores come each answer choice's F1 (`per_class.<label>.f1`, labels of the fine-tuned
+    After the registry's scores come the evaluate modules' figures, then each answer choice's F1 (`per_class.<label>.f1`, labels of the fine-tuned
     side first), where either side has per-class figures.
     """
     rows = []
-    for name in COMPARED:
+    for name in (*COMPARED, *recorded_module_figures(tuned, base)):
         rows.append(_row(name, base.get(name), tuned.get(name)))
     for label in per_class_labels(base, tuned):
         rows.append(_row(f"per_class.{label}.f1", _class_f1(base, label), _class_f1(tuned, label)))

@@ -19,7 +19,8 @@ from ift import atomic
 from ift.errors import IftError
 from ift.evaluation.classification import figures_of, row_labels
 from ift.evaluation.decoding import check_can_generate, generate
-from ift.metrics import FAMILIES
+from ift.metrics import FAMILIES, evaluate_modules
+from ift.evaluation.modules import load_modules, module_scores
 from ift.evaluation.plumbing import _check_kind
 from ift.evaluation.scoring import score_choices
 from ift.evaluation.text_metrics import ROUGE_KEYS, _rouge_per_pair, normalize_answer
@@ -86,17 +87,17 @@ def _target(row: dict) -> str:
 
 
 def _check_metrics(cfg: EvaluationConfig) -> None:
-    unknown = [m for m in cfg.metrics if m not in KNOWN_METRICS]
-    if unknown:
-        raise IftError(f"unknown metric(s) {', '.join(map(repr, unknown))}", "evaluation.metrics",
-                       f"use any of {', '.join(KNOWN_METRICS)}")
+    """Every entry other than loss / accuracy / rouge is an evaluate module: loaded now, before any prediction."""
+    load_modules(cfg.metrics)
 
 
 def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, chat_template: bool,
              batch_size: int, desc: str | None, offset: int = 0) -> list[dict]:
     """One prediction dict per row with a target, in row order."""
     rows = [r for r in rows if _target(r)]
-    want_acc, want_rouge = "accuracy" in cfg.metrics, "rouge" in cfg.metrics
+    want_acc = "accuracy" in cfg.metrics
+    # ROUGE and evaluate modules score generated text
+    want_rouge = "rouge" in cfg.metrics or bool(evaluate_modules(cfg.metrics))
     # conversations are answered, not ranked: the reply to the last user turn, given the history
     rank = [i for i, r in enumerate(rows)
             if want_acc and cfg.accuracy_mode in ("auto", "rank") and r.get("choices") and not r.get("messages")]
@@ -175,18 +176,20 @@ def summarize(predictions: list[dict], cfg: EvaluationConfig) -> dict:
                                     [predictions[i]["target"] for i in gen], cfg.rouge_use_stemmer)
             rouge_of = {i: {k: pairs[k][n] for k in ROUGE_KEYS} for n, i in enumerate(gen)}
     labels_of = row_labels(predictions) if "accuracy" in cfg.metrics else {}
+    modules = load_modules(cfg.metrics)
     everything = list(range(len(predictions)))
-    metrics = _figures(predictions, everything, rouge_of, labels_of)
+    metrics = _figures(predictions, everything, rouge_of, labels_of, modules)
     for key, name in (("source", "by_source"), ("template", "by_template")):
         groups: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(predictions):
             groups[p[key]].append(i)
-        metrics[name] = {g: _figures(predictions, idx, rouge_of, labels_of) for g, idx in sorted(groups.items())}
+        metrics[name] = {g: _figures(predictions, idx, rouge_of, labels_of, modules)
+                         for g, idx in sorted(groups.items())}
     return metrics
 
 
 def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[str, float]],
-             labels_of: dict) -> dict:
+             labels_of: dict, modules: dict) -> dict:
     out: dict[str, Any] = {}
     correct = [predictions[i]["correct"] for i in idx if predictions[i]["correct"] is not None]
     if correct:
@@ -201,6 +204,8 @@ def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[s
     scored = [rouge_of[i] for i in idx if i in rouge_of]
     for k in ROUGE_KEYS if scored else ():
         out[k] = sum(s[k] for s in scored) / len(scored)
+    generated = [predictions[i] for i in idx if predictions[i]["mode"] == "generate"]
+    out.update(module_scores(modules, [p["prediction"] for p in generated], [p["target"] for p in generated]))
     out["n"] = len(idx)
     return out
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ift import atomic
 from ift.errors import IftError
 from ift.locations import looks_like_hub_id
-from ift.metrics import METRICS, SCORES
+from ift.metrics import METRICS, SCORES, recorded_module_figures
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
 
 if TYPE_CHECKING:
@@ -477,19 +477,24 @@ def _results_section(f: _Facts) -> str:
     base = (f.metrics.get("base") or {}).get("test") or {}
     if not (test or val or base):
         return "## Results\n\nNo evaluation results were recorded for this run.\n"
-    lines = ["## Results\n", "All scores on a 0–1 scale. Accuracy ranks the answer choices by log-likelihood "
-             "where a template has them, else compares the greedy generation; macro-F1 and balanced accuracy average each answer choice's F1 and "
-             "recall over the ranked rows (equal to scikit-learn's); ROUGE is the mean F-measure "
+    modules = recorded_module_figures(test, base, val)
+    scale = ("All scores on a 0–1 scale, except those of `evaluate` modules (marked, on the module's own scale, "
+             "computed on the generated answers). " if modules else "All scores on a 0–1 scale. ")
+    lines = ["## Results\n", scale + "Accuracy ranks the answer choices by log-likelihood "
+             "where a template has them, else compares the greedy generation; macro-F1 and balanced accuracy "
+             "average each answer choice's F1 and recall over the ranked rows (equal to scikit-learn's); ROUGE is "
+             "the mean F-measure "
              "(ROUGE-Lsum with one sentence per line) over rouge_score's tokens widened to every script: words of "
              "letters, digits and combining marks, one token per character in Chinese, Japanese and Thai, the Porter "
              "stemmer on English words. The metadata (model-index) lists this model's test "
              "scores per source; the base model's are in this table only.\n",
              "| metric | base model (test) | fine-tuned (test) | change | fine-tuned (validation) |",
              "|---|---:|---:|---:|---:|"]
-    for metric in TABLE_METRICS:
+    for metric in (*TABLE_METRICS, *modules):
         b, t, v = _number(base.get(metric)), _number(test.get(metric)), _number(val.get(metric))
         change = f"{t - b:+.3f}" if b is not None and t is not None else MISSING
-        lines.append(f"| {METRIC_NAMES[metric]} | {_fmt(b)} | {_fmt(t)} | {change} | {_fmt(v)} |")
+        name = METRIC_NAMES.get(metric) or f"`{metric}` (evaluate)"
+        lines.append(f"| {name} | {_fmt(b)} | {_fmt(t)} | {change} | {_fmt(v)} |")
     lines.append("")
     for key, label in (("by_source", "source"), ("by_template", "template")):
         table = _breakdown(test.get(key), label)
@@ -568,10 +573,11 @@ def _breakdown(groups: Any, label: str) -> str | None:
     if not isinstance(groups, dict) or not groups:
         return None
     rows = {k: v for k, v in groups.items() if isinstance(v, dict)}
-    metrics = [m for m in ("accuracy", *TABLE_METRICS[1:]) if any(_number(v.get(m)) is not None for v in rows.values())]
+    metrics = [m for m in ("accuracy", *TABLE_METRICS[1:], *recorded_module_figures(*rows.values()))
+               if any(_number(v.get(m)) is not None for v in rows.values())]
     if not metrics:
         return None
-    lines = [f"| {label} | rows | " + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
+    lines = [f"| {label} | rows | " + " | ".join(METRIC_NAMES.get(m) or f"`{m}`" for m in metrics) + " |",
              "|---|---:|" + "---:|" * len(metrics)]
     for name, values in rows.items():
         n = values.get("n")
