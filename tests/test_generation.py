@@ -450,3 +450,137 @@ def test_messages_need_a_chat_template_for_several_turns(template_target):
     with pytest.raises(IftError, match="no chat template"):
         row_messages({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                    {"role": "user", "content": "c"}]}, template_target.format, "line 1")
+
+
+# ------------------------------------------------------------------------------------------- tools and reasoning
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+# CHAT_TEMPLATE with a tools block in the system turn (the tiny tokenizer's own tokens)
+TOOLS_TEMPLATE = (
+    "<s>system\nYou are tiny.{% if tools %} Tools:{% for t in tools %} {{ t | tojson }}{% endfor %}{% endif %}</s>\n"
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_tools_file_is_read_and_checked(tmp_path):
+    from ift.inference.tools import read_tools
+
+    good = tmp_path / "tools.json"
+    good.write_text(json.dumps({"tools": [WEATHER_TOOLS[0]["function"]]}))
+    assert read_tools(good) == WEATHER_TOOLS  # a bare schema becomes {"type": "function", "function": ...}
+    for text, expect in (("[{", "not valid JSON"), ("[]", "lists no tools"), ('[{"parameters": {}}]', "no function name"),
+                         ('"get_weather"', "not valid JSON")):
+        good.write_text(text)
+        with pytest.raises(IftError, match=expect) as err:
+            read_tools(good)
+        assert str(good) in str(err.value)
+
+
+@pytest.mark.parametrize("text, content, reasoning, calls", [
+    ('<think>\nneed it\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "", "need it", [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "",
+     None, [{"name": "get_weather", "arguments": {"city": "Paris"}}]),  # Llama-3.1's form
+    ("adding\n</think>\n\nIt is 4.", "It is 4.", "adding", []),  # the generation prompt opened the block
+    ("<tool_call>\n{broken</tool_call>", "", None, [{"name": None, "arguments": None, "text": "{broken"}]),
+    ("Plain answer.", "Plain answer.", None, []),
+])
+def test_replies_read_back_into_reasoning_answer_and_calls(text, content, reasoning, calls):
+    from ift.inference.tools import parse_reply
+
+    reply = parse_reply(text)
+    assert (reply.content, reply.reasoning, reply.tool_calls) == (content, reasoning, calls)
+    # a JSON answer is only a call where the prompt had tools
+    assert parse_reply('{"name": "x", "parameters": {}}', bare_json=False).tool_calls == []
+
+
+def test_call_exact_match_and_argument_f1():
+    from ift.inference.tools import argument_f1, calls_match
+
+    ref = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]
+    same = [{"name": "get_weather", "arguments": {"days": 2, "city": "Paris"}}]  # key order and form do not matter
+    assert calls_match(same, ref) and argument_f1(same, ref) == 1.0
+    wrong_value = [{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}]  # "2" is not 2 in JSON
+    assert not calls_match(wrong_value, ref) and argument_f1(wrong_value, ref) == pytest.approx(0.5)
+    extra = same + [{"name": "get_time", "arguments": {}}]
+    assert not calls_match(extra, ref) and argument_f1(extra, ref) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert not calls_match([], ref) and argument_f1([], ref) == 0.0
+    assert calls_match([], []) and argument_f1([], []) == 1.0
+    assert calls_match(same + ref, ref + same)  # the same calls in another order
+
+
+def test_tools_reach_the_prompt_and_answers_keep_calls_apart(tmp_path):
+    from ift.inference.batch import _answer
+    from ift.inference.prompts import PromptFormat
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    fmt = PromptFormat(chat_template=True, tools=WEATHER_TOOLS)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    expected = tok.apply_chat_template(messages, tools=WEATHER_TOOLS, tokenize=False, add_generation_prompt=True)
+    assert "get_weather" in expected
+    assert fmt.encode(tok, messages) == tok(expected, add_special_tokens=False)["input_ids"]
+    # a conversation that goes on after the call: the tool's result is the turn the model answers
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "21 C"}]
+    assert fmt.encode(tok, history)
+    out = _answer({"prompt": "p"}, "prediction", '<think>\nhm\n</think>\n\n{"name": "get_weather", "parameters": {}}',
+                  tools=True)
+    assert out == {"prompt": "p", "prediction": "", "reasoning": "hm",
+                   "tool_calls": [{"name": "get_weather", "arguments": {}}]}
+    assert _answer({"prompt": "p"}, "prediction", "It is 21 C.", tools=True) == {"prompt": "p",
+                                                                                 "prediction": "It is 21 C."}
+
+
+def test_stream_shows_reasoning_apart_from_the_answer():
+    from ift.inference.chat import TextStream, shown
+
+    tok = build_tiny_tokenizer()
+    tok.add_tokens(["<think>", "</think>"])  # added, not special: decoding keeps them, as Qwen3's vocabulary does
+    for text, opened in (("<think>\nweigh it up\n</think>\n\nIt is positive.", False),
+                         ("weigh it up\n</think>\n\nIt is positive.", True)):
+        ids = tok(text, add_special_tokens=False)["input_ids"]  # each tag one token, "<th" never on screen alone
+        chunks: list[str] = []
+        stream = TextStream(tok, chunks.append)
+        stream.thinking = opened
+        for t in ids:
+            stream.add(t)
+        stream.finish()
+        assert "".join(chunks) == shown(("<think>" if opened else "") + text) == \
+            "(thinking) weigh it up\n\n(answer) It is positive."
+
+
+def test_generate_and_chat_take_a_tools_file(tmp_path, chat_run, capsys):
+    from conftest import build_tiny_llama
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(WEATHER_TOOLS))
+    # the run's template has no tools block: refused, not silently ignored
+    assert main(["generate", str(chat_run), "--prompt", "hi", "--tools", str(tools)]) == 2
+    assert "does not render tools" in _error_line(capsys)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    assert main(["chat", str(chat_run), "--tools", str(bad)]) == 2
+    assert "not valid JSON" in _error_line(capsys)
+    # a model whose template takes tools: the answer comes back with the tools in its prompt
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    model_dir = tmp_path / "model"
+    build_tiny_llama(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    assert main(["generate", str(model_dir), "--prompt", "Weather in Paris?", "--tools", str(tools),
+                 "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    from ift.evaluation.decoding import Decoding
+    from ift.inference.batch import generate_rows
+    from ift.inference.prompts import PromptRow
+    from ift.inference.target import resolve_target
+
+    target = resolve_target(str(model_dir))
+    target.use_tools(WEATHER_TOOLS)
+    row = PromptRow(1, {"prompt": "Weather in Paris?"}, [{"role": "user", "content": "Weather in Paris?"}])
+    assert "get_weather" in target.tokenizer.decode(target.format.encode(target.tokenizer, row.messages))
+    [result] = generate_rows(target, [row], Decoding(max_new_tokens=3), show_progress=False)
+    assert printed == result["prediction"]

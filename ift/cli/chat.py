@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_decoding_options(p: argparse.ArgumentParser, max_new_default: int) -> None:
@@ -28,6 +29,9 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                         "chat template uses its own template; a chat-template run takes your text as it is)")
     p.add_argument("--raw", action="store_true", help="give the model the text as it is: no chat template, no template")
     p.add_argument("--system", metavar="TEXT", help="system prompt (chat-template formats only)")
+    p.add_argument("--tools", type=Path, metavar="FILE.json",
+                   help="function schemas (a JSON list) handed to the chat template; calls in the answer are shown "
+                        "(and, in generate, written as tool_calls)")
 
 
 def decoding_from(args: argparse.Namespace):
@@ -54,9 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from ift.inference.chat import ChatSession, chat_loop
     from ift.inference.target import resolve_target
 
+    from ift.inference.tools import read_tools
+
     decoding = decoding_from(args)  # option mistakes before the model loads
+    tools = read_tools(args.tools) if args.tools else None
     target = resolve_target(args.target, base=args.base, template=args.template, raw=args.raw)
     target.check_system(args.system)
+    target.use_tools(tools)
     session = ChatSession(target, decoding, system=args.system)
     if sys.stdin.isatty():
         try:

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ift.inference.batch import generate_rows, write_jsonl
     from ift.inference.prompts import PromptRow, read_records, to_rows
     from ift.inference.target import resolve_target
+    from ift.inference.tools import read_tools
 
     decoding = decoding_from(args)
     if args.input is None and args.prompt is None:
@@ -56,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
         records = [(1, {"prompt": args.prompt})]
     else:
         records = read_records(args.input, field_name=args.field)  # input mistakes before the model loads
+    tools = read_tools(args.tools) if args.tools else None
     target = resolve_target(args.target, base=args.base, template=args.template, raw=args.raw)
     target.check_system(args.system)
+    target.use_tools(tools)
     rows: list[PromptRow] = to_rows(records, target.format, source=str(args.input or "--prompt"), system=args.system)
     results = generate_rows(target, rows, decoding, batch_size=args.batch_size, field_name=args.field)
     if args.output is not None:

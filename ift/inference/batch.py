@@ -29,7 +29,23 @@ def generate_rows(target: Target, rows: Sequence[PromptRow], decoding: Decoding,
     with tqdm(total=len(rows), desc="generate", unit="prompt", disable=None if show_progress is None
               else not show_progress, leave=False, file=sys.stderr) as bar:
         gens = decode(target.model, tok, target.kind, encoded, decoding, batch_size=batch_size, progress=bar.update)
-    return [{**r.record, field_name: text_of(tok, g.ids)} for r, g in zip(rows, gens)]
+    return [_answer(r.record, field_name, text_of(tok, g.ids), bool(target.format.tools)) for r, g in zip(rows, gens)]
+
+
+def _answer(record: dict, field_name: str, text: str, tools: bool) -> dict:
+    """The record with the answer; reasoning apart (``reasoning``) and, when the prompt had tools, the calls the
+    answer makes (``tool_calls``), the answer field keeping the reply's text without them."""
+    from ift.inference.tools import parse_reply
+
+    reply = parse_reply(text, bare_json=tools)
+    if reply.reasoning is None and not reply.tool_calls:
+        return {**record, field_name: text}
+    out = {**record, field_name: reply.content}
+    if reply.reasoning is not None:
+        out["reasoning"] = reply.reasoning
+    if reply.tool_calls:
+        out["tool_calls"] = reply.tool_calls
+    return out
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> Path:

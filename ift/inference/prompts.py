@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ift.recipe import Recipe
     from ift.templates.template import Template
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # -------------------------------------------------------------------------------------------- prompt format
@@ -35,6 +35,7 @@ class PromptFormat:
     template: Template | None = None  # the prompt part of a promptsource template, filled from the user's text
     fields: tuple[str, ...] = ()  # the row fields that prompt part reads
     origin: str = ""  # where the format comes from, for messages
+    tools: list[dict] | None = None  # function schemas handed to the chat template (--tools FILE)
 
     @property
     def multi_turn(self) -> bool:
@@ -45,6 +46,8 @@ class PromptFormat:
         if self.template is not None:
             parts.append(f"promptsource template {self.template.ref} (your text fills "
                          f"{', '.join(self.fields) or 'nothing: it reads no field'})")
+        if self.tools:
+            parts.append(f"tools {', '.join(t['function']['name'] for t in self.tools)}")
         return " + ".join(parts) + (f", from {self.origin}" if self.origin else "")
 
     def fill(self, text_or_row: str | dict, where: str | None = None) -> str:
@@ -80,7 +83,8 @@ class PromptFormat:
     def messages_text(self, tokenizer, messages: Sequence[dict]) -> str:
         """The text the model reads before its answer, for a conversation ending with a user turn."""
         if self.chat_template:
-            return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                                 tools=self.tools or None)
         return messages[-1]["content"]
 
     def encode(self, tokenizer, messages: Sequence[dict], where: str | None = None) -> list[int]:
@@ -95,7 +99,7 @@ class PromptFormat:
         if not self.chat_template and len(messages) > 1:
             raise IftError("this prompt format has no place for several turns or a system message", where,
                            "the run trained without a chat template: give one prompt (a single user turn)")
-        if len(messages) == 1:
+        if len(messages) == 1 and not self.tools:
             ids = encode_pairs(tokenizer, self.kind, [messages[0]["content"]], [""], chat_template=self.chat_template,
                                add_eos=False)[0][0]
         else:
@@ -122,12 +126,14 @@ def _check_messages(messages: Sequence[Any], where: str | None) -> None:
         raise IftError("messages must be a non-empty list", where,
                        'give [{"role": "user", "content": "..."}] (the last turn is the user\'s)')
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise IftError(f"message {k} is not a {{role, content}} object with role system, user or assistant",
-                           where, 'e.g. {"role": "user", "content": "Hello"}')
-    if messages[-1]["role"] != "user":
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+            raise IftError(f"message {k} is not a {{role, content}} object with role system, user, assistant or "
+                           "tool", where, 'e.g. {"role": "user", "content": "Hello"}')
+    if messages[-1]["role"] not in ("user", "tool"):
         raise IftError(f"the last message is the {messages[-1]['role']}'s, not the user's", where,
-                       "end the conversation with the user turn the model should answer")
+                       "end the conversation with the user turn (or the tool result) the model should answer")
 
 
 def template_prompt(tpl: Template) -> tuple[Template, tuple[str, ...]]:

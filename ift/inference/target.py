@@ -9,6 +9,7 @@ Decoding is `ift.evaluation.decoding`'s engine, the one evaluation runs, so gree
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,19 @@ class Target:
     @property
     def kind(self) -> str:
         return self.loaded.kind
+
+    def use_tools(self, tools: list[dict] | None) -> None:
+        """Hand `tools` (function schemas, ``ift.inference.tools.read_tools``) to the chat template of every prompt."""
+        if not tools:
+            return
+        if not self.format.chat_template:
+            raise IftError("tools need a chat template, and this prompt format has none", "--tools",
+                           "use a run trained in a chat template (or a model whose tokenizer has one), without --raw")
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        if "tools" not in (template if isinstance(template, str) else str(template)):
+            raise IftError("the chat template does not render tools", "--tools",
+                           "use a model whose chat template takes tools (e.g. Qwen2.5, Qwen3, Llama-3.1)")
+        self.format = dataclasses.replace(self.format, tools=list(tools))
 
     def check_system(self, system: str | None) -> None:
         """A system prompt needs a chat template to go in."""
