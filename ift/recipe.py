@@ -235,6 +235,24 @@ class EvaluationConfig(_Section):
     test: bool = True  # evaluate the test split when training ends
     compare_base: bool = False  # also evaluate the untuned base model on test
     rouge_use_stemmer: bool = True
+    # lm-eval task names or task YAML files (local data), run on the base and the fine-tuned model when training
+    # ends (ift eval RUN --benchmarks runs them on a finished run); needs ift[benchmarks]
+    benchmarks: list[str] = []
+    benchmark_limit: int | None = Field(None, ge=1)  # rows per task (lm-eval's limit); None: every row
+    benchmark_num_fewshot: int | None = Field(None, ge=0)  # None: each task's own setting
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmark_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry.strip():
+                raise ValueError("an empty entry; list lm-eval task names or task YAML files")
+            if entry.endswith((".yaml", ".yml")) and not Path(entry).is_file():
+                raise ValueError(f"the task file {entry!r} does not exist (give an lm-eval task name or an "
+                                 "existing task YAML file)")
+        if len(set(value)) != len(value):
+            raise ValueError("list each task once")
+        return value
 
     @field_validator("metrics")
     @classmethod

@@ -483,6 +483,8 @@ class FineTune:
                 record = self._record(r, len(test_rows))
                 target = sections if r["model"] == "fine-tuned" else sections.setdefault("base", {})
                 target["test"] = {**r["metrics"], "record": record["id"]}
+            if recipe.evaluation.benchmarks:
+                sections["benchmarks"] = _benchmarks(acc, unwrapped, self.loaded, recipe, self.tokenizer, self.say)
             rd.record_training(history=progress.history, best=_best(progress), **sections)
             _finish_outputs(self.run_dir, recipe, self.library)
             if recipe.hub.push and recipe.hub.push_dataset:
@@ -684,6 +686,22 @@ def _base_test(accelerator, model, loaded, recipe: Recipe, rows, tokenizer) -> t
                                        chat_template=recipe.data.wraps_pairs, desc="base test")
     accelerator.print("base test: " + ", ".join(f"{k} {v:.4f}" for k, v in _headline(scores).items()))
     return scores, predictions
+
+
+def _benchmarks(accelerator, model, loaded, recipe: Recipe, tokenizer, say) -> dict | None:
+    """evaluation.benchmarks on the final weights and the base (ift.evaluation.benchmarks), under the test's
+    autocast; lm-eval runs an in-memory model in one process, so a run of several leaves it to `ift eval`."""
+    from ift.evaluation.benchmarks import base_and_fine_tuned
+    from ift.modeling.loading import load
+    from ift.recipe import AdapterConfig
+
+    if accelerator.num_processes > 1:
+        say(f"note: benchmarks run in one process: `ift eval {recipe.training.output_dir} --benchmarks` runs them")
+        return None
+    with accelerator.autocast():
+        return base_and_fine_tuned(
+            model, tokenizer, loaded.kind, recipe.evaluation, say=say,
+            load_base=lambda: load(recipe.model, AdapterConfig(), tokenizer=tokenizer).model.to(accelerator.device))
 
 
 def _headline(metrics: dict) -> dict:

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive, metavar="N", help="rows per forward pass (default: recipe)")
     p.add_argument("--compare", nargs="?", const="", metavar="RUN_DIR",
                    help="print base vs fine-tuned from RUN_DIR/metrics.json (no evaluation)")
+    p.add_argument("--benchmarks", nargs="*", metavar="TASK",
+                   help="run lm-eval tasks (names or task YAML files; none given: the recipe's "
+                        "evaluation.benchmarks) on the base and the fine-tuned model with identical settings; "
+                        "--limit caps the rows per task; writes metrics.json's benchmarks section")
     p.set_defaults(func=run)
 
 
@@ -55,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.target:
         raise IftError("no run directory or recipe given", "ift eval", "ift eval runs/my-run [--split test] [--base]")
+    if args.benchmarks is not None:
+        return run_benchmarks(args)
     recipe, run_dir, tuned = resolve(Path(args.target), args.overrides, args.base)
     rows = load_rows(recipe, args.split)  # data problems surface before a model loads
     loaded = load_model(recipe, run_dir, tuned)
@@ -89,6 +95,42 @@ def run(args: argparse.Namespace) -> int:
                                predictions=pred_path, by="ift-eval")
     _print_metrics(label, metrics, seconds)
     print(f"wrote evaluation record {record['id']} to {rd.metrics_file} and {pred_path}")
+    return 0
+
+
+def run_benchmarks(args: argparse.Namespace) -> int:
+    """lm-eval tasks on a finished run's fine-tuned model and its base; the section replaces the previous one."""
+    from ift.evaluation.benchmarks import base_and_fine_tuned
+    from ift.evaluation.compare import print_benchmarks
+    from ift.run import RunDir
+    from ift.training.precision import evaluation_autocast, runnable_precision
+
+    if args.base:
+        raise IftError("--benchmarks runs both models; --base does not apply", "ift eval",
+                       f"ift eval {args.target} --benchmarks [TASK ...]")
+    recipe, run_dir, _ = resolve(Path(args.target), args.overrides, False)
+    entries = list(args.benchmarks) or list(recipe.evaluation.benchmarks)
+    if not entries:
+        raise IftError("no benchmarks to run", "evaluation.benchmarks",
+                       "name lm-eval tasks or task YAML files after --benchmarks, or list them in the recipe")
+    # the task files are checked where they are read (ift.evaluation.benchmarks.run_tasks)
+    cfg = recipe.evaluation.model_copy(update={
+        "benchmarks": entries, "benchmark_limit": args.limit or recipe.evaluation.benchmark_limit,
+        "batch_size": args.batch_size or recipe.evaluation.batch_size})
+    loaded = load_model(recipe, run_dir, True)
+    device = next(loaded.model.parameters()).device.type
+    recipe, why = runnable_precision(recipe, device)
+    if why:
+        print(f"note: {why}: evaluating without autocast", flush=True)
+    with evaluation_autocast(recipe.training.mixed_precision, device):
+        section = base_and_fine_tuned(loaded.model, loaded.tokenizer, loaded.kind, cfg,
+                                      load_base=lambda: load_model(recipe, run_dir, False).model)
+    rd = RunDir(run_dir)
+    data = rd.metrics() if rd.metrics_file.is_file() else {}
+    data["benchmarks"] = section
+    rd.write_json(rd.metrics_file, data)
+    print_benchmarks(run_dir)
+    print(f"wrote the benchmarks section of {rd.metrics_file}")
     return 0
 
 

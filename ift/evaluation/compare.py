@@ -83,6 +83,7 @@ def print_compare(run_dir: Path, split: str) -> None:
         table.add_row(r["metric"], fmt(r["base"]), fmt(r["fine-tuned"]), delta)
     console = Console()
     console.print(table)
+    print_benchmarks(run_dir, console)
     for side, figures in (("base", base), ("fine-tuned", tuned)):
         cm = figures.get("confusion_matrix")
         if isinstance(cm, dict) and cm.get("labels"):
@@ -99,3 +100,27 @@ def confusion_table(cm: dict, title: str):
     for label, row in zip(cm["labels"], cm["matrix"]):
         table.add_row(str(label), *map(str, row))
     return table
+
+
+def print_benchmarks(run_dir: Path, console=None) -> bool:
+    """The run's `benchmarks` section (base → fine-tuned per lm-eval task), if it has one; whether it had."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ift.evaluation.benchmarks import fmt_value, rows
+    from ift.run import RunDir
+
+    rd = RunDir(run_dir)
+    section = rd.metrics().get("benchmarks") if rd.metrics_file.is_file() else None
+    found = rows(section)
+    if not found:
+        return False
+    table = Table(title=f"{run_dir} — benchmarks (lm-eval): base vs fine-tuned, ± the harness's standard error")
+    for col in ("task", "metric", "n", "base", "fine-tuned", "delta"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for r in found:
+        delta = "—" if r["delta"] is None else f"{r['delta']:+.4f}"
+        table.add_row(r["task"], r["metric"], fmt(r["n"]), fmt_value(r["base"], r["base_stderr"]),
+                      fmt_value(r["fine-tuned"], r["fine-tuned_stderr"]), delta)
+    (console or Console()).print(table)
+    return True

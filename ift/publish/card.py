@@ -501,6 +501,7 @@ def _results_section(f: _Facts) -> str:
         if table:
             lines += [f"Fine-tuned, test split, by {label}:\n", table]
     lines += _classes_section(f, test or val, base, "test" if test else "validation")
+    lines += _benchmarks_section(f.metrics.get("benchmarks"))
     best = f.metrics.get("best")
     if isinstance(best, dict) and best.get("step") is not None:
         lines.append(f"The weights are those of the best validation checkpoint (step {best['step']}, "
@@ -543,6 +544,27 @@ def _classes_section(f: _Facts, tuned: dict, base: dict, split: str) -> list[str
     if (f.run_dir / "plots" / "confusion_matrix.png").exists():
         lines.append("![confusion matrix](plots/confusion_matrix.png)\n")
     return lines
+
+
+def _benchmarks_section(section: Any) -> list[str]:
+    """lm-eval tasks on the base and the fine-tuned model (evaluation.benchmarks): what fine-tuning cost elsewhere."""
+    from ift.evaluation.benchmarks import fmt_value, rows
+
+    found = rows(section)
+    if not found:
+        return []
+    s = section.get("settings") or {}
+    shots = "each task's own number of" if s.get("num_fewshot") is None else str(s.get("num_fewshot"))
+    limit = f", at most {s['limit']} rows per task" if s.get("limit") else ""
+    lines = [f"Benchmarks run with lm-evaluation-harness {s.get('lm_eval') or ''} on both models with identical "
+             f"settings ({shots} few-shot examples{limit}); ± is the harness's standard error:\n",
+             "| task | metric | rows | base model | fine-tuned | change |", "|---|---|---:|---:|---:|---:|"]
+    for r in found:
+        change = f"{r['delta']:+.3f}" if isinstance(r["delta"], (int, float)) else MISSING
+        lines.append(f"| {_cell(r['task'])} | {_cell(r['metric'])} | {r['n'] if isinstance(r['n'], int) else MISSING} | "
+                     f"{fmt_value(r['base'], r['base_stderr'], 3)} | {fmt_value(r['fine-tuned'], r['fine-tuned_stderr'], 3)} | "
+                     f"{change} |")
+    return lines + [""]
 
 
 def _cell(text: Any) -> str:
