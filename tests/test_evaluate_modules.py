@@ -71,7 +71,8 @@ def test_a_local_module_is_recorded_as_computing_it_directly_on_the_saved_predic
     assert metrics["charmatch.per_pair"] == pytest.approx(sum(direct["per_pair"]) / 2, abs=1e-12)
     assert "charmatch.counts" not in metrics and "charmatch.version" not in metrics
     assert "accuracy" in metrics and "exact_match" not in metrics  # free-form rows: the module, not exact match
-    one = evaluate.load(charmatch).compute(predictions=[generated[0]["prediction"]], references=[generated[0]["target"]])
+    one = evaluate.load(charmatch).compute(predictions=[generated[0]["prediction"]],
+                                           references=[generated[0]["target"]])
     assert metrics["by_source"]["s1"]["charmatch.agreement"] == pytest.approx(one["agreement"], abs=1e-12)
     assert "charmatch.agreement" not in metrics["by_template"]["cls"]
 

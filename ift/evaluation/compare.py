@@ -18,8 +18,8 @@ def fmt(value: Any) -> str:
 def compare_table(base: dict, tuned: dict) -> list[dict]:
     """Rows (metric, base, fine-tuned, delta) for the metrics either side has; None where one is missing.
 
-    After the registry's scores come the evaluate modules' figures, then each answer choice's F1 (`per_class.<label>.f1`, labels of the fine-tuned
-    side first), where either side has per-class figures.
+    After the registry's scores come the evaluate modules' figures, then each answer choice's F1
+    (`per_class.<label>.f1`, labels of the fine-tuned side first), where either side has per-class figures.
     """
     rows = []
     for name in (*COMPARED, *recorded_module_figures(tuned, base)):

@@ -527,8 +527,8 @@ def _classes_section(f: _Facts, tuned: dict, base: dict, split: str) -> list[str
         if not isinstance(v, dict):
             continue
         support = v.get("support")
-        row = (f"| {_cell(label)} | {support if isinstance(support, int) else MISSING} | "
-               f"{_fmt(_number(v.get('precision')))} | {_fmt(_number(v.get('recall')))} | {_fmt(_number(v.get('f1')))} |")
+        figures = " | ".join(_fmt(_number(v.get(k))) for k in ("precision", "recall", "f1"))
+        row = f"| {_cell(label)} | {support if isinstance(support, int) else MISSING} | {figures} |"
         if base_classes:
             b = base_classes.get(label)
             row += f" {_fmt(_number(b.get('f1')) if isinstance(b, dict) else None)} |"
@@ -561,9 +561,10 @@ def _benchmarks_section(section: Any) -> list[str]:
              "| task | metric | rows | base model | fine-tuned | change |", "|---|---|---:|---:|---:|---:|"]
     for r in found:
         change = f"{r['delta']:+.3f}" if isinstance(r["delta"], (int, float)) else MISSING
-        lines.append(f"| {_cell(r['task'])} | {_cell(r['metric'])} | {r['n'] if isinstance(r['n'], int) else MISSING} | "
-                     f"{fmt_value(r['base'], r['base_stderr'], 3)} | {fmt_value(r['fine-tuned'], r['fine-tuned_stderr'], 3)} | "
-                     f"{change} |")
+        n = r["n"] if isinstance(r["n"], int) else MISSING
+        base = fmt_value(r["base"], r["base_stderr"], 3)
+        tuned = fmt_value(r["fine-tuned"], r["fine-tuned_stderr"], 3)
+        lines.append(f"| {_cell(r['task'])} | {_cell(r['metric'])} | {n} | {base} | {tuned} | {change} |")
     return lines + [""]
 
 
