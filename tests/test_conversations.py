@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -700,3 +701,18 @@ def test_masks_equal_trl_assistant_only_loss(name, convo, tools):
     prefill = ("<｜Assistant｜>", "<think>") if name == "deepseek_r1_distill" else ()
     diff = _layout_only_difference(t, ids, ours, theirs, prefill)
     assert len(diff) <= (2 + len(prefill)) * sum(m["role"] == "assistant" for m in convo)
+
+
+def test_chatml_tools_template_trains_calls_and_replies(tok):
+    """ift's own ChatML with tools: the schemas in the system turn, calls as <tool_call> JSON; one row (earlier
+    turns render the same whatever follows), loss on the call and the answer with their <|im_end|>."""
+    text = CHAT_TEMPLATES["chatml_tools"]
+    rows = conv.encode_conversation_rows(tok, CALLING, chat_template=text, tools=WEATHER_TOOLS)
+    assert row_runs(tok, rows) == [[
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 21 C.<|im_end|>"]]
+    full = tok.decode(rows[0].input_ids)
+    assert "<tools>\n" + json.dumps(WEATHER_TOOLS[0]) + "\n</tools>" in full and "<|im_start|>tool\n21 C" in full
+    # without tools it is ChatML
+    plain = encode_conversation(tok, CONVO, chat_template=text)
+    assert tuple(plain) == tuple(encode_conversation(tok, CONVO, chat_template=CHAT_TEMPLATES["chatml"]))

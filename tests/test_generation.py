@@ -584,3 +584,26 @@ def test_generate_and_chat_take_a_tools_file(tmp_path, chat_run, capsys):
     assert "get_weather" in target.tokenizer.decode(target.format.encode(target.tokenizer, row.messages))
     [result] = generate_rows(target, [row], Decoding(max_new_tokens=3), show_progress=False)
     assert printed == result["prediction"]
+
+
+def test_base_of_a_run_answers_in_the_runs_chat_template(tmp_path, chat_run):
+    """A run that trained with a template of its own (a named one or a .jinja file): --base gets it too, not the
+    base tokenizer's (whose template here has no tools block)."""
+    import shutil
+
+    import yaml
+
+    from ift.inference.target import resolve_target
+
+    run = tmp_path / "run"
+    shutil.copytree(chat_run, run)
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["chat_template"] = str(template)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    base = resolve_target(run, base=True)
+    assert base.tokenizer.chat_template == TOOLS_TEMPLATE
+    base.use_tools(WEATHER_TOOLS)
+    ids = base.format.encode(base.tokenizer, [{"role": "user", "content": "Weather?"}])
+    assert "get_weather" in base.tokenizer.decode(ids)

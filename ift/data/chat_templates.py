@@ -35,10 +35,31 @@ CHAT_TEMPLATES = {
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
     ),
+    # ChatML with tools: the schemas in the system turn, each call a <tool_call> JSON block ({"name", "arguments"})
+    # in the assistant turn, tool results in "tool" turns; earlier turns render the same whatever follows
+    "chatml_tools": (
+        "{%- if messages and messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+        "{%- set rest = messages[1:] %}{%- else %}{%- set system = '' %}{%- set rest = messages %}{%- endif %}"
+        "{%- if tools %}{{ '<|im_start|>system\\n' + (system + '\\n\\n' if system else '') }}"
+        "{{ 'You may call these functions. To call one, answer with <tool_call>{\"name\": ..., \"arguments\": "
+        "{...}}</tool_call>.\\n<tools>' }}"
+        "{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{%- endfor %}{{ '\\n</tools><|im_end|>\\n' }}"
+        "{%- elif system %}{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}{%- endif %}"
+        "{%- for m in rest %}"
+        "{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' + (m['content'] or '') }}"
+        "{%- for c in (m['tool_calls'] or []) %}{%- set f = c['function'] if c['function'] is defined else c %}"
+        "{{ ('\\n' if m['content'] or not loop.first else '') + '<tool_call>\\n' + "
+        "({'name': f['name'], 'arguments': f['arguments']} | tojson) + '\\n</tool_call>' }}{%- endfor %}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
 }
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "chatml_tools": "<|im_end|>"}
 TEMPLATE_TOKENS = {  # special tokens a base model's tokenizer needs for each named template
     "chatml": ["<|im_start|>", "<|im_end|>"],
+    "chatml_tools": ["<|im_start|>", "<|im_end|>"],
     "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
 }
 # tried in order when the template is the tokenizer's own and no end-of-turn string is given

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ift.errors import IftError
 from ift.locations import looks_local
@@ -69,6 +69,19 @@ class Target:
                            "--raw): drop --system")
 
 
+def _run_chat_template(loaded: Any, recipe: Recipe) -> None:
+    """Give a run's base model the chat template the run trained with (a named template or .jinja file replaces the
+    tokenizer's own, as training's setup did), so --base answers in the run's prompt format too."""
+    from ift.data.chat_templates import setup_chat_tokenizer
+
+    spec = recipe.data.chat_template
+    if spec in ("auto", "tokenizer", "none") or loaded.kind != "causal":
+        return
+    setup = setup_chat_tokenizer(loaded.tokenizer, spec, recipe.data.special_tokens)
+    if setup.added_tokens:  # the base never saw these tokens: rows to hold them, as training started from
+        loaded.model.resize_token_embeddings(len(loaded.tokenizer))
+
+
 def resolve_target(target: str | os.PathLike, *, base: bool = False, template: str | None = None,
                    raw: bool = False, where: str = "RUN_DIR|MODEL") -> Target:
     """Load what `ift chat` / `ift generate` talk to: a run's fine-tuned model (adapters applied, not merged),
@@ -90,6 +103,7 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
             label = f"model {path}"
         elif base:
             loaded = load(recipe.model, AdapterConfig())
+            _run_chat_template(loaded, recipe)
             label = f"base model of run {run_dir}"
         else:
             final = run_dir / "final"
