@@ -337,3 +337,31 @@ def test_tool_calls_tools_and_reasoning_through_the_pipeline(tmp_path, library, 
         call = json.dumps({"name": "get_weather", "arguments": whole["messages"][1]["tool_calls"][0]["function"]
                            ["arguments"]})
         assert runs(t, *expected[0]) == [f"<think>\n\n</think>\n\n<tool_call>\n{call}\n</tool_call><|im_end|>"]
+
+
+def test_tool_calling_dataset_is_deterministic_and_valid(tmp_path):
+    """data/make_tool_calls_data.py: the same files twice; every row a valid conversation whose tools offer the
+    function it calls; held-out prompts never in train."""
+    import importlib.util
+
+    from ift.data.formats import conversation_tools, normalize_row
+
+    path = Path(__file__).resolve().parents[1] / "data" / "make_tool_calls_data.py"
+    spec = importlib.util.spec_from_file_location("make_tool_calls_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for out in ("a", "b"):
+        assert module.main(["--out", str(tmp_path / out)]) == 0
+    prompts = {}
+    for split, n in module.SIZES.items():
+        text = (tmp_path / "a" / f"{split}.jsonl").read_text()
+        assert text == (tmp_path / "b" / f"{split}.jsonl").read_text()
+        rows = [json.loads(line) for line in text.splitlines()]
+        assert len(rows) == n
+        for i, row in enumerate(rows):
+            messages = normalize_row(row, "messages", source=split, index=i)
+            tools = [t["function"]["name"] for t in conversation_tools(row, source=split, index=i)]
+            call = next(m for m in messages if m.get("tool_calls"))["tool_calls"][0]["function"]
+            assert call["name"] in tools and len(tools) == 2
+        prompts[split] = {r["messages"][0]["content"] for r in rows}
+    assert not prompts["test"] & prompts["train"] and not prompts["validation"] & prompts["train"]
