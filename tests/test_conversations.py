@@ -716,3 +716,17 @@ def test_chatml_tools_template_trains_calls_and_replies(tok):
     # without tools it is ChatML
     plain = encode_conversation(tok, CONVO, chat_template=text)
     assert tuple(plain) == tuple(encode_conversation(tok, CONVO, chat_template=CHAT_TEMPLATES["chatml"]))
+
+
+def test_history_of_a_tool_conversation_keeps_calls_and_tools(tok):
+    """What a held-out tool conversation's answer is generated from: the calls and results so far, and the tools."""
+    t = copy.deepcopy(tok)
+    t.chat_template = CHAT_TEMPLATES["chatml_tools"]
+    ids = conv.history_ids(t, CALLING[:4], tools=WEATHER_TOOLS)
+    text = t.decode(ids)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text and "<tools>" in text
+    assert text.endswith("<|im_start|>tool\n21 C<|im_end|>\n<|im_start|>assistant\n")
+    # a plain history is rendered as before: role and content only
+    assert conv.history_ids(t, CONVO[:2]) == t(t.apply_chat_template(CONVO[:2], tokenize=False,
+                                                                     add_generation_prompt=True),
+                                               add_special_tokens=False)["input_ids"]

@@ -285,12 +285,15 @@ def assistant_spans(
     return rows[0].text, rows[0].spans
 
 
-def history_ids(tokenizer: Any, history: Sequence[Mapping[str, str]]) -> list[int]:
+def history_ids(tokenizer: Any, history: Sequence[Mapping[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """The ids a model is given to answer the last turn of `history`: the conversation rendered with the
     generation prompt and tokenized as training tokenized whole conversations (no special tokens added: the
-    template writes its own)."""
-    text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in history],
-                                         tokenize=False, add_generation_prompt=True)
+    template writes its own). Tool calls, tool ids and reasoning in the history, and `tools`, reach the template
+    as in training (``template_messages``)."""
+    messages = template_messages(tokenizer, _kept(history), tools=tools, where="history")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         tools=list(tools) if tools else None)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
