@@ -214,7 +214,14 @@ class TrainingConfig(_Section):
     greater_is_better: bool | None = None  # None: lower is better for loss, higher otherwise
     early_stopping_patience: int | None = Field(None, ge=1)
     resume: Union[bool, str] = False  # false, true/"auto" (latest checkpoint), or a checkpoint path
-    report_to: list[Literal["tensorboard", "wandb", "none"]] = ["tensorboard"]
+    # Accelerate's trackers; one not installed is named in a note and skipped (the run still trains)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml", "aim", "dvclive",
+                            "swanlab", "none"]] = ["tensorboard"]
+    run_name: str | None = None  # the trackers' run name (default: the output folder's name)
+    tags: list[str] = []  # the trackers' tags, where a tracker has them (wandb, mlflow, comet_ml, trackio)
+    # NEFTune (Jain et al. 2023): uniform noise of alpha / sqrt(length * hidden) on the input embeddings while
+    # training, none at evaluation; transformers' own hook. 5 is the paper's usual value; None: off
+    neftune_noise_alpha: float | None = Field(None, gt=0)
     dataloader_num_workers: int = Field(0, ge=0)
 
     @field_validator("mixed_precision", mode="before")

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -46,6 +46,8 @@ from ift.metrics import higher_is_better, needs_predictions
 from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 from ift.training.precision import precision_record
+from ift.training.neftune import add_neftune
+from ift.training.trackers import PACKAGES, installed_trackers, tracker_init_kwargs
 from ift.training.checkpoints import (STATE_FILE, Progress, _best, _check_fresh_run_dir, _find_checkpoint,
                                       _prune_checkpoints, _save_final, _saved_tokenizer, keep_trainable,
                                       load_checkpoint)
@@ -63,6 +65,7 @@ class Window:
     seq_tokens: int  # every non-padding token: the throughput figure
     nonfinite: bool
     stop: bool
+    grad_norm: Any = None  # the last step's gradient norm before clipping, a device tensor (read when logged)
 
 
 class Stop(Exception):
@@ -121,13 +124,17 @@ class FineTune:
         run_dir = self.run_dir
         # Accumulation is done here, window by window (see the module docstring): Accelerate is told
         # nothing about it, so it neither divides the loss nor syncs at the end of a dataloader.
+        trackers, missing_trackers = installed_trackers(t.report_to)
         self.accelerator = acc = Accelerator(
             mixed_precision=t.mixed_precision,
-            log_with=[r for r in t.report_to if r != "none" and _tracker_available(r)] or None,
+            log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         )
         self.main = acc.is_main_process
         self.say = acc.print
+        for name in missing_trackers:
+            self.say(f"note: training.report_to names {name}, which is not installed (pip install {PACKAGES[name]}): "
+                     "not logged")
         plugin = getattr(acc.state, "deepspeed_plugin", None)
         if plugin is not None:  # the engine must clip and accumulate as the recipe says (ift/training/zero.py)
             from ift.training.zero import deepspeed_updates
@@ -172,6 +179,8 @@ class FineTune:
             self.recipe = self.recipe.model_copy(update={"model": self.recipe.model.model_copy(
                 update={"dtype": loaded_dtype})})
         _fp32_master_weights(model, self.say)
+        if t.neftune_noise_alpha:
+            add_neftune(model, t.neftune_noise_alpha)
         _frozen_base_in_compute_dtype(model, t, acc, self.say)
         _attention_for_training(model, self.recipe, self.kind, acc.device.type, self.say)
         total, trainable = count_parameters(model)
@@ -226,7 +235,8 @@ class FineTune:
 
         load_modules(self.recipe.evaluation.metrics)  # an evaluate module that cannot load stops the run here
         if self.main and acc.log_with:
-            acc.init_trackers("ift", config=_flat_config(self.recipe))
+            acc.init_trackers("ift", config=_flat_config(self.recipe), init_kwargs=tracker_init_kwargs(
+                trackers, t.run_name or run_dir.name, t.tags))
         self.stop_requested = _install_signal_handlers()
         self.eval_every = t.eval_steps or self.steps_per_epoch
         self.save_every = t.save_steps or self.steps_per_epoch
@@ -253,7 +263,7 @@ class FineTune:
                 progress.step += 1
                 self.bar.update(1)
                 logged = Window(logged.loss_sum + done.loss_sum, logged.loss_tokens + done.loss_tokens,
-                                logged.seq_tokens + done.seq_tokens, False, False)
+                                logged.seq_tokens + done.seq_tokens, False, False, done.grad_norm)
 
                 last = progress.step == self.max_steps
                 if progress.step % t.logging_steps == 0 or last:
@@ -309,8 +319,9 @@ class FineTune:
             raise IftError(f"the loss became {total_loss} at step {self.progress.step + 1}", str(self.run_dir),
                            "lower training.learning_rate or use mixed_precision: no; "
                            "the last good checkpoint is kept in checkpoints/")
-        if self.t.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.loss_model.parameters(), self.t.max_grad_norm)
+        # the norm before clipping (reported even when not clipping: a diverging run shows it first)
+        grad_norm = acc.clip_grad_norm_(self.loss_model.parameters(),
+                                        self.t.max_grad_norm if self.t.max_grad_norm > 0 else math.inf)
         self.optimizer.step()
         # fp16: the GradScaler skips an update whose gradients overflowed; the schedule follows applied updates
         # only (the window still counts: data, evaluations and checkpoints are keyed on windows consumed)
@@ -320,7 +331,7 @@ class FineTune:
         else:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return Window(total_loss, int(loss_tokens), int(total_seq), False, stops > 0)
+        return Window(total_loss, int(loss_tokens), int(total_seq), False, stops > 0, grad_norm)
 
     def _sync_on(self, last: bool):
         """No gradient all-reduce until the window's last micro-batch."""
@@ -339,9 +350,11 @@ class FineTune:
         tok_s = w.seq_tokens / max(seconds, 1e-9)
         lr = self.scheduler.get_last_lr()[0]
         self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        self.progress.history.append({"step": self.progress.step, "train_loss": train_loss, "learning_rate": lr,
-                                      "tokens_per_second": tok_s})
-        self.accelerator.log({"train/loss": train_loss, "train/learning_rate": lr, "train/tokens_per_second": tok_s},
+        entry = {"step": self.progress.step, "train_loss": train_loss, "learning_rate": lr, "tokens_per_second": tok_s}
+        if w.grad_norm is not None:
+            entry["grad_norm"] = float(w.grad_norm)
+        self.progress.history.append(entry)
+        self.accelerator.log({f"train/{k.removeprefix('train_')}": v for k, v in entry.items() if k != "step"},
                              step=self.progress.step)
 
     # ------------------------------------------------------------ validation and checkpoints
@@ -768,13 +781,6 @@ def _flat_config(recipe: Recipe) -> dict:
             if isinstance(value, (int, float, str, bool)):
                 flat[f"{section}.{key}"] = value
     return flat
-
-
-def _tracker_available(name: str) -> bool:
-    import importlib.util
-
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
-    return importlib.util.find_spec(module) is not None
 
 
 def _install_signal_handlers():

@@ -1,0 +1,29 @@
+"""Experiment trackers (Accelerate's): which of the recipe's are installed, and each one's run name and tags."""
+
+from __future__ import annotations
+
+import importlib.util
+
+# training.report_to name -> the package that must import (and what pip installs)
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+            "comet_ml": "comet_ml", "clearml": "clearml", "aim": "aim", "dvclive": "dvclive", "swanlab": "swanlab"}
+
+
+def installed_trackers(names: list[str]) -> tuple[list[str], list[str]]:
+    """(the trackers to log with, the ones named but not installed)."""
+    wanted = [n for n in names if n != "none"]
+    missing = [n for n in wanted if importlib.util.find_spec(PACKAGES[n]) is None]
+    return [n for n in wanted if n not in missing], missing
+
+
+def tracker_init_kwargs(names: list[str], run_name: str, tags: list[str]) -> dict[str, dict]:
+    """Accelerate's `init_trackers(init_kwargs=...)`: the run's name and tags in each tracker's own words
+    (wandb, mlflow, trackio; the others take Accelerate's defaults, the project name "ift")."""
+    kwargs: dict[str, dict] = {}
+    if "wandb" in names:
+        kwargs["wandb"] = {"name": run_name, "tags": list(tags)}
+    if "mlflow" in names:
+        kwargs["mlflow"] = {"run_name": run_name, "tags": {tag: "true" for tag in tags}}
+    if "trackio" in names:
+        kwargs["trackio"] = {"name": run_name}
+    return kwargs
