@@ -140,7 +140,10 @@ class DataConfig(_Section):
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # conversations: which replies carry loss
     train_on_reasoning: bool = True  # conversations: an assistant's reasoning (<think>, reasoning_content) carries loss
     special_tokens: list[str] = []  # added to the tokenizer (embeddings resized; with LoRA the new rows train)
-    packing: bool = False
+    # true: each training batch's rows laid end to end in one row (padding-free); bfd: rows packed into bins of
+    # max_length tokens by best-fit decreasing, a batch is per_device_train_batch_size bins (ift/data/collate.py).
+    # Either way examples never attend to each other, and evaluation batches are padded
+    packing: Union[bool, Literal["bfd"]] = False
     group_by_length: bool = False
     # training batches padded to a multiple of this many tokens; auto: 16 on the CPU but never past the run's
     # longest row (a few tensor sizes that glibc's malloc reuses, docs/benchmarks.md "CPU memory"), none
@@ -384,6 +387,9 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if d.packing and m.kind == "seq2seq":
         out.append(("data.packing", "packing concatenates decoder-only sequences; it does not apply to seq2seq",
                     "set data.packing: false"))
+    if d.packing == "bfd" and d.group_by_length:
+        out.append(("data.group_by_length", "group_by_length with packing: bfd (bins are already of similar fill)",
+                    "set data.group_by_length: false, or data.packing: true"))
     if t.warmup_steps and t.warmup_ratio:
         out.append(("training.warmup_steps", "both warmup_steps and warmup_ratio are set",
                     "keep one of training.warmup_steps / training.warmup_ratio"))

@@ -196,7 +196,8 @@ class FineTune:
         train_collator = Collator(self.tokenizer, self.kind, packing=data.packing, pad_to_multiple_of=multiple,
                                   pad_limit=None if data.packing else limit)
         train_dl = train_dataloader(self.tokens["train"], t.per_device_train_batch_size, train_collator, seed=t.seed,
-                                    group_by_length=data.group_by_length, num_workers=t.dataloader_num_workers)
+                                    group_by_length=data.group_by_length, num_workers=t.dataloader_num_workers,
+                                    bin_capacity=data.max_length if data.packing == "bfd" else None)
         val_dl = eval_dataloader(self.tokens["validation"], t.per_device_eval_batch_size, self.collator)
         loss_model = CompletionLoss(model, self.kind)
         if acc.device.type == "cpu" and not data.packing:  # the peak first; later batches reuse its memory

@@ -1,5 +1,7 @@
 """ift.data.collate's sampler is transformers' LengthGroupedSampler driven by a (seed, epoch) generator."""
 
+import math
+
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -73,3 +75,60 @@ def test_the_longest_batch_is_the_longest_rows_padded_as_the_run_pads(tiny_token
     batch = longest_batch(ds, 3, Collator(tiny_tokenizer, "causal", pad_to_multiple_of=16))
     assert batch["input_ids"].shape == (3, 48)
     assert sorted(batch["attention_mask"].sum(1).tolist()) == [33, 39, 40]
+
+
+def test_best_fit_decreasing_bins_hold_every_row_once_within_capacity():
+    import random
+
+    from ift.data.collate import pack_bins
+
+    assert pack_bins([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]  # 5+3, 4+3+1, 2
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(500)]
+    bins = pack_bins(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    assert len(bins) <= math.ceil(sum(lengths) / 64) * 11 / 9 + 1  # BFD's bound: 11/9 OPT + 6/9
+    assert bins == pack_bins(lengths, 64)  # deterministic
+
+
+def test_a_batch_of_bins_scores_every_example_as_the_padded_batch(tiny_tokenizer):
+    """The bins' summed token loss equals the padded batch's over the same examples, and every example's
+    logits are the same: position ids restart, so no example attends to another or to padding."""
+    from conftest import build_tiny_llama
+    from ift.data.collate import Collator, pack_bins
+    from ift.training.loss import CompletionLoss
+    from test_data import _token_rows
+
+    rows = _token_rows(tiny_tokenizer)
+    bins = pack_bins([len(r["input_ids"]) for r in rows], 24)
+    assert 1 < len(bins) < len(rows)
+    for attn in ("sdpa", "eager"):
+        model = build_tiny_llama(tiny_tokenizer).eval()
+        model.config._attn_implementation = attn
+        loss = CompletionLoss(model, "causal")
+        packed = Collator(tiny_tokenizer, "causal", packing="bfd", pad_to_multiple_of=8)([[rows[i] for i in b]
+                                                                                          for b in bins])
+        assert packed["input_ids"].shape[0] == len(bins) and "attention_mask" not in packed
+        order = [i for b in bins for i in b]
+        padded = Collator(tiny_tokenizer, "causal")([rows[i] for i in order])
+        with torch.no_grad():
+            (a, n_a), (b, n_b) = loss(**padded), loss(**packed)
+            # the first completion token of an example is still predicted from its own prompt in the bin
+            assert int(n_a) == int(n_b)
+            assert torch.allclose(a, b, atol=1e-4), (attn, a, b)
+            full = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+            plain = model(**{k: v for k, v in padded.items() if k != "labels"}, use_cache=False).logits
+        at = 0
+        for row, bin_ in enumerate(bins):
+            offset = 0
+            for i in bin_:
+                n = len(rows[i]["input_ids"])
+                assert torch.allclose(plain[at, :n], full[row, offset:offset + n], atol=1e-4)
+                offset, at = offset + n, at + 1
+
+
+def test_packing_efficiency_counts_tokens_over_bin_capacity():
+    from ift.data.collate import packing_efficiency
+
+    assert packing_efficiency([5, 4, 3, 3, 2, 1], 8) == {"rows": 6, "bins": 3, "capacity": 8, "efficiency": 18 / 24}

@@ -623,6 +623,12 @@ def test_cli_preview_marks_loss_tokens_and_stats_json(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["splits"]["train"]["rows"] == 60 and stats["splits"]["test"]["sources"]["fn"]["labels"]
     assert stats["mixture"]["sources"]["fn"]["token_share"] == 1.0
+    packing = stats["packing"]  # what data.packing: bfd makes of the training rows
+    assert packing["rows"] == 60 and 0 < packing["bins"] < 60 and 0 < packing["efficiency"] <= 1
+    assert packing["efficiency"] == pytest.approx(stats["splits"]["train"]["tokens"]["tokens"]
+                                                  / (packing["bins"] * packing["capacity"]))
+    assert cli_main(["data", "stats", str(recipe)]) == 0
+    assert "packing (data.packing: bfd): 60 training rows in" in capsys.readouterr().out
 
 
 D_OPEN = "⟦"

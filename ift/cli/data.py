@@ -139,6 +139,11 @@ def run_stats(args: argparse.Namespace) -> int:
     tokenizer, kind = _tokenizer_and_kind(recipe, prepared)
     tokens, report = tokenize(prepared.splits, tokenizer, kind, recipe.data)
     stats = describe(prepared, tokens, report)
+    if kind == "causal" and len(tokens["train"]):
+        from ift.data.collate import packing_efficiency, row_lengths
+
+        # what data.packing: bfd would make of the training split
+        stats["packing"] = packing_efficiency(row_lengths(tokens["train"]), recipe.data.max_length)
     if args.json:
         json.dump(stats, sys.stdout, indent=2)
         print()
@@ -195,6 +200,10 @@ def _print_stats(stats: dict) -> None:
                 console.print(f"    chat:      {c['conversations']:,} conversations · turns per conversation "
                               f"p50 {turns.get('p50', 0):g} / max {turns.get('max', 0)} · {c['assistant_turns']:,} "
                               f"assistant turns, {c.get('assistant_tokens') or 0:,} assistant tokens (with loss)")
+    if stats.get("packing"):
+        p = stats["packing"]
+        console.print(f"\n[bold]packing[/] (data.packing: bfd): {p['rows']:,} training rows in {p['bins']:,} bins of "
+                      f"{p['capacity']} tokens, {100 * p['efficiency']:.1f}% full")
     mix = stats.get("mixture", {})
     console.print(f"\n[bold]training mixture[/] ({mix.get('strategy')}): {mix.get('total', 0):,} rows")
     table = Table(pad_edge=False, box=None)

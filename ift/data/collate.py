@@ -1,11 +1,16 @@
-"""Batches for training and evaluation: padding, padding-free packing, and a sampler whose order is a function of (seed, epoch).
+"""Batches for training and evaluation: padding, packing, and a sampler whose order is a function of (seed, epoch).
 
 Dynamic padding pads each batch to its own longest row (right side; labels -100 on padding).
-Packing (causal models) concatenates a batch's examples into one row with position ids that restart
-at every example and no attention mask: transformers' padding-free convention (as
-`DataCollatorWithFlattening`). Models detect the example boundaries from the position ids and keep
-attention inside each example, with sdpa, eager and flash attention alike, as long as no KV cache
-is passed (call the model with `use_cache=False` when training, which `ift.training.loss` does).
+Packing (causal models) concatenates examples into rows with position ids that restart at every example and
+no attention mask: transformers' padding-free convention (as `DataCollatorWithFlattening`). Models detect the
+example boundaries from the position ids (transformers' masking_utils builds the block-diagonal causal mask
+for sdpa and eager; flash attention takes the varlen path) and keep attention inside each example, as long as
+no KV cache is passed (`ift.training.loss` calls the model with `use_cache=False`). Two ways to pack:
+- `data.packing: true`: each batch's rows become one row (padding-free; the batch keeps its row count);
+- `data.packing: bfd`: rows are packed into bins of at most `data.max_length` tokens by best-fit decreasing
+  (`pack_bins`, TRL's default strategy), once; a batch is `per_device_train_batch_size` bins, in an order drawn
+  per (seed, epoch). Bins of one batch are padded to the longest with a padding pseudo-example (positions restart,
+  no loss), so no real token attends to padding.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def padded_length(n: int, multiple: int | None, limit: int | None = None) -> int
 class Collator:
     """features (dicts with input_ids, labels, attention_mask) -> a batch of tensors."""
 
-    def __init__(self, tokenizer: Any, kind: str, packing: bool = False, pad_to_multiple_of: int | None = None,
+    def __init__(self, tokenizer: Any, kind: str, packing: bool | str = False, pad_to_multiple_of: int | None = None,
                  pad_limit: int | None = None):
         if packing and kind != "causal":
             raise IftError("packing concatenates decoder-only sequences; it does not apply to seq2seq",
@@ -44,7 +49,9 @@ class Collator:
         self.limit = pad_limit  # no input padded past this width (labels of seq2seq: the multiple alone)
         self.pad_id = pad_id(tokenizer)
 
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict] | Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
+        if self.packing == "bfd":  # features: bins, each a list of rows
+            return self._bins(features)
         if self.packing:
             return self._packed(features)
         ids = [list(f["input_ids"]) for f in features]
@@ -59,24 +66,79 @@ class Collator:
         return batch
 
     def _packed(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for f in features:
-            x = list(f["input_ids"])
-            y = list(f["labels"]) if f.get("labels") is not None else list(x)
-            ids += x
-            # the first token of an example must not be predicted from the previous example's last one
-            labels += [IGNORE] + y[1:]
-            positions += range(len(x))
-        extra = padded_length(len(ids), self.multiple) - len(ids)
-        if extra:  # padding forms its own pseudo-example: positions restart, no loss
-            ids += [self.pad_id] * extra
-            labels += [IGNORE] * extra
-            positions += range(extra)
-        return {"input_ids": torch.tensor([ids], dtype=torch.long),
-                "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long)}
+        row = _concatenated(features)
+        return self._rows([row], padded_length(len(row[0]), self.multiple))
+
+    def _bins(self, bins: Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
+        rows = [_concatenated(b) for b in bins]
+        return self._rows(rows, padded_length(max(len(r[0]) for r in rows), self.multiple))
+
+    def _rows(self, rows: list[tuple[list[int], list[int], list[int]]], width: int) -> dict[str, torch.Tensor]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for ids, labels, positions in rows:
+            extra = width - len(ids)
+            # padding forms its own pseudo-example: positions restart, no loss
+            out["input_ids"].append(ids + [self.pad_id] * extra)
+            out["labels"].append(labels + [IGNORE] * extra)
+            out["position_ids"].append(positions + list(range(extra)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def _concatenated(features: Sequence[dict]) -> tuple[list[int], list[int], list[int]]:
+    """(input ids, labels, position ids) of examples laid end to end in one row."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for f in features:
+        x = list(f["input_ids"])
+        y = list(f["labels"]) if f.get("labels") is not None else list(x)
+        ids += x
+        # the first token of an example must not be predicted from the previous example's last one
+        labels += [IGNORE] + y[1:]
+        positions += range(len(x))
+    return ids, labels, positions
+
+
+def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Row indices grouped into bins of at most `capacity` tokens, best-fit decreasing: the longest row first,
+    each into the fullest bin it still fits (a new bin when none does). Deterministic: ties keep row order."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for i in order:
+        n = int(lengths[i])
+        at = bisect.bisect_left(free, (n, -1))  # the least space left that still holds n
+        if at == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+            continue
+        space, b = free.pop(at)
+        bins[b].append(i)
+        bisect.insort(free, (space - n, b))
+    return bins
+
+
+class Bins(torch.utils.data.Dataset):
+    """A tokenized split seen as bins (`pack_bins`): item i is the list of bin i's rows."""
+
+    def __init__(self, ds: Any, bins: list[list[int]]):
+        self.rows, self.bins = _model_columns(ds), bins
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.rows[j] for j in self.bins[i]]
+
+
+def packing_efficiency(lengths: Sequence[int], capacity: int) -> dict:
+    """How full best-fit-decreasing bins of `capacity` tokens are: tokens / (bins x capacity)."""
+    bins = pack_bins(lengths, capacity)
+    total = int(sum(lengths))
+    return {"rows": len(lengths), "bins": len(bins), "capacity": capacity,
+            "efficiency": total / (len(bins) * capacity) if bins else 0.0}
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -123,9 +185,22 @@ def _model_columns(ds: Any) -> Any:
     return ds.select_columns(keep) if hasattr(ds, "select_columns") else ds
 
 
+def row_lengths(ds: Any) -> list[int]:
+    """Tokens of each row's input_ids."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_numpy().tolist()
+
+
 def train_dataloader(ds: Any, batch_size: int, collator: Collator, *, seed: int, group_by_length: bool = False,
-                     num_workers: int = 0) -> DataLoader:
-    """Shuffled batches, deterministic per (seed, epoch); length-grouped on request (needs `length`)."""
+                     num_workers: int = 0, bin_capacity: int | None = None) -> DataLoader:
+    """Shuffled batches, deterministic per (seed, epoch); length-grouped on request (needs `length`); with
+    `bin_capacity`, batches of best-fit-decreasing bins of rows (`data.packing: bfd`)."""
+    if bin_capacity:
+        bins = Bins(ds, pack_bins(row_lengths(ds), bin_capacity))
+        return DataLoader(bins, batch_size=batch_size, sampler=SeededSampler(len(bins), seed), collate_fn=collator,
+                          num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0,
+                          generator=torch.Generator().manual_seed(seed))
     lengths = None
     if group_by_length:
         if "length" not in ds.column_names:
