@@ -690,8 +690,11 @@ def test_ift_eval_of_a_bf16_run_loads_bf16_under_the_runs_autocast_and_equals_it
     raw = yaml.safe_load(path.read_text())
     raw["model"] = {"name_or_path": str(base), "dtype": "auto"}
     path.write_text(yaml.safe_dump(raw))
-    run = run_train(path)
-    reset_accelerate_state()
+    reset_accelerate_state()  # an earlier test's state would refuse the run's bf16 autocast
+    try:
+        run = run_train(path)
+    finally:
+        reset_accelerate_state()
     recipe = load_recipe(run / "recipe.yaml")
     assert recipe.model.dtype == "bfloat16"
     loaded = load_final(run / "final", recipe.model, adapter=recipe.adapter)
