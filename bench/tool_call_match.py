@@ -12,6 +12,7 @@ argument F1 over (function, argument, value) triples. The run's base model (`--b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,11 +20,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from ift.data.formats import conversation_tools, normalize_row
-    from ift.evaluation.decoding import Decoding
-    from ift.inference.batch import generate_rows
-    from ift.inference.prompts import PromptRow
+    from ift.evaluation.decoding import Decoding, decode, text_of
     from ift.inference.target import resolve_target
-    from ift.inference.tools import argument_f1, calls_match, read_tools
+    from ift.inference.tools import argument_f1, calls_match, parse_reply, read_tools
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run")
@@ -47,15 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and args.only != label:
             continue
         target = resolve_target(args.run, base=base)
+        target.use_tools(cases[0][2])  # checks the template renders tools
+        # each row's prompt with its own tools (the format's tools swapped per row), then one batched decode
+        encoded = [dataclasses.replace(target.format, tools=tools).encode(target.tokenizer, history, f"row {k + 1}")
+                   for k, (history, _, tools) in enumerate(cases)]
+        gens = decode(target.model, target.tokenizer, target.kind, encoded,
+                      Decoding(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size)
         answers = []
-        for tools in {json.dumps(t) for _, _, t in cases}:  # one pass per distinct tool set
-            target.use_tools(json.loads(tools))
-            group = [(k, c) for k, c in enumerate(cases) if json.dumps(c[2]) == tools]
-            rows = [PromptRow(k + 1, {"prompt": c[0][-1]["content"]}, [dict(m) for m in c[0]]) for k, c in group]
-            out = generate_rows(target, rows, Decoding(max_new_tokens=args.max_new_tokens),
-                                batch_size=args.batch_size, show_progress=False)
-            answers += [(k, o) for (k, _), o in zip(group, out)]
-        answers.sort(key=lambda x: x[0])
+        for k, g in enumerate(gens):
+            reply = parse_reply(text_of(target.tokenizer, g.ids))
+            answers.append((k, {"prompt": cases[k][0][-1]["content"], "prediction": reply.content,
+                                "tool_calls": reply.tool_calls}))
         exact = [calls_match(o.get("tool_calls", []), cases[k][1]) for k, o in answers]
         f1 = [argument_f1(o.get("tool_calls", []), cases[k][1]) for k, o in answers]
         results[label] = {"call_exact_match": sum(exact) / len(exact), "argument_f1": sum(f1) / len(f1),
