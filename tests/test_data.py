@@ -765,3 +765,32 @@ def test_quickstart_data_is_reproducible(tmp_path):
                 assert shipped.read_text() == written  # the committed files are this script's output
     labels = Counter(json.loads(line)["label"] for line in (tmp_path / "finance_news" / "train.jsonl").open())
     assert set(labels) == {"negative", "neutral", "positive"} and min(labels.values()) >= 180
+
+
+def test_a_source_may_be_a_data_file_on_the_web(tmp_path):
+    """A URL is read by datasets' builder for its suffix, as the same file on disk (served here on loopback)."""
+    import functools
+    import http.server
+    import threading
+
+    from ift.data.prepare import build_splits
+    from ift.recipe import DataConfig
+    from ift.templates.library import TemplateLibrary
+
+    served = tmp_path / "www"
+    write_jsonl(served / "rows.jsonl", [{"headline": r["text"], "label": r["label"]} for r in toy_rows(30, 1)])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/rows.jsonl"
+        library = TemplateLibrary()
+
+        def prepared(path):
+            cfg = DataConfig(sources=[{"name": "news", "path": path, "templates": ["finance_news/headline_sentiment"]}],
+                             validation_size=5, test_size=5)
+            return {k: v.to_list() for k, v in build_splits(cfg, library).splits.items()}
+
+        assert prepared(url) == prepared(str(served / "rows.jsonl"))
+    finally:
+        server.shutdown()

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from ift.cli import main
+from ift.data.sources import is_url
 from ift.data.data_map import LocalCopy, apply_data_map, compose, read_data_map
 from ift.data.prepare import build_splits
 from ift.errors import IftError
@@ -25,11 +26,14 @@ SHARED = REPO.parent / "shared" / "data"
 NAMES = ["negative", "neutral", "positive"]
 PHRASEBANK = ["financial_phrasebank/sentiment_choices_in_prompt", "financial_phrasebank/classify_statement"]
 # each Hub dataset of the shipped recipes as they named its ../shared/data copy directly: (folder, columns)
+FASTCHAT = ("https://raw.githubusercontent.com/lm-sys/FastChat/0e6d3e4beaab66f4d3f93db72541a4abab8af28d/data/"
+            "dummy_conversation.json")  # a data file on the web (recipes/vicuna_identity.yaml)
 SPELLED_DIRECTLY = {
     "takala/financial_phrasebank": ("financial_phrasebank_allagree", {}),
     "nyu-mll/glue": ("glue_sst2", {}),
     "knkarthick/dialogsum": ("dialogsum", {"summary1": "summary", "topic1": "topic"}),
     "tatsu-lab/alpaca": ("alpaca_5000", {}),
+    FASTCHAT: ("vicuna_identity", {}),
 }
 
 
@@ -187,15 +191,19 @@ def test_a_missing_map_or_copy_is_one_line_with_exit_2(tmp_path, capsys):
 
 def test_the_shipped_map_names_copies_beside_the_repository():
     shipped = read_data_map(SHARED_MAP)
-    hub_ids = {s["path"] for r in (REPO / "recipes").glob("*.yaml")
-               for s in yaml.safe_load(r.read_text())["data"]["sources"] if looks_like_hub_id(s["path"])}
-    assert {key.partition(":")[0] for key in shipped.copies} == hub_ids == set(SPELLED_DIRECTLY)
+    remote = {s["path"] for r in (REPO / "recipes").glob("*.yaml")
+              for s in yaml.safe_load(r.read_text())["data"]["sources"] if _remote(s["path"])}
+    assert {key if is_url(key) else key.partition(":")[0] for key in shipped.copies} == remote == set(SPELLED_DIRECTLY)
     for key, copy in shipped.copies.items():
         assert copy.path.startswith("../../shared/data/"), key  # ../shared/data from the repository root
 
 
+def _remote(path: str) -> bool:
+    return looks_like_hub_id(path) or is_url(path)
+
+
 MAPPED = sorted(r for r in (REPO / "recipes").glob("*.yaml")
-                if any(looks_like_hub_id(s["path"]) for s in yaml.safe_load(r.read_text())["data"]["sources"]))
+                if any(_remote(s["path"]) for s in yaml.safe_load(r.read_text())["data"]["sources"]))
 
 
 @pytest.mark.parametrize("recipe", MAPPED, ids=lambda p: p.name)

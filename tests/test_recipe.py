@@ -215,11 +215,16 @@ def test_shipped_recipes_validate_offline_from_a_fresh_clone(recipe, monkeypatch
     monkeypatch.chdir(REPO)  # recipes name paths relative to the repository root
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(ift.data.sources, "hub_reachable", lambda timeout=3.0: False)
-    hub = [s for s in yaml.safe_load(text)["data"]["sources"] if looks_like_hub_id(s["path"])]
+    monkeypatch.setattr(ift.data.sources, "reachable", lambda address, timeout=3.0: False)
+    sources = yaml.safe_load(text)["data"]["sources"]
+    remote = [s for s in sources if looks_like_hub_id(s["path"]) or ift.data.sources.is_url(s["path"])]
     problems = check(str(recipe), [])
-    assert len(problems) == len(hub)
-    for problem, src in zip(problems, hub):
-        assert problem.what.startswith(f"the Hugging Face Hub is not reachable, so dataset '{src['path']}'")
+    assert len(problems) == len(remote)
+    for problem, src in zip(problems, remote):
+        if ift.data.sources.is_url(src["path"]):  # a data file on the web (FastChat's, for vicuna_identity)
+            assert problem.what.endswith(f"so the data file {src['path']} cannot be downloaded")
+        else:
+            assert problem.what.startswith(f"the Hugging Face Hub is not reachable, so dataset '{src['path']}'")
         assert "data.data_map" in problem.fix
 
 

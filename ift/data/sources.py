@@ -47,9 +47,16 @@ class _Source:
         return sorted({c for ds in self.raw.values() for c in ds.column_names})
 
 
+def is_url(path: str) -> bool:
+    """A data file published on the web (e.g. a file of a GitHub repository at a commit), read by datasets."""
+    return path.startswith(("https://", "http://"))
+
+
 def _looks_local(path: str) -> bool:
     """A path we should find on disk (so a missing one is a missing file, not a Hub id); for data also
     `folder/name` when `folder` is here (a data folder's file named without its suffix)."""
+    if is_url(path):
+        return False
     head, sep, _ = path.partition("/")
     return looks_local(path, FORMATS) or (bool(sep) and Path(head).is_dir())
 
@@ -265,11 +272,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Can we open a connection to the Hub? (A quick probe: datasets itself retries for ~25 s.)"""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
+    return not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT, timeout)
+
+
+def reachable(address: str, timeout: float = 3.0) -> bool:
+    """Can we open a connection to the host of `address` (a URL)?"""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # a proxy decides; let datasets try
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(address)
     try:
         with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
             return True
@@ -297,6 +307,8 @@ def _load_hub(src: SourceConfig, key: str, split: str | None = None) -> Any:
     import datasets
     from huggingface_hub import constants
 
+    if is_url(src.path):
+        return _load_url(src, key, split)
     if not constants.HF_HUB_OFFLINE and not hub_reachable():
         raise _hub_error(src, key)
     try:
@@ -308,6 +320,26 @@ def _load_hub(src: SourceConfig, key: str, split: str | None = None) -> Any:
         raise IftError(f"cannot load Hub dataset '{src.path}'" + _subset(src) + f": {_first_line(err)}",
                        _path_key(key), "check the dataset id, its config (data.sources.N.config, or --data ID:CONFIG),"
                        " revision and split; or use a local path") from None
+    return datasets.DatasetDict({split: loaded}) if split is not None else loaded
+
+
+def _load_url(src: SourceConfig, key: str, split: str | None = None) -> Any:
+    """A data file on the web as the source's train split (datasets downloads and caches it)."""
+    import datasets
+
+    builder = FORMATS.get(Path(urlparse(src.path).path).suffix.lower())
+    if builder is None:
+        raise IftError(f"unknown data format of {src.path}", _path_key(key),
+                       f"point at a {', '.join(sorted(FORMATS))} file")
+    offline = ("read a local copy: a data map (data.data_map=FILE, docs/data.md), or the source's path set to the "
+               "downloaded file")
+    if not reachable(src.path):
+        raise IftError(f"{urlparse(src.path).hostname} is not reachable, so the data file {src.path} cannot be "
+                       "downloaded", _path_key(key), offline)
+    try:
+        loaded = datasets.load_dataset(builder, data_files={"train": src.path}, split=split)
+    except Exception as err:  # noqa: BLE001 - not found, moved, not the format it says
+        raise IftError(f"cannot read {src.path}: {_first_line(err)}", _path_key(key), offline) from None
     return datasets.DatasetDict({split: loaded}) if split is not None else loaded
 
 
@@ -398,7 +430,7 @@ def _peek(index: int, src: SourceConfig, templates: Sequence[Any], fixed: Any | 
     """{split: columns (before renames)}: local data read with the training loader (its errors, its cache);
     a Hub dataset from its metadata (None when only a download could say)."""
     key = f"data.sources.{index}"
-    if not _looks_local(src.path):
+    if not _looks_local(src.path) and not is_url(src.path):  # a file on the web is read as training reads it
         from huggingface_hub import constants
 
         if not constants.HF_HUB_OFFLINE and not hub_reachable():
