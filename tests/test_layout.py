@@ -10,9 +10,9 @@ IFT = Path(__file__).resolve().parents[1] / "ift"
 
 # A stage may import itself and any stage with a lower rank; the CLI and the training entry point sit on top.
 RANKS = {
-    "errors": 0, "atomic": 0, "metrics": 0, "locations": 0, "recipe": 1, "run": 1,
+    "errors": 0, "atomic": 0, "metrics": 0, "locations": 0, "arguments": 0, "recipe": 1, "run": 1,
     "templates": 2, "data": 3, "modeling": 4, "estimate": 5, "evaluation": 5,
-    "inference": 6, "training": 6, "publish": 7, "train": 8, "cli": 9, "__main__": 10, "__init__": 0,
+    "inference": 6, "training": 6, "publish": 7, "train": 8, "studio": 8, "cli": 9, "__main__": 10, "__init__": 0,
 }
 
 

@@ -492,3 +492,17 @@ def load_preview_rows(source: str, split: str = "train", n: int | None = None,
     if n:
         ds = ds.select(range(min(n, len(ds))))
     return ds.to_list(), list(ds.column_names)
+
+
+def load_source_splits(src: SourceConfig) -> dict[str, Any]:
+    """{split: Dataset}: the source's own splits as training reads them (the same loader and errors, label names
+    applied, columns renamed), before any split is carved. For tools that browse a source (`ift studio`)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return dict(_load_source(0, src).raw)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()

@@ -297,3 +297,76 @@ def _check_written(text: str, path: Path, tpl: Template) -> None:
     if not entry or entry.get("jinja") != tpl.jinja or entry.get("answer_choices") != tpl.answer_choices_jinja:
         raise IftError("internal check failed: the new entry does not read back unchanged", _display_path(path),
                        "please report this with the template text")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: a template saved by id (`ift studio`)
+# --------------------------------------------------------------------------------------------
+
+
+def save_template(path: str | Path, tpl: Template, dataset: str | None = None) -> Template:
+    """Write `tpl` into the templates.yaml at `path`: the entry with its id is replaced, else the entry is
+    appended (a new file gets the `dataset`/`subset` header of `dataset`, "name[/subset]"). Every other entry
+    stays byte-for-byte as it was; the write is atomic, and the file is read back before it is written.
+    Returns the template as read back from the file."""
+    path = Path(path)
+    where = _display_path(path)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise IftError("a templates file ends in .yaml", where, "name a file like my_templates/<dataset>/templates.yaml")
+    if not tpl.name.strip() or "\n" in tpl.name:
+        raise IftError(f"bad template name {tpl.name!r}", where, "use a short single-line name")
+    tpl.compile()
+    if SEPARATOR not in tpl.jinja:
+        raise IftError(f"template {tpl.name!r} has no '|||' separator", where,
+                       "write the prompt, then '|||', then the target")
+    if path.is_dir():
+        raise IftError("the path is a folder", where, f"name the file inside it, e.g. {where}/{TEMPLATE_FILENAME}")
+    if path.exists():
+        existing = read_file(path)
+        clash = next((t for t in existing.templates if t.name.strip() == tpl.name.strip() and t.id != tpl.id), None)
+        if clash is not None:
+            raise IftError(f"template {tpl.name!r} already exists in this file (id {clash.id})", where,
+                           "choose another name, or open that template to edit it")
+        text = path.read_text(encoding="utf-8")
+        replaced = _replace_entry(text, tpl.id, lambda indent: _dump_entry(tpl, indent))
+        text = replaced if replaced is not None else _append_entry(text, lambda indent: _dump_entry(tpl, indent))
+        key = existing.key
+    else:
+        key = (dataset or "").strip().strip("/")
+        if not key or any(p in ("", ".", "..") for p in key.split("/")):
+            raise IftError(f"bad dataset name {key!r} for a new templates file", where, "use `name` or `name/subset`")
+        dataset_name, _, subset = key.partition("/")
+        header = yaml.safe_dump({"dataset": dataset_name}, default_flow_style=False)
+        header += yaml.safe_dump({"subset": subset}, default_flow_style=False) if subset else ""
+        text = header + "templates:\n" + _dump_entry(tpl, 2)
+    _check_written(text, path, tpl)
+    atomic.write_text(path, text)
+    return next(t for t in read_file(path).templates if t.id == tpl.id)
+
+
+def _replace_entry(text: str, entry_id: str, entry_of: Any) -> str | None:
+    """The text with the `templates:` entry keyed `entry_id` rewritten (None when there is none); the lines of
+    every other entry are kept as they are."""
+    try:
+        root = yaml.compose(text, Loader=_TemplateLoader)
+    except yaml.YAMLError as err:
+        raise IftError(f"existing template file is not valid YAML: {err}", None, "fix it first") from None
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    value = next((v for k, v in root.value if k.value == "templates"), None)
+    if not isinstance(value, yaml.MappingNode) or value.flow_style:
+        return None
+    pairs = value.value
+    for i, (key, _) in enumerate(pairs):
+        if str(key.value) != entry_id:
+            continue
+        start = text.rfind("\n", 0, key.start_mark.index) + 1  # the start of the key's line
+        if i + 1 < len(pairs):
+            nxt = pairs[i + 1][0].start_mark.index
+            end = text.rfind("\n", 0, nxt) + 1
+        else:
+            end = value.end_mark.index  # where the mapping ends: the next top-level key's line, or the end of file
+            if end < len(text) and text[end - 1:end] != "\n":
+                end = text.rfind("\n", 0, end) + 1
+        return text[:start] + entry_of(key.start_mark.column) + text[end:]
+    return None
