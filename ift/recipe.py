@@ -44,6 +44,10 @@ class ModelConfig(_Section):
     # Attention kernel. auto: transformers' default (sdpa), except eager for short sequences in CPU training
     # under bf16 autocast, where torch's CPU flash-attention backward is the slower one (ift/modeling/attention.py)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # Liger's fused Triton kernels in training (RMSNorm, RoPE, SwiGLU; linear cross-entropy on the loss positions).
+    # auto: on where liger-kernel imports, the run is on CUDA and the architecture is covered; true: refused where
+    # it cannot run; the saved recipe records which ran (ift/training/liger.py)
+    liger: Union[Literal["auto"], bool] = "auto"
     init: Literal["pretrained", "scratch"] = "pretrained"
     config: str | dict[str, Any] | None = None  # init=scratch: a config path/Hub id, or inline sizes
     vocab_size: int = Field(8000, ge=256, le=1_000_000)  # tokenizer trained for init=scratch

@@ -46,6 +46,7 @@ from ift.metrics import higher_is_better, needs_predictions
 from ift.recipe import Parser, Recipe, load_recipe, parse_args
 from ift.run import RunDir, free_space
 from ift.training.precision import precision_record
+from ift.training.liger import apply_liger, choose_liger
 from ift.training.neftune import add_neftune
 from ift.training.trackers import PACKAGES, installed_trackers, tracker_init_kwargs
 from ift.training.checkpoints import (STATE_FILE, Progress, _best, _check_fresh_run_dir, _find_checkpoint,
@@ -141,6 +142,7 @@ class FineTune:
 
             plugin.deepspeed_config.update(deepspeed_updates(plugin.deepspeed_config, plugin.zero_stage,
                                                              t.max_grad_norm))
+        self.liger = choose_liger(self.recipe.model, acc)  # model.liger: true that cannot run stops here
         if acc.device.type == "cpu":  # freed activations go back to the OS (ift/training/allocator.py)
             from ift.training.allocator import return_large_blocks
 
@@ -183,6 +185,7 @@ class FineTune:
             add_neftune(model, t.neftune_noise_alpha)
         _frozen_base_in_compute_dtype(model, t, acc, self.say)
         _attention_for_training(model, self.recipe, self.kind, acc.device.type, self.say)
+        self.recipe = apply_liger(model, self.recipe, self.liger, self.say)
         total, trainable = count_parameters(model)
         self.say(f"model: {self.loaded.source} ({self.kind}), {total:,} parameters, {trainable:,} trainable "
                  f"({100 * trainable / max(total, 1):.2f}%)")
@@ -199,7 +202,7 @@ class FineTune:
                                     group_by_length=data.group_by_length, num_workers=t.dataloader_num_workers,
                                     bin_capacity=data.max_length if data.packing == "bfd" else None)
         val_dl = eval_dataloader(self.tokens["validation"], t.per_device_eval_batch_size, self.collator)
-        loss_model = CompletionLoss(model, self.kind)
+        loss_model = CompletionLoss(model, self.kind, fused_loss=self.recipe.model.liger is True)
         if acc.device.type == "cpu" and not data.packing:  # the peak first; later batches reuse its memory
             from ift.training.allocator import largest_batch_first
 

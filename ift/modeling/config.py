@@ -28,6 +28,16 @@ def _pretrained_config(model: ModelConfig, source: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=model.trust_remote_code)
 
 
+def base_config(model: ModelConfig) -> PretrainedConfig:
+    """The recipe model's config without its weights: model.config for init: scratch (vocabulary not yet taken
+    from a tokenizer), else the checkpoint's own (a GGUF file is converted and cached first, as loading does)."""
+    if model.init == "scratch":
+        return _scratch_base_config(model)
+    from ift.modeling.gguf import resolve_model_path
+
+    return _pretrained_config(model, resolve_model_path(model))
+
+
 def _scratch_base_config(model: ModelConfig) -> PretrainedConfig:
     """model.config as a config object: inline sizes (with model_type) or a config path / Hub id."""
     from transformers import AutoConfig

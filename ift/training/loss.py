@@ -56,10 +56,12 @@ class CompletionLoss(nn.Module):
     to give every process an equal share.
     """
 
-    def __init__(self, model: nn.Module, kind: str):
+    def __init__(self, model: nn.Module, kind: str, fused_loss: bool = False):
         super().__init__()
         self.model = model
         self.kind = kind
+        # Liger's fused linear cross-entropy on the loss positions (model.liger, ift/training/liger.py)
+        self.fused_loss = fused_loss
         # Accelerate's FSDP2 preparation reads these from the module it is given (this one): without them no
         # decoder layer becomes its own unit and, with cpu_ram_efficient_loading, a tied head comes back untied
         self._no_split_modules = getattr(hf_model(model), "_no_split_modules", None)
@@ -97,7 +99,12 @@ class CompletionLoss(nn.Module):
                           use_cache=False).last_hidden_state
         keep = targets != IGNORE
         # the head runs on exactly the positions whose next token carries loss
-        logits = transform(inner.config)(head(hidden[:, :-1][keep]))
+        kept = hidden[:, :-1][keep]
+        if self.fused_loss and not per_row and len(kept):
+            from ift.training.liger import fused_loss_sum
+
+            return fused_loss_sum(kept, head, targets[keep], inner.config), keep.sum()
+        logits = transform(inner.config)(head(kept))
         return _reduce(F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep, per_row)
 
 
