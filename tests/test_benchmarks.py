@@ -74,6 +74,41 @@ def test_figures_equal_lm_eval_called_directly(task_file, tiny_tokenizer):
         assert task["metrics"][metric]["higher_is_better"] is True
 
 
+def test_relative_data_paths_are_read_against_the_task_files_folder(task_file, tmp_path, tiny_tokenizer,
+                                                                   monkeypatch):
+    """A task file naming its data relatively (here through a file it includes, as lm-eval task folders do) reads
+    the data beside it from any working directory, with the figures of the same task given absolute paths."""
+    tasks = tmp_path / "shipped" / "tasks"
+    tasks.mkdir(parents=True)
+    (tmp_path / "shipped" / "data").mkdir()
+    (tmp_path / "shipped" / "data" / "toy.jsonl").write_bytes((tmp_path / "toy.jsonl").read_bytes())
+    common = TASK.format(data="unused.jsonl").split("output_type:")[1]
+    (tasks / "_common.yaml").write_text("dataset_path: json\noutput_type:" + common)
+    (tasks / "toy.yaml").write_text("include: _common.yaml\ntask: ift_toy_choice\n"
+                                    "dataset_kwargs:\n  data_files:\n    test: ../data/toy.jsonl\ntest_split: test\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = build_tiny_llama(tiny_tokenizer)
+    ours = benchmarks.run_tasks(model, tiny_tokenizer, [str(tasks / "toy.yaml")], batch_size=4, limit=12)
+    direct = _lm_eval_directly(model, tiny_tokenizer, task_file, limit=12)
+    assert ours["ift_toy_choice"]["n"] == 12
+    assert ours["ift_toy_choice"]["metrics"]["acc"]["value"] == direct["acc,none"]
+    # the shipped file stays as written; what lm-eval reads states the path absolute
+    with_paths = benchmarks.with_local_paths(tasks / "toy.yaml", tmp_path / "stand_ins")
+    cfg, _ = benchmarks.task_config(with_paths)
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "shipped" / "data" / "toy.jsonl")
+    assert cfg["task"] == "ift_toy_choice" and cfg["metric_list"][0]["metric"] == "acc"
+    assert "../data/toy.jsonl" in (tasks / "toy.yaml").read_text()
+    # a Hub dataset's data_files are files inside that dataset: left as they are, and so is a file with nothing to do
+    (tasks / "hub.yaml").write_text("task: t\ndataset_path: someone/data\ndataset_kwargs: {data_files: a.jsonl}\n")
+    assert benchmarks.with_local_paths(tasks / "hub.yaml", tmp_path / "stand_ins") == tasks / "hub.yaml"
+    (tasks / "gone.yaml").write_text((tasks / "toy.yaml").read_text().replace("toy.jsonl", "gone.jsonl"))
+    with pytest.raises(IftError, match="data is missing.*gone.jsonl") as err:
+        benchmarks.run_tasks(model, tiny_tokenizer, [str(tasks / "gone.yaml")], batch_size=4, limit=12)
+    assert "evaluation.benchmarks" in err.value.line()
+
+
 def test_base_and_fine_tuned_with_an_adapter_switched_off_for_the_base(task_file, tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 

@@ -90,6 +90,57 @@ def test_scores_equal_naive_loop_at_any_batch_size(kind, prompt_set, tiny_tokeni
                 assert mean == pytest.approx(total / n, abs=1e-9)
 
 
+def _tiny_mistral(tokenizer, window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(4)
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=window,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+SLIDING_PREFILL = ("the shared-prefix prefill (plumbing._prefill) pads between the cached prefix and each prompt's "
+                   "own tokens, and a sliding window counts that padding as distance")
+CASES = [(case, path, prompt_set) for case, path in [
+    ("llama_sdpa", "packed"), ("llama_eager", "packed"), ("llama_packing_off", "continued"),
+    ("mistral_window_8", "continued"), ("mistral_window_256", "packed"), ("t5", "seq2seq")]
+    for prompt_set in ("plain", "shared_prefix")]
+
+
+@pytest.mark.parametrize("case, path, prompt_set", [
+    pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason=SLIDING_PREFILL))
+    if c[0] == "mistral_window_8" and c[2] == "shared_prefix" else c for c in CASES])
+def test_every_scoring_path_equals_one_forward_pass_per_choice(case, path, prompt_set, tiny_tokenizer, tiny_t5,
+                                                               monkeypatch):
+    """Each choice's log-likelihood from the packed pass (all choices of a prompt in one row, each seeing only the
+    prompt), from the KV-cache continuation it falls back to, and from seq2seq scoring equals a plain forward pass
+    of prompt + choice: choices of 1 to 5 tokens, rows padded to different lengths, with and without a shared prefix."""
+    kind = "seq2seq" if case == "t5" else "causal"
+    if case.startswith("llama"):
+        model = build_tiny_llama(tiny_tokenizer, seed=3)
+        model.set_attn_implementation("eager" if case == "llama_eager" else "sdpa")
+    elif case.startswith("mistral"):
+        model = _tiny_mistral(tiny_tokenizer, int(case.rsplit("_", 1)[1]))
+    else:
+        model = tiny_t5
+    model.eval()
+    if case == "llama_packing_off":
+        monkeypatch.setattr(scoring, "packable", lambda model, length: False)
+    taken = []
+    for name in ("_score_packed", "_score_continued", "_score_seq2seq"):
+        real = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k))
+    prompts = PROMPT_SETS[prompt_set]
+    lengths = {len(c) for _, cs in scoring._encode_choices(tiny_tokenizer, kind, prompts, CHOICES, False) for c in cs}
+    assert {1, 2, 3} <= lengths and max(lengths) >= 5  # single- and multi-token choices of several lengths
+    reference = naive_scores(model, tiny_tokenizer, kind, prompts)
+    scores = scoring.score_choices(model, tiny_tokenizer, kind, prompts, CHOICES, batch_size=3)
+    assert taken and set(taken) == {f"_score_{path}"}
+    for row, ref in zip(scores, reference):
+        assert [total for total, _ in row] == pytest.approx(ref, abs=1e-5)
+
+
 def test_peft_wrapped_model_scores_and_training_mode_restored(tiny_tokenizer, tiny_llama):
     from peft import LoraConfig, get_peft_model
 

@@ -4,21 +4,28 @@ Choices are scored WITHOUT the end-of-sequence token (and, with a chat template,
 close the assistant turn), as T0 did: the score is log p(choice tokens | prompt), summed over the choice's
 tokens ("accuracy") and divided by their number ("accuracy_norm").
 
-Causal models: the left-padded prompts go through the model with the KV cache on (`_prefill`: a prefix all
-prompts of a batch share runs once), the last prompt position gives every choice's first token, and the
-remaining choice tokens continue from a copy of the cache (one row per choice). Seq2seq: the encoder runs
-once per prompt and the decoder scores every choice. Position ids follow the attention mask, so scores do not
-depend on batch size or padding. Log-probabilities are computed only where a choice token is predicted.
+Causal models: one forward pass per batch of prompts scores every choice of every prompt. Each row holds its
+prompt followed by all its choices (each without its last token), and a 4-D attention mask lets every choice
+token see the prompt and the earlier tokens of its own choice only, with position ids that continue from the
+prompt, so each choice is scored as if it followed the prompt alone. The last prompt position gives every
+choice's first token; the LM head runs on the rows' last positions only. A prefix all prompts of a batch share
+(a chat system prompt, an instruction) runs once, and its KV cache is copied to every row. Where a custom mask
+cannot stand for the model's own (flash or flex attention, recurrent or chunked layers, a sliding window shorter
+than the rows, remote code), the prompts are prefilled with the KV cache on and the choice tokens after the first
+continue from a copy of it, one row per choice. Seq2seq: the encoder runs once per prompt and the decoder scores
+every choice. Position ids follow the attention mask, so scores do not depend on batch size or padding.
+Log-probabilities are computed only where a choice token is predicted.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from ift.data.encoding import encode_pairs, pad_id, pad_rows
+from ift.data.encoding import common_prefix, encode_pairs, pad_id, pad_rows
 from ift.errors import IftError
-from ift.evaluation.plumbing import (_batches, _check_kind, _check_prompt, _device, _inference,
-                                     _prefill, _progress, _select_cache, _unwrap, _with_cache)
+from ift.evaluation.plumbing import (MIN_SHARED_PREFIX, _accepts, _batches, _check_kind, _check_prompt, _device,
+                                     _inference, _prefill, _progress, _returned_cache, _select_cache, _unwrap,
+                                     _with_cache)
 
 # Continuation rows per forward pass, as a multiple of the prompt batch: each row holds a copy of its
 # prompt's KV cache, so this bounds memory at a few times that of the prompt pass.
@@ -83,19 +90,113 @@ def _score_causal(model, encoded, batch_size: int, pad: int, bar) -> list[list[f
     device = _device(model)
     sums: list[list[float]] = [[0.0] * len(cs) for _, cs in encoded]
     for idx in _batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
-        last, cache, mask = _prefill(model, [encoded[i][0] for i in idx], pad, device)
-        first = last.log_softmax(-1)  # next-token distribution after each prompt
-        items = [(b, j, c) for b, i in enumerate(idx) for j, c in enumerate(encoded[i][1])]
-        for b, j, c in items:
-            sums[idx[b]][j] = float(first[b, c[0]])
-        rest = [it for it in items if len(it[2]) > 1]
-        step = max(1, batch_size * CHOICES_PER_PROMPT)
-        for start in range(0, len(rest), step):
-            chunk = rest[start:start + step]
-            more = _continue_choices(model, cache, mask, chunk, pad, device)
-            for (b, j, _), extra in zip(chunk, more.tolist()):
-                sums[idx[b]][j] += extra
+        batch = [encoded[i] for i in idx]
+        longest = max(len(p) + sum(len(c) - 1 for c in cs) for p, cs in batch)
+        scored = (_score_packed(model, batch, pad, device) if packable(model, longest)
+                  else _score_continued(model, batch, batch_size, pad, device))
+        for i, row in zip(idx, scored):
+            sums[i] = row
         bar.update(len(idx))
+    return sums
+
+
+def packable(model, length: int) -> bool:
+    """Whether a custom 4-D attention mask over rows of `length` positions means what the model's own mask would:
+    transformers' code (not remote code), sdpa or eager attention (flash and flex take no such mask), full
+    attention in every layer, or a sliding window no shorter than the rows."""
+    base = _unwrap(model)
+    config = base.config
+    if not type(base).__module__.startswith("transformers.") or config.is_encoder_decoder:
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or not _accepts(model, "position_ids"):
+        return False
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:  # linear, recurrent, chunked layers
+        return False
+    window = getattr(config, "sliding_window", None)
+    slides = "sliding_attention" in kinds or (window is not None and getattr(config, "use_sliding_window", True))
+    return not slides or (window is not None and length <= window)
+
+
+def _score_packed(model, batch, pad: int, device) -> list[list[float]]:
+    """Every choice of every prompt in one forward pass: a row is the prompt, then each choice but its last token,
+    each choice seeing only the prompt and itself (see the module docstring)."""
+    import torch
+
+    n = len(batch)
+    shared = min(common_prefix([p for p, _ in batch]), min(len(p) for p, _ in batch) - 1) if n > 1 else 0
+    cache = None
+    if shared >= MIN_SHARED_PREFIX:  # the batch's common prefix runs once; its cache is copied to every row
+        head = torch.tensor([list(batch[0][0][:shared])], device=device)
+        out = model(input_ids=head, attention_mask=torch.ones_like(head),
+                    position_ids=torch.arange(shared, device=device).unsqueeze(0), use_cache=True,
+                    **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}))
+        cache = _select_cache(_returned_cache(out), torch.zeros(n, dtype=torch.long, device=device))
+    else:
+        shared = 0
+    ids, pos, seg = [], [], []  # seg: -1 the prompt, j the j-th choice's tokens
+    for p, cs in batch:
+        ids.append(list(p[shared:]))
+        pos.append(list(range(shared, len(p))))
+        seg.append([-1] * (len(p) - shared))
+        for j, c in enumerate(cs):
+            ids[-1] += c[:-1]
+            pos[-1] += range(len(p), len(p) + len(c) - 1)
+            seg[-1] += [j] * (len(c) - 1)
+    input_ids, real = pad_rows(ids, pad, left=True)
+    positions, _ = pad_rows(pos, 0, left=True)
+    segments, _ = pad_rows(seg, -2, left=True)
+    width = input_ids.shape[1]
+    real = real.bool()
+    sees = (real[:, None, :] & real[:, :, None] & (positions[:, None, :] <= positions[:, :, None])
+            & ((segments[:, None, :] == -1) | (segments[:, None, :] == segments[:, :, None])))
+    sees |= torch.eye(width, dtype=torch.bool)  # a padding row sees itself: no row of the softmax is empty
+    sees = torch.cat([torch.ones((n, width, shared), dtype=torch.bool), sees], dim=2).unsqueeze(1)
+    if _unwrap(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
+        dtype = _unwrap(model).get_input_embeddings().weight.dtype
+        sees = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
+    # the LM head runs on the last `keep` positions: every row's last prompt token and its choice tokens
+    keep = max(1 + sum(len(c) - 1 for c in cs) for _, cs in batch)
+    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    if cache is not None:
+        kwargs.update(_with_cache(model, cache))
+    out = model(input_ids=input_ids.to(device), attention_mask=sees.to(device), position_ids=positions.to(device),
+                use_cache=cache is not None, **kwargs)
+    logp = out.logits[:, -keep:].float().log_softmax(-1)
+    rows, cols, targets, slots = [], [], [], []
+    for b, (_, cs) in enumerate(batch):
+        col = keep - (1 + sum(len(c) - 1 for c in cs))  # the last prompt token, within the kept positions
+        after = col  # the column before choice j's first continuation token
+        for j, c in enumerate(cs):
+            for t, tok in enumerate(c):
+                rows.append(b)
+                cols.append(col if t == 0 else after + t)
+                targets.append(tok)
+                slots.append((b, j))
+            after += len(c) - 1
+    lp = logp[torch.tensor(rows, device=logp.device), torch.tensor(cols, device=logp.device),
+              torch.tensor(targets, device=logp.device)].double().tolist()
+    sums: list[list[float]] = [[0.0] * len(cs) for _, cs in batch]
+    for (b, j), v in zip(slots, lp):
+        sums[b][j] += v
+    return sums
+
+
+def _score_continued(model, batch, batch_size: int, pad: int, device) -> list[list[float]]:
+    """The prompts prefilled with the KV cache on; choice tokens after the first continue from a copy of it."""
+    sums: list[list[float]] = [[0.0] * len(cs) for _, cs in batch]
+    last, cache, mask = _prefill(model, [p for p, _ in batch], pad, device)
+    first = last.log_softmax(-1)  # next-token distribution after each prompt
+    items = [(b, j, c) for b, (_, cs) in enumerate(batch) for j, c in enumerate(cs)]
+    for b, j, c in items:
+        sums[b][j] = float(first[b, c[0]])
+    rest = [it for it in items if len(it[2]) > 1]
+    step = max(1, batch_size * CHOICES_PER_PROMPT)
+    for start in range(0, len(rest), step):
+        chunk = rest[start:start + step]
+        more = _continue_choices(model, cache, mask, chunk, pad, device)
+        for (b, j, _), extra in zip(chunk, more.tolist()):
+            sums[b][j] += extra
     return sums
 
 
