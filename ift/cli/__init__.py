@@ -13,7 +13,7 @@ from ift.recipe import parse_args as parse  # the override-aware parse lives bes
 
 # Order = order in `ift --help`.
 COMMANDS = ["train", "eval", "templates", "data", "validate", "estimate", "merge", "push", "chat", "generate",
-            "export", "env"]
+            "export", "studio", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:
