@@ -35,3 +35,16 @@ class IftErrors(IftError):
 
     def lines(self) -> list[str]:
         return [e.line() for e in self.errors]
+
+
+def exit_code(command, *args) -> int:
+    """Run a command function; an IftError is printed as `error: ...` lines on stderr and gives exit code 2 (no
+    traceback). The `ift` command and the script entry `ift/train.py` both end here."""
+    import sys
+
+    try:
+        return int(command(*args) or 0)
+    except IftError as err:
+        for line in err.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2

@@ -98,3 +98,13 @@ def higher_is_better(name: str) -> bool:
 def label(name: str) -> str:
     metric = METRICS.get(name)
     return metric.label if metric else name
+
+
+def headline(metrics: dict) -> dict:
+    """The scalar figures of a metrics section (breakdowns by source, template or class stay in metrics.json)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("n", "step")}
+
+
+def headline_text(metrics: dict) -> str:
+    """`loss 0.1234, accuracy 0.9500`: the headline as the logs print it."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in headline(metrics).items())

@@ -7,7 +7,6 @@ Key names follow what TRL / Axolotl / LLaMA-Factory users already know where tho
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib.util
 from pathlib import Path
@@ -634,39 +633,3 @@ def _missing_fix(key: str) -> str:
     if key.endswith(".path"):
         return "give the source a path: a local file/folder or a Hub dataset id"
     return f"add {key}"
-
-
-def parse_args(parser: "argparse.ArgumentParser", argv: list[str] | None = None) -> "argparse.Namespace":
-    """Parse, letting `key.path=value` overrides come after flags too (`ift eval RUN --split test a.b=1`).
-
-    argparse alone stops filling a positional list at the first flag; the leftovers are overrides when the
-    command takes them and look like one, and an error otherwise.
-    """
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
-    return args
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line like every other error, `error: what (where) — fix`, exit 2.
-    Sub-command parsers are of this class too (argparse makes them of the parent's class)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        required = "the following arguments are required: "
-        if message.startswith(required):  # argparse lists optional `nargs="*"` positionals there too
-            optional = {a.metavar or a.dest for a in self._actions if not a.option_strings and a.nargs in ("*", "?")}
-            message = required + ", ".join(n for n in message[len(required):].split(", ") if n not in optional)
-        prog = " ".join([self.prog, *self._words])
-        self.exit(2, f"error: {message} ({prog}) — see `{prog} --help`\n")
-
-    _words: list[str] = []  # the command words parsed so far, e.g. ["data", "stats"]: named in later errors
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, extra = super().parse_known_args(args, namespace)
-        self._words = [w for w in (getattr(parsed, k, None) for k in ("command", "templates_command", "data_command"))
-                       if isinstance(w, str)]
-        return parsed, extra

@@ -40,6 +40,11 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> "RunDir":
+        """The run folder a checkpoint (`RUN/checkpoints/step-N`) belongs to."""
+        return cls(Path(checkpoint).parent.parent)
+
     # ------------------------------------------------------------ layout
 
     @property
@@ -82,6 +87,11 @@ class RunDir:
     def logs(self) -> Path:
         return self.path / "logs"
 
+    @property
+    def hub_staging(self) -> Path:
+        """Weights written for an upload and removed after it."""
+        return self.path / "hub-staging"
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
 
@@ -108,9 +118,9 @@ class RunDir:
             raise IftError("metrics file does not hold a JSON object", str(path), "move it away and evaluate again")
         return data
 
-    def record_training(self, *, history: list[dict], best: dict | None = None, **sections: Any) -> None:
+    def record_training(self, *, history: list[dict], best: dict | None = None, **sections: Any) -> dict:
         """The training run's own figures (history, best, validation at the best step, test, base test);
-        evaluation records written by `ift eval` are kept."""
+        evaluation records written by `ift eval` are kept. Returns metrics.json's content as written."""
         data = self.metrics()
         data["history"] = history
         if best is not None:
@@ -119,6 +129,7 @@ class RunDir:
             if value is not None:
                 data[key] = value
         self.write_json(self.metrics_file, data)
+        return data
 
     def add_evaluation(self, *, model: str, split: str, metrics: dict, rows: int, limit: int | None,
                        weights: str, dtype: str, quantization: str | None, predictions: Path | None,

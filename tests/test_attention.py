@@ -44,7 +44,7 @@ def test_an_unknown_kernel_is_a_recipe_error():
 @pytest.mark.parametrize("bf16, tolerance", [(False, 1e-5), (True, 0.02)])
 def test_eager_and_sdpa_compute_the_same_loss_and_gradients(tiny_llama, bf16, tolerance):
     """What the switch relies on: the same function, with a padding mask; in bf16, to its rounding."""
-    from ift.modeling.loading import set_attention
+    from ift.modeling.attention import set_attention
 
     torch.manual_seed(0)
     ids = torch.randint(5, tiny_llama.config.vocab_size, (4, 24))

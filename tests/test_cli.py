@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ift import train as train_module
-from ift.cli import build_parser, parse
+from ift.arguments import parse_args as parse
+from ift.cli import build_parser
 
 
 def test_overrides_may_follow_flags():

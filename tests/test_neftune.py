@@ -46,7 +46,7 @@ def test_a_neftune_run_trains_differently_and_evaluates_without_noise(tmp_path):
                                                       f"training.output_dir={tmp_path / 'again'}"]))
     try:
         run.setup()
-        from ift.train import mean_loss
+        from ift.evaluation.in_training import mean_loss
 
         first = mean_loss(run.accelerator, run.loss_model, run.val_dl)
         second = mean_loss(run.accelerator, run.loss_model, run.val_dl)

@@ -230,11 +230,11 @@ def test_bin_packed_accumulation_matches_one_big_batch_of_bins(tmp_path):
 def test_optimizer_is_fused_unless_asked_otherwise(optim, fused):
     from accelerate import Accelerator
 
-    from ift.train import _adamw, _param_groups
+    from ift.training.optimizer import adamw, param_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     t = SimpleNamespace(optim=optim, learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8)
-    opt = _adamw(_param_groups(model, 0.1), t, Accelerator(cpu=True))
+    opt = adamw(param_groups(model, 0.1), t, Accelerator(cpu=True))
     assert bool(opt.defaults.get("fused")) is fused
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # no decay on biases and norms
     model(torch.ones(2, 4)).sum().backward()
@@ -445,7 +445,7 @@ def test_checkpoint_is_renamed_only_after_every_process_saved(tmp_path):
 
     recipe = load_recipe(toy_recipe(tmp_path))
     ft = FineTune(recipe)
-    ft.accelerator, ft.main, ft.progress = FakeAccelerator(), True, Progress(step=3)
+    ft.accelerator, ft.is_main, ft.progress = FakeAccelerator(), True, Progress(step=3)
     real_rename = Path.rename
 
     def rename(self, target):
@@ -689,7 +689,7 @@ from conftest import build_tiny_llama, build_tiny_tokenizer
 from ift.evaluation.evaluate import evaluate
 from ift.training.loss import CompletionLoss
 from ift.recipe import EvaluationConfig
-from ift.train import full_weights, mean_loss
+from ift.evaluation.in_training import full_weights, mean_loss
 
 acc = Accelerator()
 tok = build_tiny_tokenizer()
@@ -933,7 +933,7 @@ def test_bf16_lora_holds_the_base_in_bf16_evaluates_under_autocast_and_trains_th
     records = json.loads((run / "metrics.json").read_text())
 
     reset_accelerate_state()
-    monkeypatch.setattr(train_module, "_frozen_base_in_compute_dtype", lambda *a: None)
+    monkeypatch.setattr(train_module, "frozen_base_in_compute_dtype", lambda *a: None)
     seen.clear()
     reference = run_train(toy_recipe(tmp_path / "fp32-base", **options))
     assert seen and all(s == (True, torch.float32) for s in seen)
@@ -1011,9 +1011,9 @@ def test_a_cpu_run_meets_its_largest_batch_first_in_a_few_lengths_and_trains_as_
     assert warm[1] >= max(s[1] for s in steps)
     assert warm[1] > steps[0][1] or len({s[1] for s in steps}) == 1, shapes
 
-    import ift.training.allocator as allocator
+    import ift.train as train_module
 
-    monkeypatch.setattr(allocator, "largest_batch_first", lambda *a: None)
+    monkeypatch.setattr(train_module, "largest_batch_first", lambda *a: None)
     without = trained("without", "adapter.dropout=0.2")
     assert len(shapes) == 6  # no extra pass
     assert_same_weights(first, without)

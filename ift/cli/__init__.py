@@ -7,9 +7,8 @@ import importlib
 import os
 import sys
 
-from ift.errors import IftError
-from ift.recipe import Parser  # noqa: F401  (one-line usage errors; lives beside the override parsing)
-from ift.recipe import parse_args as parse  # the override-aware parse lives beside load_recipe
+from ift.arguments import Parser, parse_args
+from ift.errors import exit_code
 
 # Order = order in `ift --help`.
 COMMANDS = ["train", "eval", "templates", "data", "validate", "estimate", "merge", "push", "chat", "generate",
@@ -29,16 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse(parser, argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
-    except IftError as err:
-        for line in err.lines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return exit_code(args.func, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,8 @@ fast (6.64 vs 6.62 s for the full step), so it stays.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ift.recipe import Recipe
 
 EAGER_MAX_LENGTH = 256
@@ -27,4 +29,22 @@ def training_attention(recipe: Recipe, device_type: str, kind: str) -> str | Non
     if (device_type == "cpu" and kind == "causal" and recipe.training.mixed_precision == "bf16"
             and recipe.data.max_length <= EAGER_MAX_LENGTH):
         return "eager"
+    return None
+
+
+def set_attention(net: Any, implementation: str) -> bool:
+    """Switch a loaded model (or the base under a peft adapter) to `implementation`; True if it changed."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    if base.config._attn_implementation == implementation:
+        return False
+    base.set_attn_implementation(implementation)
+    return base.config._attn_implementation == implementation
+
+
+def use_training_attention(net: Any, recipe: Recipe, device_type: str, kind: str) -> str | None:
+    """Set the attention kernel `training_attention` picks; returns a line for the log when `auto` chose one."""
+    chosen = training_attention(recipe, device_type, kind)
+    if chosen is not None and set_attention(net, chosen) and recipe.model.attn_implementation == "auto":
+        return (f"attention: {chosen} (faster than sdpa for sequences of at most {recipe.data.max_length} tokens in "
+                "bf16 on the CPU; model.attn_implementation: sdpa keeps sdpa)")
     return None

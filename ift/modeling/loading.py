@@ -133,15 +133,6 @@ def _check_attention(model: ModelConfig) -> None:
                            "use auto (sdpa, or eager where faster), sdpa or eager, or install flash-attn on a CUDA GPU")
 
 
-def set_attention(net: Any, implementation: str) -> bool:
-    """Switch a loaded model (or the base under a peft adapter) to `implementation`; True if it changed."""
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    if base.config._attn_implementation == implementation:
-        return False
-    base.set_attn_implementation(implementation)
-    return base.config._attn_implementation == implementation
-
-
 def _match_tokenizer(net: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
     """Embeddings large enough for the tokenizer (a pad token may have been added); pad id known to the model."""
     embeddings = net.get_input_embeddings()

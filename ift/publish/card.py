@@ -24,6 +24,7 @@ from ift.errors import IftError
 from ift.locations import looks_like_hub_id
 from ift.metrics import METRICS, SCORES, recorded_module_figures
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
+from ift.run import RunDir
 
 if TYPE_CHECKING:
     from ift.templates.library import TemplateLibrary
@@ -38,23 +39,30 @@ METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
 
 
 def write_model_card(run_dir: Path, recipe: Recipe, *, library: TemplateLibrary | None = None, merged: bool = False,
-                     repo_id: str | None = None, path: Path | None = None) -> Path:
+                     repo_id: str | None = None, path: Path | None = None, metrics: dict | None = None,
+                     data_report: dict | None = None) -> Path:
     """Write the card (default RUN_DIR/README.md) atomically and return its path.
 
     merged: describe the merged model (library transformers) instead of the adapter in final/.
     repo_id: the Hub repository the card is for (defaults to recipe.hub.repo_id); used in the snippets.
+    metrics, data_report: the run's metrics.json and data_report.json as the caller holds them (the end of a
+    training run); read from the run folder when not given.
     """
-    card = build_model_card(run_dir, recipe, library=library, merged=merged, repo_id=repo_id)
-    path = Path(path) if path is not None else Path(run_dir) / "README.md"
+    card = build_model_card(run_dir, recipe, library=library, merged=merged, repo_id=repo_id, metrics=metrics,
+                            data_report=data_report)
+    path = Path(path) if path is not None else RunDir(run_dir).card
     return atomic.write_text(path, str(card))
 
 
 def build_model_card(run_dir: Path, recipe: Recipe, *, library: TemplateLibrary | None = None, merged: bool = False,
-                     repo_id: str | None = None):
+                     repo_id: str | None = None, metrics: dict | None = None, data_report: dict | None = None):
     """The ModelCard object (metadata + Markdown body) for a run folder."""
     from huggingface_hub import ModelCard
 
-    facts = _Facts.gather(Path(run_dir), recipe, library, merged, repo_id or recipe.hub.repo_id)
+    rd = RunDir(run_dir)
+    facts = _Facts.gather(rd, recipe, library, merged, repo_id or recipe.hub.repo_id,
+                          metrics=_read_json(rd.metrics_file) if metrics is None else metrics,
+                          data_report=_read_json(rd.data_report) if data_report is None else data_report)
     data = _card_data(facts)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(facts)}")
 
@@ -88,12 +96,12 @@ class _Facts:
     other_plots: list[str] = field(default_factory=list)
 
     @classmethod
-    def gather(cls, run_dir: Path, recipe: Recipe, library: Any | None, merged: bool,
-               repo_id: str | None) -> "_Facts":
-        metrics = _read_json(run_dir / "metrics.json")
-        report = _data_report(run_dir)
+    def gather(cls, rd: RunDir, recipe: Recipe, library: Any | None, merged: bool, repo_id: str | None, *,
+               metrics: dict, data_report: dict) -> "_Facts":
+        run_dir = rd.path
+        report = _split_report(data_report)
         leaks = report.get("leaks") if isinstance(report.get("leaks"), dict) else {}
-        final = run_dir / "final"
+        final = rd.final
         adapter = recipe.adapter.method != "none" and not merged
         hub_id = base_hub_id(recipe)
         return cls(
@@ -105,11 +113,11 @@ class _Facts:
             metrics=metrics, history=metrics.get("history") or [],
             sources=_sources(recipe, report), leaks_removed=leaks.get("train"),
             templates=_templates(recipe, library),
-            example=_example_prompt(run_dir),
+            example=_example_prompt(rd),
             license=_base_license(recipe),
-            chat_setup=(_read_json(run_dir / "data_report.json").get("chat") or {}),
-            has_loss_plot=(run_dir / "plots" / "loss.png").exists(),
-            other_plots=sorted(p.name for p in (run_dir / "plots").glob("*.png")
+            chat_setup=(data_report.get("chat") or {}),
+            has_loss_plot=(rd.plots / "loss.png").exists(),
+            other_plots=sorted(p.name for p in rd.plots.glob("*.png")
                                if p.name not in ("loss.png", "confusion_matrix.png")),  # the latter: in Results
         )
 
@@ -218,9 +226,8 @@ def _sources(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _data_report(run_dir: Path) -> dict[str, Any]:
+def _split_report(saved: dict[str, Any]) -> dict[str, Any]:
     """ift.data.prepare's split report, as training saves it: data_report.json = {"splits": <report>, "tokens": ...}."""
-    saved = _read_json(run_dir / "data_report.json")
     inner = saved.get("splits")
     return inner if isinstance(inner, dict) and isinstance(inner.get("splits"), dict) else saved
 
@@ -273,10 +280,10 @@ def _templates(recipe: Recipe, library: Any | None) -> list[dict[str, Any]]:
     return out
 
 
-def _example_prompt(run_dir: Path) -> str | None:
+def _example_prompt(rd: RunDir) -> str | None:
     """The first test prompt (what a user's input should look like), if predictions were saved."""
     for split in ("test", "validation"):
-        path = run_dir / "predictions" / f"{split}.jsonl"
+        path = rd.predictions(split)
         if not path.exists():
             continue
         try:
@@ -541,7 +548,7 @@ def _classes_section(f: _Facts, tuned: dict, base: dict, split: str) -> list[str
         for label, row in zip(labels, cm["matrix"]):
             lines.append(f"| {label} | " + " | ".join(str(x) for x in row) + " |")
         lines.append("")
-    if (f.run_dir / "plots" / "confusion_matrix.png").exists():
+    if (RunDir(f.run_dir).plots / "confusion_matrix.png").exists():
         lines.append("![confusion matrix](plots/confusion_matrix.png)\n")
     return lines
 

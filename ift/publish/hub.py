@@ -84,9 +84,13 @@ def _weight_files(weights: Path) -> list[Path]:
 
 def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = False, revision: str | None = None,
          commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
-         report: Report | None = None, out: Path | None = None) -> str:
+         report: Report | None = None, out: Path | None = None, recipe: Recipe | None = None,
+         card_written: bool = False) -> str:
     """Create the model repo if needed and upload the run in one commit; return its URL.
 
+    recipe: the run's recipe as the caller holds it (the end of a training run), else the saved recipe.yaml.
+    card_written: the caller has just written the run's card (RUN_DIR/README.md) for this repo: it is uploaded
+    as it is, not written again.
     dry_run: touch no network (merging and writing the card still happen locally) and return the listing
     of the files and sizes that would be uploaded.
     out: with dry_run, also write those files to this folder (new, empty, or an earlier such copy): the
@@ -98,7 +102,7 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = Fa
     if out is not None and not dry_run:
         raise IftError("--out writes the files a push would upload, without uploading", str(out),
                        "add --dry-run, or drop --out to push to the Hub")
-    recipe = load_run_recipe(run_dir)
+    recipe = recipe if recipe is not None else load_run_recipe(run_dir)
     if merge and not has_adapter(run_dir / "final"):
         raise IftError("--merge folds an adapter into its base, but final/ holds a full model", str(run_dir / "final"),
                        "push without --merge: the full model is uploaded as it is")
@@ -106,7 +110,7 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = Fa
         _check_out(Path(out), run_dir)
     if not dry_run:
         token = require_token(repo_id, token)
-    _prepare(run_dir, recipe, repo_id, merge, say)
+    _prepare(run_dir, recipe, repo_id, merge, say, card_written=card_written)
     plan = plan_upload(run_dir, merge=merge)
     base = _adapter_base(run_dir, recipe, merge, say)
     message = commit_message or f"Upload {_model_label(recipe)} fine-tuned with ift"
@@ -348,7 +352,8 @@ def format_plan(plan: list[tuple[Path, str]], repo_id: str, *, private: bool = F
 # ---------------------------------------------------------------- local preparation
 
 
-def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Callable[[str], None]) -> None:
+def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Callable[[str], None], *,
+             card_written: bool = False) -> None:
     """Bring the merged model (when asked) and the card up to date before planning."""
     from ift.publish.card import write_model_card
 
@@ -359,7 +364,7 @@ def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Call
         if not _merge_is_current(run_dir / "final", merged):
             merge_run(run_dir, merged, report=say)
         write_model_card(run_dir, recipe, merged=True, repo_id=repo_id, path=merged / "README.md")
-    else:
+    elif not card_written:
         write_model_card(run_dir, recipe, repo_id=repo_id)
 
 

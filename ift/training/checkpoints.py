@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ift import atomic
 from ift.errors import IftError
 from ift.recipe import ModelConfig
-from ift.run import RunDir
+from ift.run import RunDir, free_space
 
 STATE_FILE = "trainer_state.json"
 
@@ -42,11 +42,38 @@ class Progress:
 
 
 
-def _best(progress: Progress) -> dict | None:
+def best_of(progress: Progress) -> dict | None:
     return None if progress.best_step is None else {"step": progress.best_step, "value": progress.best_metric}
 
 
-def _prune_checkpoints(rd: RunDir, keep: int, best_step: int | None) -> None:
+def save_checkpoint(acc, rd: RunDir, progress: Progress) -> Path:
+    """Accelerate state + our progress, written to a temporary folder and renamed: never half a checkpoint.
+    Every process calls it (each writes its RNG state); the main one renames."""
+    final = rd.checkpoint(progress.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))
+        # every process writes its own RNG state into tmp: all of them must be done before it is renamed
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic.write_text(tmp / STATE_FILE, json.dumps(asdict(progress)))
+            atomic.apply_umask(tmp)  # safetensors writes 0600 files
+            rd.write_manifest(tmp)  # last: a checkpoint without one is incomplete
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise IftError(f"could not write checkpoint {final}: {err.strerror or err} ({free_space(tmp)})",
+                       str(tmp), "free disk space or fix the folder's permissions, then continue with "
+                       "--resume (the previous checkpoint is intact)") from None
+    return final
+
+
+def prune_checkpoints(rd: RunDir, keep: int, best_step: int | None) -> None:
     """Keep the last `keep` checkpoints and the best one."""
     steps = rd.checkpoint_steps()
     for step in steps[:-keep]:
@@ -54,7 +81,7 @@ def _prune_checkpoints(rd: RunDir, keep: int, best_step: int | None) -> None:
             shutil.rmtree(rd.checkpoint(step), ignore_errors=True)
 
 
-def _find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
+def find_checkpoint(rd: RunDir, resume: bool | str, say) -> Path | None:
     """The checkpoint to continue from: the given one (verified), or the newest that verifies."""
     if resume in (False, None, "false"):
         return None
@@ -139,7 +166,7 @@ def load_checkpoint(acc, folder: Path, model=None) -> Progress:
                        "resume from the previous one") from None
 
 
-def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+def check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if overwrite:
@@ -150,12 +177,12 @@ def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
                        "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
 
 
-def _saved_tokenizer(checkpoint: Path | None, model: ModelConfig):
+def saved_tokenizer(checkpoint: Path | None, model: ModelConfig):
     """On resume a trained (init: scratch) tokenizer must be the one the run started with. Any other is loaded
     again and set up again (deterministic), so the tokens the chat setup adds are known as new, as they were."""
     if checkpoint is None or model.tokenizer or model.name_or_path:
         return None
-    folder = checkpoint.parent.parent / "tokenizer"
+    folder = RunDir.of_checkpoint(checkpoint).tokenizer
     if not folder.is_dir():
         return None
     from transformers import AutoTokenizer
@@ -163,7 +190,7 @@ def _saved_tokenizer(checkpoint: Path | None, model: ModelConfig):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _save_final(model, state: dict, tokenizer, rd: RunDir, resized: bool = False) -> None:
+def save_final(model, state: dict, tokenizer, rd: RunDir, resized: bool = False) -> None:
     """Adapter or full model + tokenizer, safetensors, renamed into place when complete.
 
     resized: the tokenizer gained tokens, so the base's embeddings were grown; an adapter then carries the

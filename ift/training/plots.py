@@ -15,42 +15,44 @@ from typing import Any
 from ift import atomic
 from ift.errors import IftError
 from ift.metrics import SCORES
+from ift.run import RunDir
 
 # Validation metrics on a 0–1 scale are drawn together in metrics.png (SCORES; loss has its own figure).
 
 
-def write_plots(run_dir: Path) -> list[Path]:
-    """Draw RUN_DIR/plots/{loss,learning_rate,metrics,confusion_matrix}.png from metrics.json; return the files
-    written.
+def write_plots(run_dir: Path, metrics: dict | None = None) -> list[Path]:
+    """Draw RUN_DIR/plots/{loss,learning_rate,metrics,confusion_matrix}.png from the run's metrics (metrics.json's
+    content: given by the end of a training run, else read); return the files written.
 
     A figure is drawn only when its series exist (a run without validation has no metrics.png, one without
     answer choices no confusion_matrix.png); a run without history gets no curves.
     """
-    run_dir = Path(run_dir)
-    history = load_history(run_dir / "metrics.json")
-    out_dir = run_dir / "plots"
+    rd = RunDir(run_dir)
+    if metrics is None:
+        metrics = read_metrics(rd.metrics_file)
+    history = valid_history(metrics, rd.metrics_file)
     written: list[Path] = []
     figures = [(name, lambda draw=draw: draw(history))
                for name, draw in (("loss", _draw_loss), ("learning_rate", _draw_learning_rate),
                                   ("metrics", _draw_scores))]
-    figures.append(("confusion_matrix", lambda: _draw_confusion(confusion_matrices(run_dir / "metrics.json"))))
+    figures.append(("confusion_matrix", lambda: _draw_confusion(matrices_of(metrics))))
     for name, draw in figures:
         fig = draw()
         if fig is None:
             continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written.append(_save(fig, out_dir / f"{name}.png"))
+        rd.plots.mkdir(parents=True, exist_ok=True)
+        written.append(_save(fig, rd.plots / f"{name}.png"))
     return written
 
 
 def confusion_matrices(path: Path) -> list[tuple[str, dict]]:
-    """(title, {labels, matrix}) of the run's own evaluations: base and fine-tuned on test, else the best
-    validation; [] when none has one (no answer choices, or no evaluation yet)."""
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text(encoding="utf-8"))  # load_history has read it, or said why it cannot
-    if not isinstance(data, dict):
-        return []
+    """(title, {labels, matrix}) of the run's own evaluations in metrics.json (see `matrices_of`)."""
+    return matrices_of(read_metrics(path))
+
+
+def matrices_of(data: dict) -> list[tuple[str, dict]]:
+    """(title, {labels, matrix}) of the run's own evaluations in metrics.json's `data`: base and fine-tuned on
+    test, else the best validation; [] when none has one (no answer choices, or no evaluation yet)."""
     sections = [("base model, test", (data.get("base") or {}).get("test")), ("fine-tuned, test", data.get("test"))]
     if not any(isinstance(s, dict) and s.get("confusion_matrix") for _, s in sections):
         sections = [("fine-tuned, validation (best)", data.get("validation"))]
@@ -63,15 +65,20 @@ def confusion_matrices(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def load_history(path: Path) -> list[dict[str, Any]]:
-    """The `history` list of metrics.json ([] when the file or the key is absent)."""
+def read_metrics(path: Path) -> dict:
+    """metrics.json as a dict ({} when the file is absent or not an object)."""
     if not path.exists():
-        return []
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IftError(f"cannot read metrics: {exc}", str(path), "restore the file or rerun the evaluation") from None
-    history = data.get("history", []) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def valid_history(metrics: dict, path: Path) -> list[dict[str, Any]]:
+    """The `history` list of a run's metrics ([] when absent); `path` names the file in the error."""
+    history = metrics.get("history", [])
     if not isinstance(history, list):
         raise IftError("'history' must be a list of {step, train_loss, learning_rate, validation}", str(path),
                        "restore the file or rerun the training")

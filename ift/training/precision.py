@@ -40,3 +40,19 @@ def precision_record(model, mixed_precision: str) -> str:
     """What an evaluated forward ran in, for the evaluation record: the weights' dtype, and the autocast."""
     weights = str(next(model.parameters()).dtype).removeprefix("torch.")
     return f"{weights} weights, {mixed_precision} autocast" if mixed_precision in ("bf16", "fp16") else weights
+
+
+def runnable_here(recipe: Recipe, say=print) -> Recipe:
+    """The recipe as this machine runs it (`runnable_precision` on the device Accelerate will pick): its saved
+    copy and the records then say what ran."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # The state as the Accelerator built next will see it: `accelerate launch` marks CPU runs with
+    # ACCELERATE_USE_CPU, and a PartialState made without it is, since accelerate 1.16, one process per rank on
+    # a CPU-only machine (every rank its own main process: two processes fought over the run folder's lock).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    recipe, why = runnable_precision(recipe, state.device.type)
+    if why and state.is_main_process:
+        say(f"note: {why}: training in fp32 (training.mixed_precision: no)")
+    return recipe

@@ -27,3 +27,13 @@ def tracker_init_kwargs(names: list[str], run_name: str, tags: list[str]) -> dic
     if "trackio" in names:
         kwargs["trackio"] = {"name": run_name}
     return kwargs
+
+
+def flat_config(recipe) -> dict:
+    """The recipe's scalar settings as `section.key` hyperparameters, for the trackers' config panels."""
+    flat = {}
+    for section, values in recipe.model_dump(mode="json").items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool)):
+                flat[f"{section}.{key}"] = value
+    return flat
