@@ -13,15 +13,23 @@ Parts (each writes a section of the JSON; a failing part is recorded and the oth
   3. throughput   ift vs TRL's SFTTrainer (completion-only loss; padding-free where TRL supports it; Liger
                   kernels when liger-kernel imports), LoRA and full fine-tuning, SmolLM2-135M's shape and the
                   1B shape, bf16: tokens/s, peak memory, MFU against the measured bf16 matmul peak
-  4. packing      packed vs padded batches: equal first-step loss, and the speed of each
-  5. eval         rank classification and greedy generation, examples/s, on the 1B shape
-  6. fsdp         recipes/tiny.yaml under `accelerate launch` with FSDP2 (every GPU of the machine; one on the
+  4. packing      the same rows padded (`data.packing: false`), padding-free (`true`) and in best-fit-decreasing
+                  bins of max_length tokens (`bfd`), SmolLM2-135M's shape: real (non-padding) tokens/s of
+                  ift's loop for each, and each packed batch's loss equal to the padded batch's on the same rows
+  5. liger        `model.liger` (liger-kernel's Triton kernels; CUDA only, skipped on --device cpu): on a tiny
+                  Llama-style model in bf16 autocast, ift's loss and gradients against Liger's fused linear
+                  cross-entropy alone and with its RMSNorm/RoPE/SwiGLU, equal to bf16 tolerance (QLoRA too);
+                  then tokens/s and peak memory of ift's loop without and with (`auto`, which must turn on), on
+                  SmolLM2-135M's shape with its 49,152-token vocabulary. Each side in a fresh process: Liger
+                  patches transformers' Llama module for the whole process
+  6. eval         rank classification and greedy generation, examples/s, on the 1B shape
+  7. fsdp         recipes/tiny.yaml under `accelerate launch` with FSDP2 (every GPU of the machine; one on the
                   H200) and accuracy evaluation during training: Accelerate runs FSDP only on CUDA (on CPU it
                   falls back to DDP), so this is where ift's sharded evaluation path (ift.train.full_weights)
                   runs under Accelerate itself, with recipes/accelerate/fsdp_2gpu.yaml's settings (tied head,
                   cpu_ram_efficient_loading): one unit per decoder layer, the head tied; on --device cpu it is
                   recorded as skipped (tests/test_train.py runs that preparation on one gloo process)
-  7. deepspeed    recipes/tiny.yaml under ZeRO-2 and ZeRO-3 (one process per GPU) with max_grad_norm 0.5:
+  8. deepspeed    recipes/tiny.yaml under ZeRO-2 and ZeRO-3 (one process per GPU) with max_grad_norm 0.5:
                   final/ written and loss falls; skipped on --device cpu or where deepspeed does not import
 
 `--device cpu --size tiny` runs every part at toy sizes in a few minutes (tests/test_gpu_check.py does), so
@@ -50,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARTS = ("correctness", "qlora", "throughput", "packing", "eval", "fsdp", "deepspeed")
+PARTS = ("correctness", "qlora", "throughput", "packing", "liger", "eval", "fsdp", "deepspeed")
 SHAPES = {  # Llama-family configs: SmolLM2-135M's and a ~1B one (Llama-3.2-1B-like, smaller vocabulary)
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
@@ -137,18 +145,19 @@ def tokenizer_folder(work: Path, data: Path) -> Path:
     return folder
 
 
-def base_model(work: Path, shape: str, tokenizer: Path, dtype: str = "bfloat16") -> Path:
-    """A 'pretrained' Llama of the given shape with random weights, saved like a Hub checkpoint."""
+def base_model(work: Path, shape: str, tokenizer: Path, dtype: str = "bfloat16", vocab: int | None = None) -> Path:
+    """A 'pretrained' Llama of the given shape with random weights, saved like a Hub checkpoint; `vocab` rows of
+    embeddings (default: the tokenizer's; more stand for a real model's vocabulary, the extra rows never seen)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = work / f"base-{shape}"
+    folder = work / (f"base-{shape}" + (f"-v{vocab}" if vocab else ""))
     if folder.is_dir():
         return folder
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, **SHAPES[shape])
+    config = LlamaConfig(vocab_size=max(vocab or 0, len(tok)), pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -431,24 +440,196 @@ def part_throughput(args, work: Path, log: Log, data: Path, templates: Path) -> 
 
 
 def part_packing(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
+    import torch
+
+    from ift.data.collate import FEATURES, Collator, pack_bins
+
     s = sizes(args)
     shape = s["shapes"][0]
     base = base_model(work, shape, tokenizer_folder(work, data))
-    results = {}
-    for packing in (False, True):
+    out: dict = {"shape": shape, "batch": s["batch"], "modes": {}}
+    for packing in ("false", "true", "bfd"):
         r = recipe(work, data, templates, f"packing-{packing}", model={"name_or_path": str(base), "dtype": "float32"},
-                   max_steps=s["bench_steps"] + s["warmup"] + 1, save_steps=10_000, eval_steps=10_000,
-                   per_device_train_batch_size=s["batch"], packing=packing, learning_rate=1e-12,
+                   max_steps=10_000, save_steps=10_000, eval_steps=10_000, per_device_train_batch_size=s["batch"],
+                   packing={"false": False, "true": True, "bfd": "bfd"}[packing],
                    mixed_precision="bf16" if args.device == "cuda" else "no")
-        with StepTimer() as timer:
-            run = train(r)
-        results[packing] = {"step_seconds": timer.step_seconds(s["warmup"]), "first_loss": losses(run)[0]}
-    out = {"padded": results[False], "packed": results[True],
-           "loss_difference": abs(results[True]["first_loss"] - results[False]["first_loss"])}
-    # the same rows in other batches: with a near-zero learning rate both runs measure the same function
+        with ift_run(r) as run:
+            out["modes"][packing] = timed_steps(run, s["bench_steps"], s["warmup"])
+            if packing == "false":
+                # the same rows three ways, one model: each example is scored as in the padded batch
+                rows = [run.tokens["train"][i] for i in range(2 * s["batch"])]
+                rows = [{k: row[k] for k in FEATURES if k in row} for row in rows]
+                bins = [[rows[i] for i in b] for b in pack_bins([len(x["input_ids"]) for x in rows], 512)]
+                batches = {"false": Collator(run.tokenizer, "causal")(rows),
+                           "true": Collator(run.tokenizer, "causal", packing=True)(rows),
+                           "bfd": Collator(run.tokenizer, "causal", packing="bfd")(bins)}
+                run.loss_model.eval()
+                means = {}
+                with torch.no_grad(), run.accelerator.autocast():
+                    for mode, batch in batches.items():
+                        total, count = run.loss_model(**{k: v.to(run.accelerator.device) for k, v in batch.items()})
+                        means[mode] = float(total) / float(count)
+                out["mean_loss"] = means
+    padded = out["modes"]["false"]["tokens_per_second"]
+    for packing in ("true", "bfd"):
+        out["modes"][packing]["over_padded"] = out["modes"][packing]["tokens_per_second"] / padded
+    out["loss_difference"] = max(abs(out["mean_loss"][m] - out["mean_loss"]["false"]) for m in ("true", "bfd"))
+    # bf16 autocast on CUDA rounds the padded and packed matmuls differently; fp32 on the CPU agrees closely
     out["ok"] = out["loss_difference"] < (2e-2 if args.device == "cuda" else 1e-3)
     log("packing:", json.dumps(out))
     return out
+
+
+@contextlib.contextmanager
+def ift_run(r):
+    """ift's training run set up (data, model, loaders, optimizer) without training: its steps are timed here."""
+    from ift.train import FineTune
+
+    fresh_accelerate()
+    run = FineTune(r)
+    try:
+        run.setup()
+        yield run
+    finally:
+        run.cleanup()
+        fresh_accelerate()
+
+
+def timed_steps(run, steps: int, warmup: int) -> dict:
+    """`steps` optimizer steps of one micro-batch after `warmup` untimed ones (cycling through the epoch): real
+    tokens/s (padding and packing's padding pseudo-example not counted), median seconds per step, peak memory."""
+    import torch
+
+    cuda = run.accelerator.device.type == "cuda"
+    pad = run.tokenizer.pad_token_id
+    batches = list(run.train_dl)
+    seconds, tokens = [], []
+    run.loss_model.train()
+    reset_peak("cuda" if cuda else "cpu")
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run.train_window([batch])
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - started)
+            tokens.append(real_tokens(batch, pad))
+    return {"tokens_per_second": sum(tokens) / sum(seconds), "step_seconds": sorted(seconds)[len(seconds) // 2],
+            "tokens_per_step": sum(tokens) / len(tokens), "batches_per_epoch": len(batches),
+            "peak_memory": peak_memory("cuda" if cuda else "cpu")}
+
+
+def real_tokens(batch: dict, pad_id: int | None) -> int:
+    """Tokens of a batch that are not padding: a padded batch's attention mask; in a packed row, all but the
+    padding pseudo-example at its end (its ids all pad, its positions restarting)."""
+    import torch
+
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    total = 0
+    for ids, positions in zip(batch["input_ids"], batch["position_ids"]):
+        last = int((positions == 0).nonzero().flatten()[-1])
+        tail = ids[last:]
+        padded = last > 0 and pad_id is not None and bool(torch.all(tail == pad_id))
+        total += len(ids) - (len(tail) if padded else 0)
+    return total
+
+
+def part_liger(args, work: Path, log: Log, data: Path, templates: Path) -> dict:
+    import importlib.util
+    import multiprocessing
+
+    if args.device != "cuda":
+        out = {"ok": True, "skipped": "Liger's kernels are Triton kernels that run only on CUDA; tests/test_liger.py "
+                                      "checks model.liger's decision and refusals on the CPU"}
+        log("liger:", json.dumps(out))
+        return out
+    if importlib.util.find_spec("liger_kernel") is None:
+        out = {"ok": False, "error": "liger-kernel is not installed: `bash bench/gpu_check.sh --prepare` carries its "
+                                     "wheel in bench/wheels"}
+        log("liger:", json.dumps(out))
+        return out
+    s = sizes(args)
+    tok = tokenizer_folder(work, data)
+    tiny = base_model(work, "tiny", tok, vocab=49152)
+    speed = base_model(work, s["shapes"][0], tok, vocab=49152)
+    jobs = [("equal", "none", tiny), ("equal", "qlora", tiny), ("off", "none", speed), ("auto", "none", speed)]
+    results = {}
+    # each in a fresh interpreter: Liger replaces transformers' Llama functions and classes for the whole process
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for mode, adapter, base in jobs:
+            results[f"{mode}-{adapter}"] = pool.apply(liger_child, (mode, adapter, str(base), str(work), str(data),
+                                                                    str(templates), args.size))
+    out = {"equal": results["equal-none"], "equal_qlora": results["equal-qlora"], "without": results["off-none"],
+           "with": results["auto-none"]}
+    out["with_over_without"] = out["with"]["tokens_per_second"] / out["without"]["tokens_per_second"]
+    out["memory_ratio"] = out["with"]["peak_memory"] / max(out["without"]["peak_memory"], 1)
+    out["ok"] = (out["equal"]["ok"] and out["equal_qlora"]["ok"] and out["with"]["liger"] is True
+                 and out["without"]["liger"] is False)
+    log("liger:", json.dumps(out))
+    return out
+
+
+def liger_child(mode: str, adapter: str, base: str, work: str, data: str, templates: str, size: str) -> dict:
+    """One side of the liger part, in its own process. `equal`: one batch's summed loss and gradients with ift's
+    head, with Liger's fused linear cross-entropy alone, then with Liger's kernels applied too; `off`/`auto`: ift's
+    loop timed with model.liger false / auto."""
+    import torch
+
+    from ift.training.liger import LigerChoice, apply_liger
+    from ift.training.loss import CompletionLoss
+
+    class Args:
+        device = "cuda"
+
+    Args.size = size
+    s = sizes(Args)
+    lora = {"method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+            "compute_dtype": "bfloat16"} if adapter == "qlora" else None
+    r = recipe(Path(work), Path(data), Path(templates), f"liger-{mode}-{adapter}",
+               model={"name_or_path": base, "dtype": "bfloat16" if lora else "float32",
+                      "liger": "auto" if mode == "auto" else False},
+               adapter=lora, max_steps=10_000, save_steps=10_000, eval_steps=10_000,
+               per_device_train_batch_size=s["batch"], mixed_precision="bf16")
+    with ift_run(r) as run:
+        if mode != "equal":
+            return {**timed_steps(run, s["bench_steps"], s["warmup"]), "liger": run.recipe.model.liger}
+        acc = run.accelerator
+        model = acc.unwrap_model(run.loss_model).model
+        batch = {k: v.to(acc.device) for k, v in next(iter(run.train_dl)).items()}
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_and_grads(fused: bool) -> tuple[float, torch.Tensor]:
+            model.zero_grad(set_to_none=True)
+            with acc.autocast():
+                total, count = CompletionLoss(model, "causal", fused_loss=fused)(**batch)
+            (total / count).backward()
+            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
+                               for p in params])
+            return float(total) / float(count), grads
+
+        model.train()
+        ift_loss, ift_grads = loss_and_grads(False)
+        fused_loss, fused_grads = loss_and_grads(True)  # Liger's fused head and loss on ift's loss positions
+        liger_recipe = run.recipe.model_copy(update={"model": run.recipe.model.model_copy(update={"liger": True})})
+        apply_liger(model, liger_recipe, LigerChoice(True, "gpu check"), print)
+        liger_loss, liger_grads = loss_and_grads(True)  # and RMSNorm/RoPE/SwiGLU
+
+        def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+        out = {"adapter": adapter, "loss_tokens": int((batch["labels"][:, 1:] != -100).sum()), "ift_loss": ift_loss,
+               "fused_loss": fused_loss, "liger_loss": liger_loss,
+               "fused_loss_rel": abs(fused_loss - ift_loss) / ift_loss,
+               "liger_loss_rel": abs(liger_loss - ift_loss) / ift_loss,
+               "fused_grad_rel": rel(fused_grads, ift_grads), "liger_grad_rel": rel(liger_grads, ift_grads)}
+        # bf16's relative tolerance (torch.testing's 1.6e-2) on the loss; gradients as a whole within 5%
+        out["ok"] = (out["fused_loss_rel"] < 1.6e-2 and out["liger_loss_rel"] < 1.6e-2 and out["fused_grad_rel"] < 5e-2
+                     and out["liger_grad_rel"] < 5e-2)
+        return out
 
 
 def part_eval(args, work: Path, log: Log, data: Path) -> dict:
@@ -644,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = part_throughput(args, work, log, data, templates)
             elif part == "packing":
                 result = part_packing(args, work, log, data, templates)
+            elif part == "liger":
+                result = part_liger(args, work, log, data, templates)
             elif part == "eval":
                 result = part_eval(args, work, log, data)
             elif part == "fsdp":

@@ -11,6 +11,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
       -d bench/wheels datasets pydantic pydantic-core annotated-types typing-inspection trl gguf \
       pyarrow dill xxhash multiprocess evaluate
+  # the liger part: liger-kernel is pure Python; the triton it needs comes with the image's CUDA build of torch
+  pip download --no-deps --only-binary=:all: -d bench/wheels "liger-kernel>=0.8"
   # rouge_score ships only as an sdist (pure Python); pip builds it there without network
   pip download --no-deps --no-binary=:all: -d bench/wheels "rouge_score>=0.1.2"
   # DeepSpeed (an sdist; its ops compile on first use) and its pure-Python dependencies, for the deepspeed part

@@ -111,7 +111,8 @@ def test_an_adapter_on_the_output_layer_turns_liger_off_or_is_refused(tiny_llama
     said: list[str] = []
     auto = Recipe.model_validate(yaml.safe_load(toy_recipe(tmp_path).read_text()))
     pinned = apply_liger(model, auto, LigerChoice(True, "test"), said.append)
-    assert pinned.model.liger is False and said and said[0].startswith("liger: off (the output layer is a peft.tuners.lora.layer.Linear")
+    assert pinned.model.liger is False
+    assert said[0].startswith("liger: off (the output layer is a peft.tuners.lora.layer.Linear (an adapter on it")
     forced = auto.model_copy(update={"model": auto.model.model_copy(update={"liger": True})})
     with pytest.raises(IftError, match="model.liger: true, but the output layer is a"):
         apply_liger(model, forced, LigerChoice(True, "test"), said.append)

@@ -88,7 +88,8 @@ def _problem(model: ModelConfig, device_type: str, zero_stage: int) -> tuple[str
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except Exception as exc:  # e.g. no triton, or a transformers it does not support
-        return (f"liger-kernel does not import here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return (f"liger-kernel does not import here ({type(exc).__name__}: {first})",
                 f"reinstall it with a triton that matches torch (pip install 'ift[liger]'), or {FIX}")
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return (f"liger-kernel {importlib.metadata.version('liger-kernel')} has no kernels for model_type {model_type}",
