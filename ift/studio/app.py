@@ -82,8 +82,8 @@ class Studio:
         self.pages.globals.update(fmt=fmt, outcome=runs.outcome)
 
     # -- helpers -------------------------------------------------------------------------------
-    def page(self, name: str, **context: Any) -> str:
-        return self.pages.get_template(name).render(**context)
+    def page(self, page_name: str, **context: Any) -> str:
+        return self.pages.get_template(page_name).render(**context)
 
     def library(self, extra: list[str] = ()) -> TemplateLibrary:
         return TemplateLibrary(dirs=[*self.config.templates_dirs, *extra], promptsource=self.config.promptsource)

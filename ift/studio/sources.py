@@ -65,7 +65,8 @@ class OpenedSource:
         return list(zip(range(start, stop), ds.select(range(start, stop)).to_list()))
 
     def label_columns(self, split: str) -> list[str]:
-        """Columns worth counting: class labels, and text or whole-number columns with few distinct values."""
+        """Columns worth counting: class labels, and text or whole-number columns whose values repeat (at most
+        MAX_LABELS distinct ones, and at most one per two rows among the first thousand)."""
         import datasets
 
         ds = self.split(split)
@@ -76,7 +77,7 @@ class OpenedSource:
                 found.append(name)
             elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "bool") or (
                     isinstance(feature, datasets.Value) and feature.dtype.startswith("int")):
-                if len(set(head[name])) <= MAX_LABELS:
+                if len(set(head[name])) <= min(MAX_LABELS, max(1, len(head) // 2)):  # labels repeat
                     found.append(name)
         found.sort(key=lambda c: (c != "label", not c.endswith("label")))  # `label` first
         return found
