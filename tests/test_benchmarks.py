@@ -3,7 +3,9 @@ a task YAML over local files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import lm_eval
@@ -197,3 +199,42 @@ def test_ift_eval_benchmarks_on_a_finished_run(task_file, tmp_path, tiny_tokeniz
     assert acc["base"] == _lm_eval_directly(models[False], tiny_tokenizer, task_file, limit=8)["acc,none"]
     assert main(["eval", str(run), "--benchmarks"]) == 2
     assert "no benchmarks to run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the shipped task files over ../shared/data
+
+TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LM_EVAL_TASKS = Path(lm_eval.__file__).resolve().parent / "tasks"
+
+
+def _pubmedqa_doc_to_text():
+    spec = importlib.util.spec_from_file_location("preprocess_pubmedqa", LM_EVAL_TASKS / "pubmedqa" /
+                                                  "preprocess_pubmedqa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.doc_to_text
+
+
+@pytest.mark.parametrize("name, theirs, split", [("sst2_local", "glue/sst2/default.yaml", "validation"),
+                                                 ("pubmedqa_local", "pubmedqa/pubmedqa.yaml", "test")])
+def test_shipped_local_tasks_ask_what_lm_evals_own_tasks_ask(name, theirs, split, tmp_path, monkeypatch):
+    """tests/lm_eval_tasks: lm-eval's sst2 and pubmedqa over the local copies, read from any working directory:
+    every row's prompt, choices and target equal those lm-eval's own task definition gives the same row."""
+    from lm_eval.utils import apply_template
+
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not present")
+    monkeypatch.chdir(tmp_path)
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
+    ours = manager.load([str(benchmarks.with_local_paths(TASKS / f"{name}.yaml", tmp_path / "stand_ins"))])["tasks"][name]
+    reference, _ = benchmarks.task_config(LM_EVAL_TASKS / theirs)
+    docs = list(ours.validation_docs() if split == "validation" else ours.test_docs())
+    assert len(docs) == {"sst2_local": 872, "pubmedqa_local": 500}[name]
+    text = _pubmedqa_doc_to_text() if name == "pubmedqa_local" else lambda d: apply_template(reference["doc_to_text"], d)
+    for doc in docs:
+        assert ours.doc_to_text(doc) == text(doc)
+        assert ours.doc_to_choice(doc) == reference["doc_to_choice"]
+        assert ours.doc_to_target(doc) == doc[reference["doc_to_target"]]
+    assert ours.config.output_type == reference["output_type"] == "multiple_choice"
+    assert [m["metric"] for m in ours.config.metric_list] == [m["metric"] for m in reference["metric_list"]]

@@ -33,6 +33,7 @@ SPELLED_DIRECTLY = {
     "nyu-mll/glue": ("glue_sst2", {}),
     "knkarthick/dialogsum": ("dialogsum", {"summary1": "summary", "topic1": "topic"}),
     "tatsu-lab/alpaca": ("alpaca_5000", {}),
+    "cardiffnlp/tweet_eval": ("tweet_eval_emotion", {}),
     FASTCHAT: ("vicuna_identity", {}),
 }
 
