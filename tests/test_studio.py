@@ -383,13 +383,37 @@ def test_the_studio_binds_loopback_unless_told(tmp_path):
     running = server.start(StudioConfig(runs_dir=str(tmp_path)))
     try:
         assert running.address[0] == "127.0.0.1" and running.url.startswith("http://127.0.0.1:")
+        import urllib.error
         import urllib.request
 
         with urllib.request.urlopen(running.url, timeout=10) as response:
             assert response.status == 200 and b"ift studio" in response.read()
+        rebound = urllib.request.Request(running.url, headers={"Host": f"evil.example:{running.address[1]}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # another name resolving to 127.0.0.1
+            urllib.request.urlopen(rebound, timeout=10)
+        assert refused.value.code == 400
     finally:
         running.stop()
     assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and not server.is_loopback("0.0.0.0")
+
+
+def test_ift_studio_serves_on_loopback_and_opens_the_data_given(tmp_path):
+    import urllib.request
+
+    data = write_data(tmp_path / "news")
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "ift", "studio", "--port", "0", "--data", str(data),
+                             "--runs", str(tmp_path), "--no-promptsource"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://\S+/", line)
+        assert url and url.group(0).startswith("http://127.0.0.1:"), line
+        with urllib.request.urlopen(url.group(0), timeout=30) as response:
+            page = response.read().decode()
+        assert f'value="{data}"' in page and 'hx-trigger="load"' in page  # the source opens as the page loads
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_busy_port_is_one_clear_error():

@@ -21,6 +21,8 @@ import jinja2
 import markupsafe
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Mount, Route
@@ -51,6 +53,9 @@ class StudioConfig:
     runs_dir: str = "runs"
     run: str = ""
     tokenizer: str = ""
+    # Host header values served (None: any). On loopback only the loopback names, so a page that rebinds its own
+    # domain name to 127.0.0.1 still cannot reach the studio
+    allowed_hosts: list[str] | None = None
 
 
 class _Cache(OrderedDict):
@@ -386,7 +391,9 @@ def create_app(config: StudioConfig) -> Starlette:
         Route("/runs/plot", plot),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=config.allowed_hosts)] \
+        if config.allowed_hosts else []
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.studio = studio
     return app
 

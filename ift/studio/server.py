@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ift.errors import IftError
 from ift.studio.app import StudioConfig, create_app
@@ -50,9 +50,14 @@ class Running:
         self.thread.join(timeout=10)
 
 
-def _server(config: StudioConfig, log_level: str):
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def _server(config: StudioConfig, host: str, log_level: str):
     import uvicorn
 
+    if config.allowed_hosts is None and is_loopback(host):
+        config = replace(config, allowed_hosts=LOOPBACK_NAMES)
     return uvicorn.Server(uvicorn.Config(create_app(config), log_level=log_level, access_log=False,
                                          lifespan="off", server_header=False))
 
@@ -65,7 +70,7 @@ def url_of(sock: socket.socket) -> str:
 def serve(config: StudioConfig, host: str = LOOPBACK, port: int = 7860, say=print) -> None:
     """Serve until interrupted."""
     sock = bind(host, port)
-    server = _server(config, "warning")
+    server = _server(config, host, "warning")
     say(f"ift studio: {url_of(sock)}   (Ctrl+C stops it)")
     if not is_loopback(host):
         say(f"warning: listening on {host}: anyone who can reach this machine can read your data and write templates")
@@ -75,7 +80,7 @@ def serve(config: StudioConfig, host: str = LOOPBACK, port: int = 7860, say=prin
 def start(config: StudioConfig, host: str = LOOPBACK, port: int = 0) -> Running:
     """Serve in a background thread; returns once the server accepts connections."""
     sock = bind(host, port)
-    server = _server(config, "error")
+    server = _server(config, host, "error")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="ift-studio")
     thread.start()
     for _ in range(500):
