@@ -914,7 +914,7 @@ def test_bf16_lora_holds_the_base_in_bf16_evaluates_under_autocast_and_trains_th
     same adapter as with float32 base weights cast by autocast; its evaluations run under the autocast its records
     name ("bf16 autocast"), which they did not before (the inner model was called outside autocast)."""
     import ift.evaluation.evaluate as evaluation
-    import ift.train as train_module
+    import ift.training.model_setup as model_setup
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     seen = []
@@ -933,7 +933,7 @@ def test_bf16_lora_holds_the_base_in_bf16_evaluates_under_autocast_and_trains_th
     records = json.loads((run / "metrics.json").read_text())
 
     reset_accelerate_state()
-    monkeypatch.setattr(train_module, "frozen_base_in_compute_dtype", lambda *a: None)
+    monkeypatch.setattr(model_setup, "frozen_base_in_compute_dtype", lambda *a: None)
     seen.clear()
     reference = run_train(toy_recipe(tmp_path / "fp32-base", **options))
     assert seen and all(s == (True, torch.float32) for s in seen)

@@ -16,6 +16,7 @@ no KV cache is passed (`ift.training.loss` calls the model with `use_cache=False
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -248,3 +249,29 @@ def eval_dataloader(ds: Any, batch_size: int, collator: Collator) -> DataLoader:
     """Batches in the split's own order (predictions line up with rows)."""
     return DataLoader(_model_columns(ds), batch_size=batch_size, shuffle=False, collate_fn=collator,
                       generator=torch.Generator().manual_seed(0))  # leaves the global RNG (dropout) alone
+
+
+@dataclass
+class TrainingLoaders:
+    """A run's loaders: training (padded as `train_padding` says, or packed) and validation (padded: evaluation
+    batches are never packed, since Accelerate drops the rows it repeats to even out the shards by row, and a
+    packed batch is one row of several examples), and the collators of both."""
+
+    train: DataLoader
+    validation: DataLoader
+    train_collator: Collator
+    eval_collator: Collator
+
+
+def training_loaders(tokens: dict, tokenizer, kind: str, data, training, device_type: str) -> TrainingLoaders:
+    """The loaders of a run's tokenized splits, from its recipe's `data` and `training` sections."""
+    eval_collator = Collator(tokenizer, kind)
+    multiple, limit = train_padding(data.pad_to_multiple_of, device_type, longest_row(tokens["train"]))
+    train_collator = Collator(tokenizer, kind, packing=data.packing, pad_to_multiple_of=multiple,
+                              pad_limit=None if data.packing else limit)
+    train = train_dataloader(tokens["train"], training.per_device_train_batch_size, train_collator,
+                             seed=training.seed, group_by_length=data.group_by_length,
+                             num_workers=training.dataloader_num_workers,
+                             bin_capacity=data.max_length if data.packing == "bfd" else None)
+    validation = eval_dataloader(tokens["validation"], training.per_device_eval_batch_size, eval_collator)
+    return TrainingLoaders(train, validation, train_collator, eval_collator)

@@ -49,14 +49,16 @@ def _class_f1(section: dict, label: str):
     return figures.get("f1") if isinstance(figures, dict) else None
 
 
-def compare_sections(run_dir: Path, split: str) -> tuple[dict, dict]:
-    """(base, fine-tuned) figures for a split: the training run's own, else the newest full `ift eval` record."""
+def compare_sections(run_dir: Path, split: str, metrics: dict | None = None) -> tuple[dict, dict]:
+    """(base, fine-tuned) figures for a split: the training run's own, else the newest full `ift eval` record.
+    `metrics`: metrics.json's content as the caller holds it (else read)."""
     from ift.run import RunDir
 
     rd = RunDir(run_dir)
-    if not rd.metrics_file.is_file():
-        raise IftError("no metrics.json in the run directory", str(run_dir), "train or evaluate the run first")
-    metrics = rd.metrics()
+    if metrics is None:
+        if not rd.metrics_file.is_file():
+            raise IftError("no metrics.json in the run directory", str(run_dir), "train or evaluate the run first")
+        metrics = rd.metrics()
     sides = []
     for model, own in (("base", (metrics.get("base") or {}).get(split)), ("fine-tuned", metrics.get(split))):
         record = rd.latest_evaluation(model, split)
@@ -69,11 +71,12 @@ def compare_sections(run_dir: Path, split: str) -> tuple[dict, dict]:
     return sides[0], sides[1]
 
 
-def print_compare(run_dir: Path, split: str) -> None:
+def print_compare(run_dir: Path, split: str, metrics: dict | None = None) -> None:
+    """The base-vs-fine-tuned table, the benchmarks and the confusion matrices; `metrics` as compare_sections."""
     from rich.console import Console
     from rich.table import Table
 
-    base, tuned = compare_sections(run_dir, split)
+    base, tuned = compare_sections(run_dir, split, metrics)
     rows = compare_table(base, tuned)
     table = Table(title=f"{run_dir} — {split}: base vs fine-tuned")
     for col in ("metric", "base", "fine-tuned", "delta"):
@@ -83,7 +86,7 @@ def print_compare(run_dir: Path, split: str) -> None:
         table.add_row(r["metric"], fmt(r["base"]), fmt(r["fine-tuned"]), delta)
     console = Console()
     console.print(table)
-    print_benchmarks(run_dir, console)
+    print_benchmarks(run_dir, console, metrics)
     for side, figures in (("base", base), ("fine-tuned", tuned)):
         cm = figures.get("confusion_matrix")
         if isinstance(cm, dict) and cm.get("labels"):
@@ -102,8 +105,9 @@ def confusion_table(cm: dict, title: str):
     return table
 
 
-def print_benchmarks(run_dir: Path, console=None) -> bool:
-    """The run's `benchmarks` section (base → fine-tuned per lm-eval task), if it has one; whether it had."""
+def print_benchmarks(run_dir: Path, console=None, metrics: dict | None = None) -> bool:
+    """The run's `benchmarks` section (base → fine-tuned per lm-eval task), if it has one; whether it had.
+    `metrics`: metrics.json's content as the caller holds it (else read)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -111,7 +115,9 @@ def print_benchmarks(run_dir: Path, console=None) -> bool:
     from ift.run import RunDir
 
     rd = RunDir(run_dir)
-    section = rd.metrics().get("benchmarks") if rd.metrics_file.is_file() else None
+    if metrics is None:
+        metrics = rd.metrics() if rd.metrics_file.is_file() else {}
+    section = metrics.get("benchmarks")
     found = rows(section)
     if not found:
         return False

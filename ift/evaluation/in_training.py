@@ -5,9 +5,11 @@ the test rows, and the benchmarks on base and fine-tuned."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import ift.evaluation.evaluate as evaluation  # through the module: tests watch evaluation.evaluate
+from ift.run import RunDir
 from ift.errors import IftError
 from ift.evaluation.benchmarks import base_and_fine_tuned
 from ift.metrics import headline_text, needs_predictions
@@ -115,3 +117,32 @@ def run_benchmarks(accelerator, model, recipe: Recipe, kind: str, tokenizer, say
     with accelerator.autocast():
         return base_and_fine_tuned(model, tokenizer, kind, recipe.evaluation, say=say,
                                    load_base=lambda: load_base(recipe, tokenizer, accelerator.device))
+
+
+@dataclass
+class TestEvaluation:
+    """One of a run's own test evaluations, before it is recorded."""
+
+    model: str  # "fine-tuned" | "base"
+    metrics: dict
+    predictions: list[dict]
+    weights: str  # what was evaluated, in words
+    name: str  # its predictions file: predictions/<name>.jsonl
+
+
+def record_tests(rd: RunDir, evaluations: list[TestEvaluation], *, rows: int, dtype: str,
+                 quantization: str | None) -> dict:
+    """Each evaluation's predictions file and evaluation record; returns the metrics.json sections they fill
+    (`test`, and `base.test`), each naming its record."""
+    sections: dict = {}
+    for e in evaluations:
+        path = None
+        if e.predictions:
+            path = rd.predictions(e.name)
+            evaluation.write_predictions(path, e.predictions)
+        record = rd.add_evaluation(model=e.model, split="test", metrics=e.metrics, rows=rows, limit=None,
+                                   weights=e.weights, dtype=dtype, quantization=quantization, predictions=path,
+                                   by="train")
+        target = sections if e.model == "fine-tuned" else sections.setdefault("base", {})
+        target["test"] = {**e.metrics, "record": record["id"]}
+    return sections

@@ -28,6 +28,7 @@ from ift.errors import IftError
 from ift.locations import connection_errors
 from ift.publish.merge import Report, has_adapter, load_run_recipe
 from ift.recipe import Recipe
+from ift.run import RunDir
 
 # Pickle-based weight formats: loading them runs code, so we never publish them.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -127,8 +128,9 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = Fa
 
 def push_checkpoint(run_dir: Path, weights: Path, *, step: int, repo_id: str, private: bool = False,
                     revision: str | None = None, state: Path | None = None, report: Report | None = None,
-                    token: str | None = None) -> str:
+                    token: str | None = None, recipe: Recipe | None = None) -> str:
     """hub.strategy every_save / checkpoint: publish the weights of a checkpoint while training runs; the URL.
+    `recipe`: the run's, as the caller holds it (else its saved recipe.yaml).
 
     `weights` is a save_pretrained folder (adapter or full model, safetensors) plus the tokenizer. It goes to
     the repo root in one commit, "Training in progress, step N", with the run's card (RUN_DIR/README.md) when
@@ -156,7 +158,7 @@ def push_checkpoint(run_dir: Path, weights: Path, *, step: int, repo_id: str, pr
     token = token or _resolve_token()
     if not token:
         raise IftError(f"no Hugging Face token found to push checkpoint step {step}", repo_id, f"{TOKEN_FIX}; {resume}")
-    recipe = load_run_recipe(run_dir)
+    recipe = recipe if recipe is not None else load_run_recipe(run_dir)
     if not weights.is_dir():
         raise IftError(f"no weights to push for checkpoint step {step}", str(weights),
                        "report it as an ift bug: training writes them before pushing")
@@ -189,6 +191,33 @@ def push_checkpoint(run_dir: Path, weights: Path, *, step: int, repo_id: str, pr
     except Exception as err:  # noqa: BLE001 - a training run stops with one line, not a traceback
         raise IftError(f"could not push checkpoint step {step} to the Hub: {type(err).__name__}: "
                        f"{str(err).splitlines()[0][:300] if str(err) else ''}", repo_id, resume) from None
+
+
+def push_from_training(accelerator, model, state: dict, tokenizer, rd: RunDir, checkpoint: Path, *, step: int,
+                       recipe: Recipe, say: Report) -> None:
+    """`push_checkpoint` from inside a training run, which every process calls: the main one writes the weights
+    (`state`, gathered by all) to a staging folder, removed after the upload, and uploads; a failure is shared
+    with every process, so all stop together (the checkpoint itself is kept)."""
+    from accelerate.utils import broadcast_object_list
+
+    hub = recipe.hub
+    failure: list = [None]
+    if accelerator.is_main_process:
+        weights = rd.hub_staging / checkpoint.name
+        try:
+            model.save_pretrained(weights, state_dict=state)
+            tokenizer.save_pretrained(weights)
+            push_checkpoint(rd.path, weights, step=step, repo_id=hub.repo_id, private=hub.private,
+                            revision=hub.revision, state=checkpoint if hub.strategy == "checkpoint" else None,
+                            report=say, recipe=recipe)
+        except IftError as err:
+            failure[0] = (err.what, err.where, err.fix)
+        finally:
+            shutil.rmtree(weights.parent, ignore_errors=True)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise IftError(*failure[0])
 
 
 def _state_plan(state: Path) -> list[tuple[Path, str]]:

@@ -25,6 +25,15 @@ class Window:
                       self.seq_tokens + later.seq_tokens, later.stop, later.grad_norm)
 
 
+    def log_entry(self, step: int, seconds: float, learning_rate: float) -> dict:
+        """What a logged step records in the run's history: mean token loss, rate, throughput, gradient norm."""
+        entry = {"step": step, "train_loss": self.loss_sum / max(self.loss_tokens, 1), "learning_rate": learning_rate,
+                 "tokens_per_second": self.seq_tokens / max(seconds, 1e-9)}
+        if self.grad_norm is not None:
+            entry["grad_norm"] = float(self.grad_norm)
+        return entry
+
+
 class Stop(Exception):
     """A stop signal reached some process: save a checkpoint, then exit (every process together)."""
 
