@@ -20,8 +20,9 @@ Parts (each writes a section of the JSON; a failing part is recorded and the oth
                   Llama-style model in bf16 autocast, ift's loss and gradients against Liger's fused linear
                   cross-entropy alone and with its RMSNorm/RoPE/SwiGLU, equal to bf16 tolerance (QLoRA too);
                   then tokens/s and peak memory of ift's loop without and with (`auto`, which must turn on), on
-                  SmolLM2-135M's shape with its 49,152-token vocabulary. Each side in a fresh process: Liger
-                  patches transformers' Llama module for the whole process
+                  SmolLM2-135M's shape with its 49,152-token vocabulary; rows as raw text, every token carrying
+                  loss (where a fused loss matters). Each side in a fresh process: Liger patches transformers'
+                  Llama module for the whole process
   6. eval         rank classification and greedy generation, examples/s, on the 1B shape
   7. fsdp         recipes/tiny.yaml under `accelerate launch` with FSDP2 (every GPU of the machine; one on the
                   H200) and accuracy evaluation during training: Accelerate runs FSDP only on CUDA (on CPU it
@@ -173,9 +174,12 @@ def recipe(work: Path, data: Path, templates: Path, name: str, *, model: dict, a
          "logging_steps": 1, "report_to": ["none"], "overwrite_output_dir": True, **training}
     evaluation = t.pop("evaluation", {"metrics": ["loss"], "test": False})
     packing = t.pop("packing", False)
+    # text: the rows' text as raw text, loss on every token (long completions), not the classification template
+    source = {"name": "synthetic", "path": str(data), "format": "text"} if t.pop("text", False) else \
+        {"name": "synthetic", "path": str(data), "templates": ["gpu_check/sentiment"]}
     return Recipe.model_validate({
         "model": model, "adapter": adapter or {"method": "none"},
-        "data": {"sources": [{"name": "synthetic", "path": str(data), "templates": ["gpu_check/sentiment"]}],
+        "data": {"sources": [source],
                  "templates_dir": [str(templates)], "max_length": 512, "seed": 1, "packing": packing},
         "training": t, "evaluation": evaluation,
     })
@@ -592,7 +596,7 @@ def liger_child(mode: str, adapter: str, base: str, work: str, data: str, templa
     r = recipe(Path(work), Path(data), Path(templates), f"liger-{mode}-{adapter}",
                model={"name_or_path": base, "dtype": "bfloat16" if lora else "float32",
                       "liger": "auto" if mode == "auto" else False},
-               adapter=lora, max_steps=10_000, save_steps=10_000, eval_steps=10_000,
+               adapter=lora, max_steps=10_000, save_steps=10_000, eval_steps=10_000, text=True,
                per_device_train_batch_size=s["batch"], mixed_precision="bf16")
     with ift_run(r) as run:
         if mode != "equal":
@@ -609,7 +613,7 @@ def liger_child(mode: str, adapter: str, base: str, work: str, data: str, templa
             (total / count).backward()
             grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
                                for p in params])
-            return float(total) / float(count), grads
+            return float(total.detach()) / float(count), grads
 
         model.train()
         ift_loss, ift_grads = loss_and_grads(False)
