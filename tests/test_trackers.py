@@ -178,13 +178,12 @@ def test_each_tracker_offline_gets_every_steps_figures_the_run_name_and_tags(tra
     recipe = toy_recipe(tmp_path, max_steps=STEPS, eval_steps=STEPS, save_steps=STEPS, logging_steps=1,
                         report_to=[tracker], run_name="toy-run", tags=["toy", "offline"],
                         evaluation={"metrics": ["loss"]})
-    env = {**os.environ, **OFFLINE[tracker](tmp_path)}
-    # a fresh process, as a user runs it: some trackers read their settings once, at import
-    proc = subprocess.run([sys.executable, "-m", "ift", "train", str(recipe)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     for key, value in OFFLINE[tracker](tmp_path).items():
         monkeypatch.setenv(key, value)
+    # a fresh process, as a user runs it: some trackers read their settings once, at import
+    proc = subprocess.run([sys.executable, "-m", "ift", "train", str(recipe)], cwd=tmp_path, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     logged = READERS[tracker](tmp_path)
     history = [h for h in json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] if "train_loss" in h]
     assert [h["step"] for h in history] == list(range(1, STEPS + 1))
