@@ -33,6 +33,10 @@ Parts (each writes a section of the JSON; a failing part is recorded and the oth
   8. deepspeed    recipes/tiny.yaml under ZeRO-2 and ZeRO-3 (one process per GPU) with max_grad_norm 0.5:
                   final/ written and loss falls; skipped on --device cpu or where deepspeed does not import
 
+The other parts' ift runs keep the recipe default `model.liger: auto`: where liger-kernel is installed (`--prepare`
+carries it) they train with Liger's kernels on CUDA, as TRL's side does, and the FSDP and ZeRO-2 runs test them under
+sharding (ZeRO-3 turns them off).
+
 `--device cpu --size tiny` runs every part at toy sizes in a few minutes (tests/test_gpu_check.py does), so
 GPU minutes go to measuring, not debugging. Output: gpu_check.json and gpu_check.log under $OUT when set,
 else bench/out/.
