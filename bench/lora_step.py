@@ -96,7 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.model_source import resolve_model_path
     from ift.recipe import ModelConfig
 
     torch.set_num_threads(args.threads)

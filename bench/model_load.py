@@ -4,7 +4,7 @@
 
 Phases, in one process after the imports, wall and CPU seconds each:
   direct   AutoTokenizer + AutoModelForCausalLM .from_pretrained(dir, gguf_file=...)  (de-quantizes every time)
-  convert  ift.modeling.gguf.resolve_model_path on an empty cache: the one-off conversion
+  convert  ift.modeling.model_source.resolve_model_path on an empty cache: the one-off conversion
   resolve  resolve_model_path again (sha256 remembered per path/size/mtime), and with that memo deleted (re-hash)
   load     ift.modeling.loading.load(...) from the cache: model + tokenizer, ready to train (median of --repeat)
 """
@@ -39,7 +39,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    import ift.modeling.gguf as modeling
+    import ift.modeling.model_source as modeling
     from ift.modeling.loading import load
     from ift.recipe import AdapterConfig, ModelConfig
 
@@ -47,7 +47,7 @@ def main() -> int:
     rows: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory() as cache:
         cfg = ModelConfig(gguf_file=args.gguf, cache_dir=cache)
-        gguf = modeling._locate_gguf(cfg)
+        gguf = modeling.locate_gguf(cfg)
         size_mb = gguf.stat().st_size / 1e6
 
         def direct():

@@ -100,7 +100,7 @@ VALIDATION_ROWS = 8  # ift evaluates once, at the last step: keep it cheap
 
 
 def model_folder() -> str:
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.model_source import resolve_model_path
     from ift.recipe import ModelConfig
 
     return resolve_model_path(ModelConfig(gguf_file=GGUF))

@@ -227,7 +227,7 @@ def estimate_case(case: Case, folder: str | None) -> tuple[int, float, object]:
 
 
 def smollm2_folder() -> str:
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.model_source import resolve_model_path
     from ift.recipe import ModelConfig
 
     return resolve_model_path(ModelConfig(gguf_file=SMOLLM2_GGUF))

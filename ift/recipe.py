@@ -343,9 +343,14 @@ def _bitsandbytes_available() -> bool:
 
 
 def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
-    """Settings that are each valid but cannot go together: (key path, what, fix)."""
-    out: list[tuple[str, str, str]] = []
-    m, a, d, t, e, h = r.model, r.adapter, r.data, r.training, r.evaluation, r.hub
+    """Settings that are each valid but cannot go together: (key path, what, fix), section by section."""
+    return [*_model_contradictions(r.model, r.adapter), *_format_contradictions(r.data, r.model),
+            *_training_contradictions(r.training, r.evaluation, r.model), *_hub_contradictions(r.hub, r.adapter),
+            *_source_contradictions(r.data)]
+
+
+def _model_contradictions(m: ModelConfig, a: AdapterConfig) -> list[tuple[str, str, str]]:
+    out = []
     if m.init == "pretrained" and not m.name_or_path and not m.gguf_file:
         out.append(("model.name_or_path", "no model given",
                     "set model.name_or_path to a Hub id or local folder (or model.gguf_file, or model.init: scratch)"))
@@ -358,15 +363,18 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if a.method == "lora" and m.init == "scratch":
         out.append(("adapter.method", "LoRA trains a small adapter on top of pretrained weights; a scratch model has none",
                     "use adapter.method: none (full training) for init: scratch"))
-    if a.method == "qlora":
-        if m.init == "scratch":
-            out.append(("adapter.method", "QLoRA quantizes pretrained weights; a scratch model has none worth freezing",
-                        "use adapter.method: none (full training) for init: scratch"))
-        if not _bitsandbytes_available():
-            out.append(("adapter.method", "QLoRA needs 4-bit layers from bitsandbytes, which is not installed",
-                        "pip install 'ift[qlora]' (bitsandbytes >= 0.45), or use adapter.method: lora"))
-        if m.dtype == "float32" and a.compute_dtype != "float32":
-            pass  # allowed: compute dtype governs the 4-bit matmuls
+    if a.method == "qlora" and m.init == "scratch":
+        out.append(("adapter.method", "QLoRA quantizes pretrained weights; a scratch model has none worth freezing",
+                    "use adapter.method: none (full training) for init: scratch"))
+    if a.method == "qlora" and not _bitsandbytes_available():
+        out.append(("adapter.method", "QLoRA needs 4-bit layers from bitsandbytes, which is not installed",
+                    "pip install 'ift[qlora]' (bitsandbytes >= 0.45), or use adapter.method: lora"))
+    return out
+
+
+def _format_contradictions(d: DataConfig, m: ModelConfig) -> list[tuple[str, str, str]]:
+    """Source formats, chat templates and packing against the model's kind."""
+    out = []
     if m.kind == "seq2seq" and d.wraps_pairs:
         out.append(("data.chat_template", "chat templates wrap decoder-only conversations; a seq2seq model has none",
                     "set data.chat_template: none (or auto) for seq2seq models"))
@@ -393,6 +401,11 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if d.packing == "bfd" and d.group_by_length:
         out.append(("data.group_by_length", "group_by_length with packing: bfd (bins are already of similar fill)",
                     "set data.group_by_length: false, or data.packing: true"))
+    return out
+
+
+def _training_contradictions(t: TrainingConfig, e: EvaluationConfig, m: ModelConfig) -> list[tuple[str, str, str]]:
+    out = []
     if t.warmup_steps and t.warmup_ratio:
         out.append(("training.warmup_steps", "both warmup_steps and warmup_ratio are set",
                     "keep one of training.warmup_steps / training.warmup_ratio"))
@@ -412,6 +425,11 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if isinstance(t.resume, str) and t.resume != "auto" and not Path(t.resume).exists():
         out.append(("training.resume", f"checkpoint '{t.resume}' does not exist",
                     "give an existing checkpoint folder, or resume: auto for the latest in output_dir"))
+    return out
+
+
+def _hub_contradictions(h: HubConfig, a: AdapterConfig) -> list[tuple[str, str, str]]:
+    out = []
     for key, value in (("strategy", h.strategy != "end"), ("push_dataset", bool(h.push_dataset))):
         if value and not h.push:
             out.append((f"hub.{key}", f"hub.{key} is set but hub.push is false",
@@ -422,25 +440,26 @@ def _contradictions(r: Recipe) -> list[tuple[str, str, str]]:
     if h.merge and a.method == "none":
         out.append(("hub.merge", "merge folds an adapter into the base, but adapter.method is none",
                     "remove hub.merge (a full fine-tune is pushed as is)"))
-    weights = [s.weight for s in d.sources]
-    if d.mixture.strategy == "weighted" and len(d.sources) > 1 and any(w is None for w in weights):
+    return out
+
+
+def _source_contradictions(d: DataConfig) -> list[tuple[str, str, str]]:
+    """The sources together: mixture weights, names, evaluation templates, split sizes."""
+    out = []
+    if d.mixture.strategy == "weighted" and len(d.sources) > 1 and any(s.weight is None for s in d.sources):
         out.append(("data.sources", "mixture strategy 'weighted' needs a weight on every source",
                     "give each source a weight (e.g. 0.51 / 0.49) or use data.mixture.strategy: proportional"))
     names = [s.name or Path(s.path).stem for s in d.sources]
     for n in {n for n in names if names.count(n) > 1}:
         out.append(("data.sources", f"two sources are both named '{n}'", "give them distinct `name`s"))
     for i, s in enumerate(d.sources):
-        if s.eval_template and s.eval_template not in s.templates and not s.templates:
+        if s.eval_template and not s.templates:
             out.append((f"data.sources.{i}.eval_template", "eval_template set on a raw-text source",
                         "remove it, or give the source templates"))
-        if d.stratify_by and not s.templates:
-            pass  # stratification uses the raw column; raw-text sources just have none
-    if d.validation_size >= 1 and d.validation_size != int(d.validation_size):
-        out.append(("data.validation_size", "a size >= 1 is a row count and must be whole",
-                    "use a fraction below 1 (e.g. 0.1) or a whole count (e.g. 200)"))
-    if d.test_size >= 1 and d.test_size != int(d.test_size):
-        out.append(("data.test_size", "a size >= 1 is a row count and must be whole",
-                    "use a fraction below 1 (e.g. 0.1) or a whole count (e.g. 200)"))
+    for key, size in (("data.validation_size", d.validation_size), ("data.test_size", d.test_size)):
+        if size >= 1 and size != int(size):
+            out.append((key, "a size >= 1 is a row count and must be whole",
+                        "use a fraction below 1 (e.g. 0.1) or a whole count (e.g. 200)"))
     if d.validation_size < 1 and d.test_size < 1 and d.validation_size + d.test_size >= 1:
         out.append(("data.validation_size", "validation_size + test_size leave no training rows",
                     "make their sum below 1"))

@@ -88,6 +88,15 @@ class RunDir:
         return self.path / "logs"
 
     @property
+    def exports(self) -> Path:
+        """`ift export` GGUF files (and Ollama Modelfiles) by default."""
+        return self.path / "export"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.path / "predictions"
+
+    @property
     def hub_staging(self) -> Path:
         """Weights written for an upload and removed after it."""
         return self.path / "hub-staging"
@@ -96,7 +105,7 @@ class RunDir:
         return self.checkpoints / f"step-{step}"
 
     def predictions(self, name: str) -> Path:
-        return self.path / "predictions" / f"{name}.jsonl"
+        return self.predictions_dir / f"{name}.jsonl"
 
     # ------------------------------------------------------------ writes
 

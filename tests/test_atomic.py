@@ -114,7 +114,7 @@ def test_new_template_file_follows_the_umask(tmp_path, umask):
 
 
 def test_gguf_hash_index_follows_the_umask(tmp_path, umask):
-    import ift.modeling.gguf as modeling
+    import ift.modeling.model_source as modeling
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     modeling._sha256(gguf, tmp_path / "cache")

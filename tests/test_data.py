@@ -16,7 +16,7 @@ import ift.data.sources as S
 from ift.data.collate import Collator, eval_dataloader, train_dataloader
 from ift.data.mixture import mixture_counts
 from ift.data.splits import carve_indices
-from ift.data.tokenization import INTACT, PROMPT_CUT, _Encoder, tokenize
+from ift.data.tokenization import INTACT, PROMPT_CUT, TokenEncoder, tokenize
 from ift.cli import main as cli_main
 from ift.data.encoding import encode_pairs
 from ift.errors import IftError
@@ -486,8 +486,8 @@ def test_tokenize_is_cached(tmp_path, library, tiny_tokenizer, monkeypatch):
     data = cfg(sources=[src(path)])
     first, _ = tokenize(D.build_splits(data, library).splits, tiny_tokenizer, "causal", data)
     calls = []
-    original = _Encoder.__call__
-    monkeypatch.setattr(_Encoder, "__call__", lambda self, t: calls.append(1) or original(self, t))
+    original = TokenEncoder.__call__
+    monkeypatch.setattr(TokenEncoder, "__call__", lambda self, t: calls.append(1) or original(self, t))
     again, _ = tokenize(D.build_splits(data, library).splits, tiny_tokenizer, "causal", data)
     assert not calls and again["train"].cache_files == first["train"].cache_files
     assert again["train"]["input_ids"] == first["train"]["input_ids"]

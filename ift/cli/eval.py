@@ -14,6 +14,7 @@ from pathlib import Path
 from ift.evaluation.compare import fmt as _fmt
 from ift.evaluation.compare import print_compare
 from ift.errors import IftError
+from ift.run import RunDir
 
 SPLITS = ("validation", "test")
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     pred_path = rd.predictions(f"ift-eval-{model}-{args.split}-{n}")
     write_predictions(pred_path, predictions)
     record = rd.add_evaluation(model=model, split=args.split, metrics=metrics, rows=len(predictions),
-                               limit=args.limit if args.limit and args.limit < len(rows) else None, weights=str(run_dir / "final") if tuned else loaded.source,
+                               limit=args.limit if args.limit and args.limit < len(rows) else None, weights=str(rd.final) if tuned else loaded.source,
                                dtype=precision_record(loaded.model, mixed),
                                quantization=recipe.adapter.quant_type if four_bit else None,
                                predictions=pred_path, by="ift-eval")
@@ -139,13 +140,13 @@ def resolve(target: Path, overrides: list[str], base: bool):
     from ift.recipe import load_recipe
 
     if target.is_dir():
-        recipe_file = target / "recipe.yaml"
+        recipe_file = RunDir(target).recipe
         if not recipe_file.is_file():
             raise IftError(f"{target} is not a run directory (no recipe.yaml)", str(target),
                            "give a directory written by `ift train`, or a recipe file")
         recipe = load_recipe(recipe_file, overrides)
-        if not base and not (target / "final").is_dir():
-            raise IftError("the run has no final model", str(target / "final"),
+        if not base and not RunDir(target).final.is_dir():
+            raise IftError("the run has no final model", str(RunDir(target).final),
                            "let training finish (it writes final/), or evaluate the base model with --base")
         return recipe, target, not base
     if target.is_file():
@@ -172,7 +173,7 @@ def load_model(recipe, run_dir: Path, tuned: bool):
     from ift.recipe import AdapterConfig
 
     # a QLoRA adapter is evaluated on the 4-bit base it was trained on
-    loaded = load_final(run_dir / "final", recipe.model, adapter=recipe.adapter) if tuned \
+    loaded = load_final(RunDir(run_dir).final, recipe.model, adapter=recipe.adapter) if tuned \
         else load(recipe.model, AdapterConfig())
     _to_accelerator(loaded.model)
     return loaded

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ift.run import RunDir
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -74,7 +76,7 @@ def _push_dataset(args: argparse.Namespace, recipe, dataset_id: str) -> str:
     _progress("rebuilding the prepared splits from the run's recipe.yaml")
     prepared = build_splits(recipe.data, TemplateLibrary(dirs=tuple(recipe.data.templates_dir)))
     try:  # training's own split report: a source changed since then gives other rows
-        saved = json.loads((args.run_dir / "data_report.json").read_text())["splits"]["splits"]
+        saved = json.loads(RunDir(args.run_dir).data_report.read_text())["splits"]["splits"]
         trained = {split: saved[split]["rows"] for split in saved}
     except (OSError, ValueError, KeyError, TypeError):
         trained = None

@@ -30,7 +30,7 @@ def _code_version() -> str:
 CODE_VERSION = _code_version()
 
 
-def _fingerprint(*parts: Any) -> str:
+def cache_fingerprint(*parts: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         h.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode("utf-8", "surrogatepass"))
@@ -38,17 +38,17 @@ def _fingerprint(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def _stable_int(text: str) -> int:
+def stable_int(text: str) -> int:
     """A seed component from a string, the same on every machine (Python's hash() is salted)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
 
 
-def _pair_hash(prompt: str, completion: str) -> int:
+def pair_hash(prompt: str, completion: str) -> int:
     digest = hashlib.blake2b(f"{prompt}\x00{completion}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _conversation_hash(messages: Sequence[dict]) -> int:
+def conversation_cache_key(messages: Sequence[dict]) -> int:
     """The whole conversation's hash (ift.data.conversations) as a signed int64, the `_pair` column's type."""
     h = conversation_hash(messages)
     return h - (1 << 64) if h >= 1 << 63 else h
@@ -59,7 +59,7 @@ def source_name(src: SourceConfig) -> str:
     return src.name or Path(src.path.rstrip("/\\")).stem or src.path
 
 
-def _cache_file(step: str, fingerprint: str) -> str:
+def cache_file_path(step: str, fingerprint: str) -> str:
     import datasets
 
     folder = Path(datasets.config.HF_DATASETS_CACHE) / CACHE_SUBDIR
@@ -79,5 +79,5 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     else:
         body = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
-    return _fingerprint(type(tokenizer).__name__, body, special, getattr(tokenizer, "chat_template", None),
+    return cache_fingerprint(type(tokenizer).__name__, body, special, getattr(tokenizer, "chat_template", None),
                         getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))

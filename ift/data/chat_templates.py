@@ -63,7 +63,7 @@ TEMPLATE_TOKENS = {  # special tokens a base model's tokenizer needs for each na
     "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
 }
 # tried in order when the template is the tokenizer's own and no end-of-turn string is given
-_EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>", "<|endoftext|>",
+EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>", "<|endoftext|>",
                    "</s>")
 
 
@@ -113,7 +113,7 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     if not template:
         return None
     vocab = tokenizer.get_vocab()
-    return next((t for t in _EOT_CANDIDATES if t in template and t in vocab), None)
+    return next((t for t in EOT_CANDIDATES if t in template and t in vocab), None)
 
 
 @dataclass(frozen=True)

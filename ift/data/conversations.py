@@ -35,9 +35,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 from ift.errors import IftError
-from ift.data.chat_templates import _EOT_CANDIDATES
+from ift.data.chat_templates import EOT_CANDIDATES
 from ift.data.encoding import IGNORE
-from ift.data.formats import MESSAGE_KEYS, THINK_CLOSE, THINK_OPEN, _where, check_conversation
+from ift.data.formats import MESSAGE_KEYS, THINK_CLOSE, THINK_OPEN, row_where, check_conversation
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 
@@ -247,7 +247,7 @@ def conversation_rows(
     turns = _assistant_turns(messages, train_on, where)
     r = _Renderings(tokenizer, messages, chat_template, tools, where)
     candidates = (end_of_turn,) if end_of_turn else tuple(
-        t for t in (getattr(tokenizer, "eos_token", None), *_EOT_CANDIDATES) if t)
+        t for t in (getattr(tokenizer, "eos_token", None), *EOT_CANDIDATES) if t)
     rows = []
     left = list(turns)
     while left:
@@ -413,7 +413,7 @@ def _encode_row(tokenizer: Any, messages: Sequence[Mapping[str, Any]], trained: 
                 raise IftError(f"the chat template is not prefix-stable: assistant turn {i} renders differently in "
                                "the shortened conversation", where, "raise max_length, or use truncation: drop")
         candidates = (end_of_turn,) if end_of_turn else tuple(
-            t for t in (getattr(tokenizer, "eos_token", None), *_EOT_CANDIDATES) if t)
+            t for t in (getattr(tokenizer, "eos_token", None), *EOT_CANDIDATES) if t)
         spans = _spans(r, full, last, trained, candidates, train_on_reasoning)
     ids, mask = _token_mask(tokenizer, full, spans)
     return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
@@ -491,7 +491,7 @@ def encode_conversation(
     rows it drops). The result records ``dropped_messages`` and
     ``cut_tokens`` so callers can count and report truncated rows.
     """
-    where = _where(source, index)
+    where = row_where(source, index)
     messages = _kept(messages)
     check_conversation(messages, where)
     return _encode_truncated(tokenizer, messages, None, chat_template, end_of_turn, train_on, train_on_reasoning,
@@ -515,7 +515,7 @@ def encode_conversation_rows(
     """The training rows of a conversation (``conversation_rows``), each encoded and fitted to max_length as
     `encode_conversation` does (None for a row dropped with drop_overlong). One row, equal to
     `encode_conversation`'s, when the template is prefix-stable for it."""
-    where = _where(source, index)
+    where = row_where(source, index)
     messages = _kept(messages)
     check_conversation(messages, where)
     plan = conversation_rows(tokenizer, messages, tools=tools, chat_template=chat_template, end_of_turn=end_of_turn,

@@ -61,7 +61,7 @@ MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "reason
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def _where(source: str, index: int | None) -> str:
+def row_where(source: str, index: int | None) -> str:
     return f"{source}, row {index}" if index is not None else source
 
 
@@ -305,7 +305,7 @@ def normalize_row(
     column of ``messages``/``sharegpt`` (defaults ``messages``/``conversations``). system_prompt:
     added as the first message when the row has no system message of its own (the row's wins).
     """
-    where = _where(source, index)
+    where = row_where(source, index)
     if fmt is None:
         fmt = detect_format(set(row))
         if fmt is None:
@@ -350,7 +350,7 @@ def conversation_tools(row: Mapping[str, Any], *, source: str = "data", index: i
                        column: str = TOOLS_COLUMN, default: Any = None) -> list[dict[str, Any]] | None:
     """The tools (function schemas) a row's conversation is rendered with: its own `column` when the row has a
     non-empty one, else `default` (a source-level list); None when neither gives any."""
-    where = _where(source, index)
+    where = row_where(source, index)
     own = row_tools(row.get(column), where, f"column {column!r}") if column in row else None
     return own if own is not None else row_tools(default, where, "the source's tools")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ift.data.cache import _fingerprint, _stable_int, source_name
+from ift.data.cache import cache_fingerprint, stable_int, source_name
 from ift.recipe import DataConfig
 
 
@@ -39,10 +39,10 @@ def _sample(ds: Any, k: int, rng: np.random.Generator, name: str) -> Any:
         return ds
     repeats, rest = divmod(k, n)
     idx = np.concatenate([np.tile(np.arange(n), repeats), np.sort(rng.choice(n, size=rest, replace=False))])
-    return ds.select(idx, new_fingerprint=_fingerprint("mix", ds._fingerprint, name, k, idx))
+    return ds.select(idx, new_fingerprint=cache_fingerprint("mix", ds._fingerprint, name, k, idx))
 
 
-def _mix(trains: dict[str, Any], data: DataConfig) -> tuple[Any, dict]:
+def mix_trains(trains: dict[str, Any], data: DataConfig) -> tuple[Any, dict]:
     import datasets
 
     mix = data.mixture
@@ -54,7 +54,7 @@ def _mix(trains: dict[str, Any], data: DataConfig) -> tuple[Any, dict]:
     counts = mixture_counts(available, weights, mix.total, caps)
     parts = []
     for name, ds in trains.items():
-        rng = np.random.default_rng([data.seed, _stable_int(name), 7])
+        rng = np.random.default_rng([data.seed, stable_int(name), 7])
         if counts[name] > 0 and len(ds) > 0:
             parts.append(_sample(ds, counts[name], rng, name))
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -26,12 +26,12 @@ from typing import Any
 
 from ift.data.cache import source_name
 from ift.data.data_map import apply_data_map
-from ift.data.mixture import _mix
-from ift.data.rendering import _check_columns, _render, _resolve_templates
-from ift.data.reports import _summarise, _template_counts
-from ift.data.sources import (_check_conversations, _check_source_values, _load_source, _looks_local, _peek, _Source,
+from ift.data.mixture import mix_trains
+from ift.data.rendering import check_columns, render_split, resolve_templates
+from ift.data.reports import summarise, template_counts
+from ift.data.sources import (check_conversations, check_source_values, load_source, is_local_source, peek_columns, LoadedSource,
                               resolve_format)
-from ift.data.splits import _assign, _carve, _check_stratify, _explicit_splits, _remove_leaks
+from ift.data.splits import assign_rows, carve_split, check_stratify, explicit_splits, remove_leaks
 from ift.errors import IftError, IftErrors
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, DataConfig, SourceConfig
 
@@ -57,35 +57,35 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
     import datasets
 
     data = apply_data_map(data)
-    per_source, eval_fixed, errors = _resolve_templates(data, library)
+    per_source, eval_fixed, errors = resolve_templates(data, library)
     if errors:
         raise IftErrors(errors)
-    sources = [_load_source(i, src, per_source[i], eval_fixed[i]) for i, src in enumerate(data.sources)]
+    sources = [load_source(i, src, per_source[i], eval_fixed[i]) for i, src in enumerate(data.sources)]
     for source in sources:
         _set_format(source, per_source, eval_fixed, library, data)
     report: dict[str, Any] = {"sources": {}, "splits": {s: {"rows": 0, "sources": {}} for s in SPLITS}}
     carve_report: dict[str, Any] = {}
     rendered: dict[str, dict[str, Any]] = {}
-    assignments = [_assign(source) for source in sources]
-    _check_stratify(data, sources, assignments)
+    assignments = [assign_rows(source) for source in sources]
+    check_stratify(data, sources, assignments)
     for source, templates, fixed, assigned in zip(sources, per_source, eval_fixed, assignments):
         errors = []
         for split, ds in assigned.items():  # a source's own splits may differ (SST-2's test has no label)
             if ds is not None:
                 fixed_here = fixed is not None and split != "train"
-                errors += _check_columns(source, [fixed] if fixed_here else templates, ds.column_names, split,
+                errors += check_columns(source, [fixed] if fixed_here else templates, ds.column_names, split,
                                          "eval_template" if fixed_here else "templates")
         if errors:
             raise IftErrors(errors)
-        splits = _carve(source, assigned, data, carve_report)
+        splits = carve_split(source, assigned, data, carve_report)
         rendered[source.name] = {}
         for split in SPLITS:
             use = [fixed] if (fixed is not None and split != "train") else templates
-            ds, expected = _render(splits[split], source, split, use, data)
+            ds, expected = render_split(splits[split], source, split, use, data)
             rendered[source.name][split] = ds
             report["splits"][split]["sources"][source.name] = {
                 "rows_in": len(splits[split]), "expected": expected,
-                "rendered": {tpl: k for (_, tpl), k in _template_counts(ds).items()}}
+                "rendered": {tpl: k for (_, tpl), k in template_counts(ds).items()}}
         report["sources"][source.name] = {
             "path": source.cfg.path, "origin": source.origin, "columns": source.columns(),
             "format": source.format,
@@ -94,28 +94,28 @@ def build_splits(data: DataConfig, library: Any) -> PreparedData:
                 "raw text" if source.format == "text" else "conversation"),
             **carve_report[source.name], **({"ignored_files": source.ignored_files} if source.ignored_files else {}),
         }
-    leaks = _remove_leaks(rendered) if data.leak_check else {n: {"train": 0, "validation": 0} for n in rendered}
+    leaks = remove_leaks(rendered) if data.leak_check else {n: {"train": 0, "validation": 0} for n in rendered}
     report["leaks"] = {"checked": data.leak_check, "removed": leaks,
                        "train": sum(v["train"] for v in leaks.values()),
                        "validation": sum(v["validation"] for v in leaks.values())}
     _check_not_empty(rendered, report, sources)
-    train, report["mixture"] = _mix({n: s["train"] for n, s in rendered.items()}, data)
+    train, report["mixture"] = mix_trains({n: s["train"] for n, s in rendered.items()}, data)
     final = {"train": train}
     for split in ("validation", "test"):
         parts = [s[split] for s in rendered.values() if len(s[split])]
         final[split] = datasets.concatenate_datasets(parts) if len(parts) > 1 else (
             parts[0] if parts else rendered[sources[0].name][split])
     dd = datasets.DatasetDict({s: final[s].remove_columns("_pair") for s in SPLITS})
-    _summarise(dd, report)
+    summarise(dd, report)
     return PreparedData(dd, report, _pin_carved(data, assignments, [s.format for s in sources]))
 
 
-def _first_row(source: _Source) -> dict | None:
+def _first_row(source: LoadedSource) -> dict | None:
     ds = source.raw.get(source.cfg.splits.train or "") or next(iter(source.raw.values()), None)
     return ds[0] if ds is not None and len(ds) else None
 
 
-def _set_format(source: _Source, per_source: list[list[Any]], eval_fixed: list[Any], library: Any,
+def _set_format(source: LoadedSource, per_source: list[list[Any]], eval_fixed: list[Any], library: Any,
                 data: DataConfig) -> None:
     """Decide the source's format; alpaca rows get the shipped template unless the source names its own; every
     conversation is checked before any carving, so a bad row is named as its file numbers it."""
@@ -123,8 +123,8 @@ def _set_format(source: _Source, per_source: list[list[Any]], eval_fixed: list[A
     source.format = resolve_format(source.cfg, bool(per_source[i]), source.columns(), _first_row(source), source.key)
     if source.format == "alpaca" and not per_source[i]:
         per_source[i] = [library.get(ALPACA_TEMPLATE)]
-        _check_source_values(source, per_source[i], eval_fixed[i])
-    _check_conversations(source, data.system_prompt)
+        check_source_values(source, per_source[i], eval_fixed[i])
+    check_conversations(source, data.system_prompt)
 
 
 def _pin_carved(data: DataConfig, assignments: list[dict[str, Any | None]], formats: list[str]) -> DataConfig:
@@ -134,7 +134,7 @@ def _pin_carved(data: DataConfig, assignments: list[dict[str, Any | None]], form
     return data.model_copy(update={"sources": sources})
 
 
-def _check_not_empty(rendered: dict[str, dict[str, Any]], report: dict, sources: list[_Source]) -> None:
+def _check_not_empty(rendered: dict[str, dict[str, Any]], report: dict, sources: list[LoadedSource]) -> None:
     for source in sources:
         for split in SPLITS:
             ds = rendered[source.name][split]
@@ -148,7 +148,7 @@ def _check_not_empty(rendered: dict[str, dict[str, Any]], report: dict, sources:
                            "--data PATH`), the split sizes, and the source's rows")
 
 
-def _requested_zero(report: dict, source: _Source, split: str) -> bool:
+def _requested_zero(report: dict, source: LoadedSource, split: str) -> bool:
     """validation_size/test_size 0 asks for no such split: empty is intended, not an error."""
     info = report["sources"][source.name]
     return split not in info["own"] and split not in info["carved"]
@@ -165,18 +165,18 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
         data = apply_data_map(data)
     except IftError as err:
         return err.errors if isinstance(err, IftErrors) else [err]
-    per_source, eval_fixed, errors = _resolve_templates(data, library)
+    per_source, eval_fixed, errors = resolve_templates(data, library)
     stratify_seen: list[tuple[str, list[str]]] = []
     for i, src in enumerate(data.sources):
         key = f"data.sources.{i}"
         try:
-            by_split = _peek(i, src, per_source[i], eval_fixed[i])
+            by_split = peek_columns(i, src, per_source[i], eval_fixed[i])
         except IftError as err:
             errors.append(err)
             continue
         if by_split is None:
             continue  # a Hub dataset whose columns we cannot see without downloading it
-        probe = _Source(i, src, source_name(src), {}, "")
+        probe = LoadedSource(i, src, source_name(src), {}, "")
         every = sorted({c for cols in by_split.values() for c in cols})
         errors += [IftError(f"column '{old}' to rename is not in the source", f"{key}.columns",
                             f"columns are: {', '.join(every)}") for old in src.columns if old not in every]
@@ -188,7 +188,7 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
         except IftError as err:
             errors.append(err)
             continue
-        explicit = _explicit_splits(src)
+        explicit = explicit_splits(src)
         for ours in SPLITS:
             theirs = getattr(src.splits, ours)
             if theirs is None:
@@ -205,7 +205,7 @@ def check_sources(data: DataConfig, library: Any) -> list[IftError]:
             fixed_here = eval_fixed[i] is not None and ours != "train"
             if (src.eval_template and ours != "train" and not fixed_here) or (src.templates and not per_source[i]):
                 continue  # its template refs did not resolve (reported): no templates is not raw text here
-            errors += _check_columns(probe, [eval_fixed[i]] if fixed_here else per_source[i], renamed, ours,
+            errors += check_columns(probe, [eval_fixed[i]] if fixed_here else per_source[i], renamed, ours,
                                      "eval_template" if fixed_here else "templates")
     if stratify_seen and not any(data.stratify_by in cols for _, cols in stratify_seen):
         name, columns = stratify_seen[0]
@@ -221,9 +221,9 @@ def _validated_format(i: int, src: SourceConfig, per_source: list[list[Any]], ev
                       data: DataConfig, columns: list[str]) -> str:
     """`ift validate`'s view of a source's format; a local conversational source has every row checked, as
     training checks them."""
-    if src.format in ("auto", "messages", "sharegpt", "prompt_completion", "alpaca") and _looks_local(src.path) \
+    if src.format in ("auto", "messages", "sharegpt", "prompt_completion", "alpaca") and is_local_source(src.path) \
             and not (src.templates and src.format == "auto"):
-        source = _load_source(i, src, per_source[i], eval_fixed[i])
+        source = load_source(i, src, per_source[i], eval_fixed[i])
         _set_format(source, per_source, eval_fixed, library, data)
         return source.format
     fmt = resolve_format(src, bool(per_source[i]) or bool(src.templates), columns, None, f"data.sources.{i}")

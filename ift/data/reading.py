@@ -35,17 +35,17 @@ class _QuietLoader(logging.Filter):
         return not str(record.msg).startswith("Failed to ")
 
 
-def _first_line(err: BaseException | str, limit: int = 300) -> str:
+def first_line(err: BaseException | str, limit: int = 300) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else ""
 
 
-def _path_key(key: str) -> str:
+def path_key(key: str) -> str:
     """Where a source's path problems are reported: the recipe key, or a command-line flag as it is."""
     return key if key.startswith("-") else f"{key}.path"
 
 
-def _read_split(builder: str, split: str, files: list[str], key: str) -> Any:
+def read_split(builder: str, split: str, files: list[str], key: str) -> Any:
     import datasets
 
     for file in files:
@@ -65,14 +65,14 @@ def _check_file(path: Path, builder: str, key: str) -> None:
     """Problems found before parsing: an empty file, text that is not UTF-8."""
     size = path.stat().st_size
     if size == 0 or (builder in TEXT_BUILDERS and size < 1 << 16 and not path.read_bytes().strip()):
-        raise IftError(f"data file {path} is empty", _path_key(key),
+        raise IftError(f"data file {path} is empty", path_key(key),
                        "put rows in it (one JSON object per line for .jsonl, a header row then rows for .csv), "
                        "or remove it from the source")
     if builder in TEXT_BUILDERS:
         problem = _utf8_problem(path)
         if problem:
             source = "utf-16" if "UTF-16" in problem else "latin1"  # latin1: the usual other encoding
-            raise IftError(f"cannot read {path}: it is not UTF-8 text ({problem})", _path_key(key),
+            raise IftError(f"cannot read {path}: it is not UTF-8 text ({problem})", path_key(key),
                            f"re-save it as UTF-8, e.g. `iconv -f {source} -t utf-8 FILE > NEW`")
 
 
@@ -111,11 +111,11 @@ def _read_error(builder: str, files: list[str], err: Exception, key: str) -> Ift
         for file in files:
             found = _json_problem(Path(file))
             if found:
-                return IftError(found, _path_key(key), "fix or remove that line: each line of a .jsonl file is "
+                return IftError(found, path_key(key), "fix or remove that line: each line of a .jsonl file is "
                                 "one complete JSON object, e.g. {\"text\": \"...\", \"label\": \"...\"}")
     cause = err.__cause__ or err
-    return IftError(f"cannot read {', '.join(files)} as {builder}: {type(cause).__name__}: {_first_line(cause)}",
-                    _path_key(key), READ_FIXES.get(builder, f"check that every file is valid {builder}"))
+    return IftError(f"cannot read {', '.join(files)} as {builder}: {type(cause).__name__}: {first_line(cause)}",
+                    path_key(key), READ_FIXES.get(builder, f"check that every file is valid {builder}"))
 
 
 def _json_problem(path: Path) -> str | None:

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ift.data.cache import BATCH, CODE_VERSION, _cache_file, _conversation_hash, _fingerprint, _pair_hash, _stable_int
+from ift.data.cache import BATCH, CODE_VERSION, cache_file_path, conversation_cache_key, cache_fingerprint, pair_hash, stable_int
 from ift.data.formats import FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, conversation_tools
-from ift.data.sources import _format_columns, _normalize, _Source
+from ift.data.sources import format_columns, normalize_source_row, LoadedSource
 from ift.errors import IftError
 from ift.recipe import SPLITS, DataConfig, SourceConfig
 
@@ -33,7 +33,7 @@ def _features() -> Any:
     })
 
 
-def _resolve_templates(data: DataConfig, library: Any) -> tuple[list[list[Any]], list[Any], list[IftError]]:
+def resolve_templates(data: DataConfig, library: Any) -> tuple[list[list[Any]], list[Any], list[IftError]]:
     """Template objects per source (and the fixed evaluation template), every bad ref reported."""
     per_source, eval_fixed, errors = [], [], []
     for i, src in enumerate(data.sources):
@@ -63,13 +63,13 @@ def _template_identity(tpl: Any) -> tuple:
             getattr(tpl, "answer_choices_jinja", None))
 
 
-def _check_columns(source: _Source, templates: list[Any], columns: Sequence[str], split: str | None = None,
+def check_columns(source: LoadedSource, templates: list[Any], columns: Sequence[str], split: str | None = None,
                    key_field: str = "templates") -> list[IftError]:
     errors = []
     cols = set(columns)
     where = f"split '{split}' of source '{source.name}'" if split else f"source '{source.name}'"
     if source.format in ("messages", "sharegpt", "prompt_completion"):
-        missing = [c for c in _format_columns(source.format, source.cfg) if c not in cols]
+        missing = [c for c in format_columns(source.format, source.cfg) if c not in cols]
         if missing:
             which = "conversation_column" if source.format in DEFAULT_COLUMNS else "columns"
             errors.append(IftError(
@@ -114,9 +114,9 @@ class _Renderer:
                                                 "messages", "chat")}
         columns = list(batch)
         if self.fmt in ("messages", "sharegpt", "prompt_completion"):
-            for pos, index in enumerate(indices):  # every row was checked on load (_check_conversations)
+            for pos, index in enumerate(indices):  # every row was checked on load (check_conversations)
                 row = {c: batch[c][pos] for c in columns}
-                messages = _normalize(self.cfg, self.fmt, row, self.source, index, self.system_prompt)
+                messages = normalize_source_row(self.cfg, self.fmt, row, self.source, index, self.system_prompt)
                 tools = conversation_tools(row, source=self.source, index=index, default=self.cfg.tools)
                 self._add_conversation(out, messages, [], f"({self.fmt})", tools)
             return out
@@ -151,7 +151,7 @@ class _Renderer:
         out["choices"].append(list(choices))
         out["source"].append(self.source)
         out["template"].append(template)
-        out["_pair"].append(_pair_hash(prompt, completion))
+        out["_pair"].append(pair_hash(prompt, completion))
         out["messages"].append([])
         out["chat"].append("")
 
@@ -164,20 +164,20 @@ class _Renderer:
         out["choices"].append(list(choices))
         out["source"].append(self.source)
         out["template"].append(template)
-        out["_pair"].append(_conversation_hash(messages))
+        out["_pair"].append(conversation_cache_key(messages))
         plain = not tools and all(set(m) <= {"role", "content"} for m in messages)
         out["messages"].append([{"role": m["role"], "content": m["content"]} for m in messages])
         out["chat"].append("" if plain else json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False))
 
 
-def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: DataConfig) -> tuple[Any, dict]:
+def render_split(ds: Any, source: LoadedSource, split: str, templates: list[Any], data: DataConfig) -> tuple[Any, dict]:
     """Render one split; also returns how many rows each template was expected to produce."""
     cfg = source.cfg
     mode = "all" if cfg.template_mode == "all" and len(templates) > 1 else "sample"
     picks = None
     expected: dict[str, int] = {}
     if templates and mode == "sample":
-        rng = np.random.default_rng([data.seed, _stable_int(source.name), SPLITS.index(split)])
+        rng = np.random.default_rng([data.seed, stable_int(source.name), SPLITS.index(split)])
         picks = rng.integers(0, len(templates), size=len(ds))
         counts = np.bincount(picks, minlength=len(templates))
         for tpl, count in zip(templates, counts):
@@ -190,7 +190,7 @@ def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: Da
         expected = {"": len(ds)}
     seed = (data.seed, source.name, split)
     conversational = source.format in CONVERSATION_FORMATS
-    fp = _fingerprint("render", ds._fingerprint, seed, mode, [_template_identity(t) for t in templates],
+    fp = cache_fingerprint("render", ds._fingerprint, seed, mode, [_template_identity(t) for t in templates],
                       cfg.text_column if not templates else None, source.format,
                       (cfg.conversation_column, data.system_prompt, cfg.tools) if conversational else None,
                       CODE_VERSION)
@@ -203,7 +203,7 @@ def _render(ds: Any, source: _Source, split: str, templates: list[Any], data: Da
         return empty, expected
     try:
         out = ds.map(fn, batched=True, batch_size=BATCH, with_indices=True, remove_columns=ds.column_names,
-                     features=_features(), new_fingerprint=fp, cache_file_name=_cache_file("render", fp),
+                     features=_features(), new_fingerprint=fp, cache_file_name=cache_file_path("render", fp),
                      desc=f"templating {source.name}/{split}")
     except IftError as err:
         raise IftError(err.what, f"{source.key} ({source.name}), split {split}: {err.where}", err.fix) from None

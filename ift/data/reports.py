@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ift.data.tokenization import _Encoder, _percentiles, _table
+from ift.data.tokenization import TokenEncoder, length_percentiles, arrow_table
 from ift.recipe import SPLITS, DataConfig
 
-if TYPE_CHECKING:  # annotation only: prepare imports this module
-    from ift.data.prepare import PreparedData
 
 
-def _template_counts(ds: Any) -> Counter:
-    table = _table(ds)
+def template_counts(ds: Any) -> Counter:
+    table = arrow_table(ds)
     if table is None:
         return Counter()
     return Counter(zip(table.column("source").to_pylist(), table.column("template").to_pylist()))
 
 
-def _summarise(dd: Any, report: dict) -> None:
+def summarise(dd: Any, report: dict) -> None:
     """Per split and source: final rows and templates used, rows the templates skipped, leaks removed."""
     for split in SPLITS:
         entry = report["splits"][split]
         entry["rows"] = len(dd[split])
-        final = _template_counts(dd[split])
+        final = template_counts(dd[split])
         for name, info in entry["sources"].items():
             expected, rendered = info.pop("expected"), info.pop("rendered")
             used = {tpl or "(raw text)": k for (src, tpl), k in sorted(final.items()) if src == name}
@@ -40,7 +38,7 @@ def _summarise(dd: Any, report: dict) -> None:
 
 def label_distribution(ds: Any) -> dict[str, dict[str, int]]:
     """Per source: how often each completion occurs among rows that have answer choices."""
-    table = _table(ds)
+    table = arrow_table(ds)
     if table is None:
         return {}
     import pyarrow.compute as pc
@@ -58,7 +56,7 @@ def label_distribution(ds: Any) -> dict[str, dict[str, int]]:
 
 def conversation_stats(ds: Any) -> dict[str, dict[str, Any]]:
     """Per source with conversations: how many, turns per conversation (percentiles), assistant turns."""
-    table = _table(ds)
+    table = arrow_table(ds)
     if table is None or "messages" not in table.column_names:
         return {}
     import pyarrow.compute as pc
@@ -69,20 +67,21 @@ def conversation_stats(ds: Any) -> dict[str, dict[str, Any]]:
     for name in sorted(set(sources[turns > 0].tolist())):
         m = (sources == name) & (turns > 0)
         roles = pc.struct_field(pc.list_flatten(table.column("messages").filter(pa.array(m))), "role")
-        out[name] = {"conversations": int(m.sum()), "turns": _percentiles(turns[m]),
+        out[name] = {"conversations": int(m.sum()), "turns": length_percentiles(turns[m]),
                      "assistant_turns": int(pc.sum(pc.equal(roles, "assistant")).as_py() or 0)}
     return out
 
 
-def describe(prepared: PreparedData, tokens: Any | None = None, token_report_: dict | None = None) -> dict:
-    """Everything `ift data stats` shows, JSON-able: splits, sources, labels, tokens, leaks, mixture."""
-    out = {"splits": {}, "sources": prepared.report.get("sources", {}), "leaks": prepared.report.get("leaks", {}),
-           "mixture": dict(prepared.report.get("mixture", {}))}
+def describe(report: dict, splits: Any, token_report_: dict | None = None) -> dict:
+    """Everything `ift data stats` shows, JSON-able: splits, sources, labels, tokens, leaks, mixture; from the
+    prepared splits (`build_splits`' PreparedData: its report and splits) and the tokenization report."""
+    out = {"splits": {}, "sources": report.get("sources", {}), "leaks": report.get("leaks", {}),
+           "mixture": dict(report.get("mixture", {}))}
     for split in SPLITS:
-        base = prepared.report["splits"][split]
+        base = report["splits"][split]
         entry = {"rows": base["rows"], "sources": {}}
-        labels = label_distribution(prepared.splits[split])
-        conversations = conversation_stats(prepared.splits[split])
+        labels = label_distribution(splits[split])
+        conversations = conversation_stats(splits[split])
         tok = (token_report_ or {}).get(split, {})
         for name, info in base["sources"].items():
             src = {k: info[k] for k in ("rows", "templates", "skipped", "leaks_removed") if k in info}
@@ -113,5 +112,5 @@ def preview_rows(ds: Any, tokenizer: Any, kind: str, data: DataConfig, n: int = 
         return []
     picks = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
     table = ds.with_format("arrow")[:].take(pa.array(picks))
-    encoded = _Encoder(tokenizer, kind, data)(table)
+    encoded = TokenEncoder(tokenizer, kind, data)(table)
     return encoded.to_pylist()

@@ -15,7 +15,7 @@ import pyarrow as pa
 from ift.data.cache import BATCH, source_name
 from ift.data.formats import (FORMATS as CONVERSATION_FORMATS, DEFAULT_COLUMNS, TOOLS_COLUMN, conversation_tools,
                               detect_format, normalize_row)
-from ift.data.reading import _first_line, _path_key, _read_split
+from ift.data.reading import first_line, path_key, read_split
 from ift.errors import IftError
 from ift.locations import connection_errors, looks_local
 from ift.recipe import SPLITS, SourceConfig
@@ -29,7 +29,7 @@ SPLIT_ALIASES = {
 
 
 @dataclass
-class _Source:
+class LoadedSource:
     index: int
     cfg: SourceConfig
     name: str
@@ -52,7 +52,7 @@ def is_url(path: str) -> bool:
     return path.startswith(("https://", "http://"))
 
 
-def _looks_local(path: str) -> bool:
+def is_local_source(path: str) -> bool:
     """A path we should find on disk (so a missing one is a missing file, not a Hub id); for data also
     `folder/name` when `folder` is here (a data folder's file named without its suffix)."""
     if is_url(path):
@@ -74,12 +74,12 @@ def _folder_files(folder: Path, key: str) -> tuple[str, dict[str, list[str]], li
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
     if not files:
         others = sorted(f.name for f in folder.iterdir() if not f.name.startswith("."))[:8]
-        raise IftError(f"no data files in folder {folder}", _path_key(key),
+        raise IftError(f"no data files in folder {folder}", path_key(key),
                        f"put .jsonl/.json/.csv/.parquet/.txt files there (found: {', '.join(others) or 'nothing'}), "
                        "or point to a folder written by Dataset.save_to_disk")
     builders = {FORMATS[f.suffix.lower()] for f in files}
     if len(builders) > 1:
-        raise IftError(f"folder {folder} mixes formats ({', '.join(sorted(builders))})", _path_key(key),
+        raise IftError(f"folder {folder} mixes formats ({', '.join(sorted(builders))})", path_key(key),
                        "keep one format per folder, or point the source at a single file")
     by_split: dict[str, list[str]] = {}
     unnamed = []
@@ -100,14 +100,14 @@ def _load_local(src: SourceConfig, key: str) -> tuple[Any, str, list[str], dict[
 
     path = Path(src.path).expanduser()
     if not path.exists():
-        raise IftError(f"data file or folder not found: {src.path}", _path_key(key),
+        raise IftError(f"data file or folder not found: {src.path}", path_key(key),
                        f"check the path (relative paths start from {Path.cwd()}), or give a Hub dataset id")
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - any failure to read a saved dataset is the user's folder
-            raise IftError(f"cannot read save_to_disk folder {src.path}: {type(err).__name__}: {_first_line(err)}",
-                           _path_key(key), "re-save it with Dataset.save_to_disk / DatasetDict.save_to_disk"
+            raise IftError(f"cannot read save_to_disk folder {src.path}: {type(err).__name__}: {first_line(err)}",
+                           path_key(key), "re-save it with Dataset.save_to_disk / DatasetDict.save_to_disk"
                            ) from None
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({"train": loaded})
@@ -118,11 +118,11 @@ def _load_local(src: SourceConfig, key: str) -> tuple[Any, str, list[str], dict[
     else:
         builder = FORMATS.get(path.suffix.lower())
         if builder is None:
-            raise IftError(f"unknown data format '{path.suffix or path.name}'", _path_key(key),
+            raise IftError(f"unknown data format '{path.suffix or path.name}'", path_key(key),
                            "use .jsonl, .json, .csv, .parquet or .txt files, or a Dataset.save_to_disk folder")
         data_files, ignored, origin = {"train": [str(path)]}, [], "file"
     # one split at a time: splits may have different columns (DialogSum's test has summary1..3)
-    loaded = {split: _read_split(builder, split, files, key) for split, files in data_files.items()}
+    loaded = {split: read_split(builder, split, files, key) for split, files in data_files.items()}
     return datasets.DatasetDict(loaded), origin, ignored, data_files
 
 
@@ -179,7 +179,7 @@ def _check_values(ds: Any, columns: Sequence[str], where: str, limit: int | None
             raise IftError(what, f"{where}, row {row}", fix)
 
 
-def _check_source_values(source: _Source, templates: Sequence[Any], fixed: Any | None) -> None:
+def check_source_values(source: LoadedSource, templates: Sequence[Any], fixed: Any | None) -> None:
     """The values the templates (or the raw-text column) read, in every split the recipe uses."""
     from ift.templates.sandbox import MAX_SIZE
 
@@ -190,7 +190,7 @@ def _check_source_values(source: _Source, templates: Sequence[Any], fixed: Any |
         _check_values(ds, columns, where, MAX_SIZE if use else None)
 
 
-def _splits_read(source: _Source) -> Iterator[tuple[str, Any, str]]:
+def _splits_read(source: LoadedSource) -> Iterator[tuple[str, Any, str]]:
     """(our split, the source's dataset, where: its file or split) for each of its splits the recipe reads, once."""
     seen = set()
     for ours in SPLITS:
@@ -199,8 +199,8 @@ def _splits_read(source: _Source) -> Iterator[tuple[str, Any, str]]:
             continue
         seen.add(theirs)
         files = source.files.get(theirs, [])
-        where = f"{_path_key(source.key)}: {files[0]}" if len(files) == 1 else \
-            f"{_path_key(source.key)}: split '{theirs}' of {source.cfg.path}"
+        where = f"{path_key(source.key)}: {files[0]}" if len(files) == 1 else \
+            f"{path_key(source.key)}: split '{theirs}' of {source.cfg.path}"
         yield ours, source.raw[theirs], where
 
 
@@ -226,34 +226,34 @@ def resolve_format(cfg: SourceConfig, has_templates: bool, columns: Sequence[str
         return found
     if cfg.text_column in cols:
         return "text"
-    candidates = [f for f in CONVERSATION_FORMATS if detect_format({*_format_columns(f)})]
+    candidates = [f for f in CONVERSATION_FORMATS if detect_format({*format_columns(f)})]
     raise IftError(f"cannot tell what the rows of source '{source_name(cfg)}' are (columns: "
                    f"{', '.join(sorted(cols)) or 'none'})", f"{key}.format",
                    "give it templates, or set format: " + ", ".join(["text", *candidates])
                    + f" (text reads column '{cfg.text_column}'; rename columns with {key}.columns)")
 
 
-def _format_columns(fmt: str, cfg: SourceConfig | None = None) -> list[str]:
+def format_columns(fmt: str, cfg: SourceConfig | None = None) -> list[str]:
     """The columns a conversational format reads."""
     if fmt in DEFAULT_COLUMNS:
         return [(cfg.conversation_column if cfg else None) or DEFAULT_COLUMNS[fmt]]
     return {"prompt_completion": ["prompt", "completion"], "alpaca": ["instruction", "output"]}.get(fmt, [])
 
 
-def _normalize(cfg: SourceConfig, fmt: str, row: dict, where: str, index: int,
+def normalize_source_row(cfg: SourceConfig, fmt: str, row: dict, where: str, index: int,
                system_prompt: str | None) -> list[dict[str, str]]:
     return normalize_row(row, fmt, source=where, index=index, column=cfg.conversation_column,
                          system_prompt=system_prompt)
 
 
-def _check_conversations(source: _Source, system_prompt: str | None) -> None:
+def check_conversations(source: LoadedSource, system_prompt: str | None) -> None:
     """Every row of every split the recipe reads is a conversation there is something to learn from: the first
     that is not is an error naming the file (or split) and the row as the file numbers it, before any carving."""
     if source.format not in ("messages", "sharegpt", "prompt_completion"):
         return
     for _, ds, where in _splits_read(source):
-        wanted = [c for c in _format_columns(source.format, source.cfg) if c in ds.column_names]
-        if len(wanted) < len(_format_columns(source.format, source.cfg)):
+        wanted = [c for c in format_columns(source.format, source.cfg) if c in ds.column_names]
+        if len(wanted) < len(format_columns(source.format, source.cfg)):
             continue  # reported by _check_columns, with the columns there are
         if TOOLS_COLUMN in ds.column_names:
             wanted.append(TOOLS_COLUMN)
@@ -261,7 +261,7 @@ def _check_conversations(source: _Source, system_prompt: str | None) -> None:
         for start in range(0, len(ds), BATCH):
             rows = table[start:start + BATCH].to_pylist()
             for k, row in enumerate(rows):
-                _normalize(source.cfg, source.format, row, where, start + k, system_prompt)
+                normalize_source_row(source.cfg, source.format, row, where, start + k, system_prompt)
                 conversation_tools(row, source=where, index=start + k, default=source.cfg.tools)
 
 
@@ -295,7 +295,7 @@ def _subset(src: SourceConfig) -> str:
 def _hub_error(src: SourceConfig, key: str, detail: str = "") -> IftError:
     return IftError(
         f"the Hugging Face Hub is not reachable, so dataset '{src.path}'{_subset(src)} cannot be loaded{detail}",
-        _path_key(key),
+        path_key(key),
         "check your network (or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache); or read a copy "
         "on disk: a data map (data.data_map=FILE, docs/data.md), or the source's path set to a local "
         ".jsonl/.csv/.parquet file or save_to_disk folder",
@@ -315,10 +315,10 @@ def _load_hub(src: SourceConfig, key: str, split: str | None = None) -> Any:
         loaded = datasets.load_dataset(src.path, name=src.config, data_dir=src.data_dir, revision=src.revision,
                                        split=split)
     except connection_errors() as err:
-        raise _hub_error(src, key, f" ({_first_line(err, 200)})") from None
+        raise _hub_error(src, key, f" ({first_line(err, 200)})") from None
     except Exception as err:  # noqa: BLE001 - not found, bad config, gated ...
-        raise IftError(f"cannot load Hub dataset '{src.path}'" + _subset(src) + f": {_first_line(err)}",
-                       _path_key(key), "check the dataset id, its config (data.sources.N.config, or --data ID:CONFIG),"
+        raise IftError(f"cannot load Hub dataset '{src.path}'" + _subset(src) + f": {first_line(err)}",
+                       path_key(key), "check the dataset id, its config (data.sources.N.config, or --data ID:CONFIG),"
                        " revision and split; or use a local path") from None
     return datasets.DatasetDict({split: loaded}) if split is not None else loaded
 
@@ -329,39 +329,39 @@ def _load_url(src: SourceConfig, key: str, split: str | None = None) -> Any:
 
     builder = FORMATS.get(Path(urlparse(src.path).path).suffix.lower())
     if builder is None:
-        raise IftError(f"unknown data format of {src.path}", _path_key(key),
+        raise IftError(f"unknown data format of {src.path}", path_key(key),
                        f"point at a {', '.join(sorted(FORMATS))} file")
     offline = ("read a local copy: a data map (data.data_map=FILE, docs/data.md), or the source's path set to the "
                "downloaded file")
     if not reachable(src.path):
         raise IftError(f"{urlparse(src.path).hostname} is not reachable, so the data file {src.path} cannot be "
-                       "downloaded", _path_key(key), offline)
+                       "downloaded", path_key(key), offline)
     try:
         loaded = datasets.load_dataset(builder, data_files={"train": src.path}, split=split)
     except Exception as err:  # noqa: BLE001 - not found, moved, not the format it says
-        raise IftError(f"cannot read {src.path}: {_first_line(err)}", _path_key(key), offline) from None
+        raise IftError(f"cannot read {src.path}: {first_line(err)}", path_key(key), offline) from None
     return datasets.DatasetDict({split: loaded}) if split is not None else loaded
 
 
-def _load_source(index: int, src: SourceConfig, templates: Sequence[Any] = (), fixed: Any | None = None,
-                 rename: bool = True) -> _Source:
+def load_source(index: int, src: SourceConfig, templates: Sequence[Any] = (), fixed: Any | None = None,
+                 rename: bool = True) -> LoadedSource:
     """Load a source's own splits, check the values its templates read, rename its columns."""
     key = f"data.sources.{index}"
     files: dict[str, list[str]] = {}
-    if _looks_local(src.path):
+    if is_local_source(src.path):
         loaded, origin, ignored, files = _load_local(src, key)
     else:
         loaded, origin, ignored = _load_hub(src, key), "hub", []
     raw = dict(loaded.items())
-    source = _Source(index, src, source_name(src), raw, origin, ignored, files)
+    source = LoadedSource(index, src, source_name(src), raw, origin, ignored, files)
     _name_labels(source)
-    _check_source_values(source, templates, fixed)
+    check_source_values(source, templates, fixed)
     if rename:
         _rename(source)
     return source
 
 
-def _name_labels(source: _Source) -> None:
+def _name_labels(source: LoadedSource) -> None:
     """The source's `labels`: each listed column's label ids (or names) become the names, in every split."""
     for column, names in source.cfg.labels.items():
         if not any(column in ds.column_names for ds in source.raw.values()):
@@ -402,7 +402,7 @@ def _named(ds: Any, column: str, names: list[str], key: str, split: str) -> Any:
                   features=features, new_fingerprint=fingerprint.hexdigest(), desc=f"naming {column} labels")
 
 
-def _rename(source: _Source) -> None:
+def _rename(source: LoadedSource) -> None:
     renames = source.cfg.columns
     if not renames:
         return
@@ -426,17 +426,17 @@ def _rename(source: _Source) -> None:
 # what `ift validate` and `ift templates preview|validate --data` read of a source, as training reads it
 
 
-def _peek(index: int, src: SourceConfig, templates: Sequence[Any], fixed: Any | None) -> dict[str, list[str]] | None:
+def peek_columns(index: int, src: SourceConfig, templates: Sequence[Any], fixed: Any | None) -> dict[str, list[str]] | None:
     """{split: columns (before renames)}: local data read with the training loader (its errors, its cache);
     a Hub dataset from its metadata (None when only a download could say)."""
     key = f"data.sources.{index}"
-    if not _looks_local(src.path) and not is_url(src.path):  # a file on the web is read as training reads it
+    if not is_local_source(src.path) and not is_url(src.path):  # a file on the web is read as training reads it
         from huggingface_hub import constants
 
         if not constants.HF_HUB_OFFLINE and not hub_reachable():
             raise _hub_error(src, key)
         return _peek_hub(src, key)
-    source = _load_source(index, src, templates, fixed, rename=False)
+    source = load_source(index, src, templates, fixed, rename=False)
     return {split: list(ds.column_names) for split, ds in source.raw.items()}
 
 
@@ -470,7 +470,7 @@ def load_preview_rows(source: str, split: str = "train", n: int | None = None,
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a preview prints rows, not progress bars
     try:
-        if _looks_local(source):
+        if is_local_source(source):
             loaded, _, _, files = _load_local(SourceConfig(path=source), key)
         else:
             name, _, config = source.partition(":")
@@ -502,7 +502,7 @@ def load_source_splits(src: SourceConfig) -> dict[str, Any]:
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        return dict(_load_source(0, src).raw)
+        return dict(load_source(0, src).raw)
     finally:
         if was_enabled:
             datasets.enable_progress_bars()

@@ -6,19 +6,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ift.data.cache import _fingerprint, _stable_int
-from ift.data.sources import _Source
+from ift.data.cache import cache_fingerprint, stable_int
+from ift.data.sources import LoadedSource
 from ift.errors import IftError
 from ift.recipe import SPLITS, DataConfig, SourceConfig
 
 
-def _explicit_splits(cfg: SourceConfig) -> set[str]:
+def explicit_splits(cfg: SourceConfig) -> set[str]:
     return set(cfg.splits.model_fields_set) if "splits" in cfg.model_fields_set else set()
 
 
-def _assign(source: _Source) -> dict[str, Any | None]:
+def assign_rows(source: LoadedSource) -> dict[str, Any | None]:
     """Our split -> the source's dataset (None: carve it from train)."""
-    explicit = _explicit_splits(source.cfg)
+    explicit = explicit_splits(source.cfg)
     out: dict[str, Any | None] = {}
     for ours in SPLITS:
         theirs = getattr(source.cfg.splits, ours)
@@ -92,7 +92,7 @@ def carve_indices(n: int, sizes: dict[str, int], rng: np.random.Generator,
     return out
 
 
-def _check_stratify(data: DataConfig, sources: list[_Source], assignments: list[dict[str, Any | None]]) -> None:
+def check_stratify(data: DataConfig, sources: list[LoadedSource], assignments: list[dict[str, Any | None]]) -> None:
     """stratify_by must name a column of at least one source that carves a split (in a mixture,
     sources without it are carved at random: label columns differ between datasets)."""
     if not data.stratify_by:
@@ -105,7 +105,7 @@ def _check_stratify(data: DataConfig, sources: list[_Source], assignments: list[
                        f"{source.key}.columns: {{old_name: {data.stratify_by}}}, or remove stratify_by")
 
 
-def _carve(source: _Source, assigned: dict[str, Any | None], data: DataConfig, report: dict) -> dict[str, Any]:
+def carve_split(source: LoadedSource, assigned: dict[str, Any | None], data: DataConfig, report: dict) -> dict[str, Any]:
     train = assigned["train"]
     n = len(train)
     sizes = {"validation": _size(data.validation_size, n) if assigned["validation"] is None else 0,
@@ -126,18 +126,18 @@ def _carve(source: _Source, assigned: dict[str, Any | None], data: DataConfig, r
             info["stratified_by"] = data.stratify_by
         else:  # another source has the column (checked before): this one is carved at random, and says so
             info["not_stratified"] = f"no column '{data.stratify_by}'"
-    rng = np.random.default_rng([data.seed, _stable_int(source.name)])
+    rng = np.random.default_rng([data.seed, stable_int(source.name)])
     picked = carve_indices(n, carved, rng, labels)
     out = dict(assigned)
     for split, idx in picked.items():
-        fp = _fingerprint("carve", train._fingerprint, split, idx)
+        fp = cache_fingerprint("carve", train._fingerprint, split, idx)
         out[split] = train.select(idx, new_fingerprint=fp)
     return _no_missing(out, train)
 
 
 def _no_missing(splits: dict[str, Any | None], train: Any) -> dict[str, Any]:
     """A split sized 0 (validation_size: 0) is an empty dataset with the source's columns."""
-    return {s: ds if ds is not None else train.select([], new_fingerprint=_fingerprint("empty", train._fingerprint))
+    return {s: ds if ds is not None else train.select([], new_fingerprint=cache_fingerprint("empty", train._fingerprint))
             for s, ds in splits.items()}
 
 
@@ -155,10 +155,10 @@ def _drop_rows(ds: Any, mask: np.ndarray, why: str) -> Any:
     if not mask.any():
         return ds
     keep = np.flatnonzero(~mask)
-    return ds.select(keep, new_fingerprint=_fingerprint(why, ds._fingerprint, keep))
+    return ds.select(keep, new_fingerprint=cache_fingerprint(why, ds._fingerprint, keep))
 
 
-def _remove_leaks(rendered: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+def remove_leaks(rendered: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Pairs in validation or test leave train; pairs in test leave validation. Counts per source."""
     hashes = {name: {s: _column_np(ds, "_pair") for s, ds in splits.items()} for name, splits in rendered.items()}
     in_test = np.concatenate([h["test"] for h in hashes.values()])

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ift.data.cache import BATCH, CODE_VERSION, _cache_file, _fingerprint, tokenizer_fingerprint
+from ift.data.cache import BATCH, CODE_VERSION, cache_file_path, cache_fingerprint, tokenizer_fingerprint
 from ift.data.conversations import encode_conversations
 from ift.data.chat_templates import end_of_turn_token
 from ift.data.encoding import IGNORE, common_prefix, encode_pairs
@@ -37,7 +37,7 @@ def _cut(ids: list[int], budget: int, side: str, keep_head: int, keep_tail: int)
     return head + body + tail
 
 
-class _Encoder:
+class TokenEncoder:
     """datasets.map function (arrow format): rendered rows -> input_ids, attention_mask, labels, length.
 
     Each output example is (head, tail): head = tokens without loss (the prompt), tail = tokens with
@@ -250,9 +250,9 @@ def tokenize(splits: Any, tokenizer: Any, kind: str, data: DataConfig) -> tuple[
                                     "train_on_prompt": data.train_on_prompt, "chat_template": data.chat_template,
                                     "train_on": data.train_on, "train_on_reasoning": data.train_on_reasoning,
                                     "end_of_turn": end_of_turn_token(tokenizer)}}
-    encoder = _Encoder(tokenizer, kind, data)
+    encoder = TokenEncoder(tokenizer, kind, data)
     for split, ds in splits.items():
-        fp = _fingerprint("tokenize", ds._fingerprint, tok_fp, settings, CODE_VERSION)
+        fp = cache_fingerprint("tokenize", ds._fingerprint, tok_fp, settings, CODE_VERSION)
         num_proc = data.num_proc if data.num_proc > 1 and len(ds) >= 2 * BATCH else None
         features = _tokenized_features(ds.features)
         if not len(ds):  # datasets would return an empty dataset without the token columns
@@ -262,7 +262,7 @@ def tokenize(splits: Any, tokenizer: Any, kind: str, data: DataConfig) -> tuple[
         mapped = ds.with_format("arrow").map(
             encoder, batched=True, batch_size=BATCH, remove_columns=ds.column_names,
             features=features, new_fingerprint=fp, num_proc=num_proc,
-            cache_file_name=_cache_file("tokenize", fp), desc=f"tokenizing {split}")
+            cache_file_name=cache_file_path("tokenize", fp), desc=f"tokenizing {split}")
         out[split] = mapped.with_format(None)
         report[split] = token_report(ds, out[split])
         if not len(out[split]):
@@ -278,7 +278,7 @@ def tokenize(splits: Any, tokenizer: Any, kind: str, data: DataConfig) -> tuple[
     return datasets.DatasetDict(out), report
 
 
-def _table(ds: Any) -> pa.Table | None:
+def arrow_table(ds: Any) -> pa.Table | None:
     return ds.with_format("arrow")[:] if len(ds) else None
 
 
@@ -290,7 +290,7 @@ def _loss_counts(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return carries[offsets[1:] - offsets[0]] - carries[offsets[:-1] - offsets[0]]
 
 
-def _percentiles(values: np.ndarray) -> dict[str, float]:
+def length_percentiles(values: np.ndarray) -> dict[str, float]:
     if not len(values):
         return {}
     q = np.percentile(values, [50, 90, 95, 99])
@@ -300,7 +300,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
 
 def token_report(before: Any, after: Any) -> dict:
     """Rows, tokens, loss tokens, length percentiles, truncated and dropped rows: per split and source."""
-    t_in, t_out = _table(before), _table(after)
+    t_in, t_out = arrow_table(before), arrow_table(after)
     src_in = Counter(t_in.column("source").to_pylist()) if t_in is not None else Counter()
     entry: dict[str, Any] = {"rows_in": len(before), "rows": len(after), "sources": {}}
     if t_out is None:  # nothing left (or nothing given)
@@ -312,11 +312,11 @@ def token_report(before: Any, after: Any) -> dict:
         status = t_out.column("truncated").to_numpy()
         loss = _loss_counts(t_out.column("labels"))
     entry.update(_counts(length, status, loss, len(before)))
-    entry["length"] = _percentiles(length)
+    entry["length"] = length_percentiles(length)
     for name in sorted(set(src_in) | set(sources.tolist())):
         m = sources == name
         entry["sources"][name] = {**_counts(length[m], status[m], loss[m], src_in.get(name, 0)),
-                                  "rows": int(m.sum()), "length": _percentiles(length[m])}
+                                  "rows": int(m.sum()), "length": length_percentiles(length[m])}
     return entry
 
 

@@ -79,9 +79,9 @@ def _first(config: Any, *names: str, default: Any = None) -> Any:
 
 def _config_dtype_name(config: Any) -> str | None:
     """The checkpoint's dtype as ift.modeling reads it, by name; None unless one of DTYPE_BYTES."""
-    from ift.modeling.config import _config_dtype
+    from ift.modeling.config import checkpoint_dtype
 
-    dtype = _config_dtype(config)
+    dtype = checkpoint_dtype(config)
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
     return name if name in DTYPE_BYTES else None
 
@@ -247,17 +247,17 @@ def _load_config(model_cfg: Any) -> tuple[Any, str]:
     """The transformers config as ift.modeling builds the model: for init: scratch the inline or named
     config with the tokenizer's vocabulary, else the model's own (a local folder, config.json from the Hub,
     or the cached conversion of a GGUF file)."""
-    from ift.modeling.config import _pretrained_config, _scratch_base_config
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.config import pretrained_config, scratch_base_config
+    from ift.modeling.model_source import resolve_model_path
     from ift.modeling.tokenizer import load_tokenizer
 
     if model_cfg.init == "scratch":
-        config = _scratch_base_config(model_cfg)
+        config = scratch_base_config(model_cfg)
         if model_cfg.tokenizer or model_cfg.name_or_path:
             config.vocab_size = len(load_tokenizer(model_cfg))
         else:  # ift trains a BPE tokenizer of this size on the training text
             config.vocab_size = model_cfg.vocab_size
         return config, f"scratch:{config.model_type}"
     path = str(resolve_model_path(model_cfg))
-    config = _pretrained_config(model_cfg, path)  # Hub errors explained as ift.modeling explains them
+    config = pretrained_config(model_cfg, path)  # Hub errors explained as ift.modeling explains them
     return config, model_cfg.gguf_file or model_cfg.name_or_path or path

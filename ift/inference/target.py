@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ift.errors import IftError
 from ift.locations import looks_local
 from ift.inference.prompts import PromptFormat, run_prompt_format
+from ift.run import RunDir
 
 if TYPE_CHECKING:
     from ift.modeling.loading import Loaded
@@ -96,7 +97,7 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
     path = Path(text).expanduser()
     run_dir = _run_folder(path)
     if run_dir is not None:
-        recipe = load_recipe(run_dir / "recipe.yaml")
+        recipe = load_recipe(RunDir(run_dir).recipe)
         if path.resolve() != run_dir.resolve() and (path / "config.json").is_file() and not base:
             # a model folder inside a run (RUN_DIR/merged): the run's format, that folder's weights
             loaded = load(ModelConfig(name_or_path=str(path)), AdapterConfig())
@@ -106,7 +107,7 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
             _run_chat_template(loaded, recipe)
             label = f"base model of run {run_dir}"
         else:
-            final = run_dir / "final"
+            final = RunDir(run_dir).final
             if not final.is_dir():
                 raise IftError("the run has no final model", str(final),
                                "let training finish (it writes final/), or talk to the base model with --base")
@@ -147,9 +148,9 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
 
 def _run_folder(path: Path) -> Path | None:
     """The run folder `path` is, or whose final/ or merged/ it is; None for anything else."""
-    if path.is_dir() and (path / "recipe.yaml").is_file():
+    if path.is_dir() and RunDir(path).recipe.is_file():
         return path
-    if path.name in ("final", "merged") and path.is_dir() and (path.parent / "recipe.yaml").is_file():
+    if path.name in ("final", "merged") and path.is_dir() and RunDir(path.parent).recipe.is_file():
         return path.parent
     return None
 

@@ -1,4 +1,4 @@
-"""LoRA / QLoRA: target modules, peft configs and calls, 4-bit checks, and trainable-parameter reporting."""
+"""LoRA / QLoRA: target modules, peft configs and calls, 4-bit checks, and trainable-parameter counts."""
 
 from __future__ import annotations
 
@@ -7,18 +7,14 @@ import difflib
 import importlib
 import sys
 import warnings
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ift.data.encoding import Kind
 from ift.errors import IftError
 from ift.recipe import AdapterConfig, ModelConfig
-
-if TYPE_CHECKING:
-    from ift.modeling.loading import Loaded
-
-from ift.data.encoding import Kind
 
 MIN_BITSANDBYTES = (0, 45)
 
@@ -31,7 +27,7 @@ HEAD_NAMES = {"lm_head", "embed_out", "output", "score", "classifier"}
 
 
 @contextlib.contextmanager
-def _peft_calls(four_bit: bool) -> Iterator[None]:
+def peft_calls(four_bit: bool) -> Iterator[None]:
     """Around ift's calls into peft: quiet about what only peft itself does.
 
     - peft reads the deprecated `is_gradient_checkpointing` in PeftModel.__init__ (peft 0.21,
@@ -78,7 +74,7 @@ def _trainable_tokens(net: nn.Module, ids: Sequence[int]) -> list[int] | dict[st
     return {names[id(in_emb)]: ids, names[id(out_emb)]: ids}
 
 
-def _lora_config(adapter: AdapterConfig, kind: Kind, net: nn.Module, new_tokens: Sequence[int] = ()):
+def lora_config(adapter: AdapterConfig, kind: Kind, net: nn.Module, new_tokens: Sequence[int] = ()):
     from peft import LoraConfig, TaskType
 
     if adapter.target_modules == "auto":
@@ -145,7 +141,7 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return present
 
 
-def _check_4bit(model: ModelConfig) -> None:
+def check_4bit(model: ModelConfig) -> None:
     """A clear error before loading when 4-bit QLoRA cannot run here."""
     if model.init == "scratch":
         raise IftError("QLoRA quantizes pretrained weights; a scratch model has none worth freezing",
@@ -172,7 +168,7 @@ def _check_4bit(model: ModelConfig) -> None:
                        "use adapter.method: lora (full-precision base), or a machine bitsandbytes supports") from None
 
 
-def _keep_4bit_differentiable(net: nn.Module) -> None:
+def keep_4bit_differentiable(net: nn.Module) -> None:
     """Stop bitsandbytes' CPU inference repacking of 4-bit weights.
 
     On CPUs with AVX512-BF16, a Linear4bit run in eval mode under no_grad repacks its weight in place for
@@ -207,31 +203,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if param.requires_grad else 0
     return total, trainable
-
-
-def _human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def describe(loaded: Loaded) -> str:
-    """One line for logs: source, kind, precision, adapter, total and trainable parameters."""
-    total, trainable = count_parameters(loaded.model)
-    net = loaded.model
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    precision = str(base.dtype).removeprefix("torch.")
-    if getattr(base, "is_loaded_in_4bit", False):
-        quant = getattr(getattr(base, "hf_quantizer", None), "quantization_config", None)
-        precision = f"4-bit {getattr(quant, 'bnb_4bit_quant_type', 'nf4').upper()} base"
-
-    adapter = "full fine-tuning"
-    peft_config = getattr(net, "peft_config", None)
-    if peft_config:
-        cfg = next(iter(peft_config.values()))
-        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(sorted(cfg.target_modules))
-        adapter = f"LoRA r={cfg.r} alpha={cfg.lora_alpha:g} on {targets}"
-    share = 100 * trainable / total if total else 0.0
-    return (f"{getattr(base.config, 'model_type', '?')} ({loaded.kind}) from {loaded.source} · {precision} · {adapter} · "
-            f"parameters: {_human(total)} total, {_human(trainable)} trainable ({share:.2f}%)")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ift.errors import IftError
-from ift.modeling.hub import _hub_errors, _looks_local
+from ift.modeling.load_errors import hub_errors, is_local_model
 from ift.recipe import ModelConfig
 
 if TYPE_CHECKING:
@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _pretrained_config(model: ModelConfig, source: str) -> PretrainedConfig:
+def pretrained_config(model: ModelConfig, source: str) -> PretrainedConfig:
     from transformers import AutoConfig
 
     revision = model.revision if source == model.name_or_path else None
     key = "model.gguf_file" if model.gguf_file else "model.name_or_path"
-    with _hub_errors(model.name_or_path or source, key):
+    with hub_errors(model.name_or_path or source, key):
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=model.trust_remote_code)
 
 
@@ -32,13 +32,13 @@ def base_config(model: ModelConfig) -> PretrainedConfig:
     """The recipe model's config without its weights: model.config for init: scratch (vocabulary not yet taken
     from a tokenizer), else the checkpoint's own (a GGUF file is converted and cached first, as loading does)."""
     if model.init == "scratch":
-        return _scratch_base_config(model)
-    from ift.modeling.gguf import resolve_model_path
+        return scratch_base_config(model)
+    from ift.modeling.model_source import resolve_model_path
 
-    return _pretrained_config(model, resolve_model_path(model))
+    return pretrained_config(model, resolve_model_path(model))
 
 
-def _scratch_base_config(model: ModelConfig) -> PretrainedConfig:
+def scratch_base_config(model: ModelConfig) -> PretrainedConfig:
     """model.config as a config object: inline sizes (with model_type) or a config path / Hub id."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -48,9 +48,9 @@ def _scratch_base_config(model: ModelConfig) -> PretrainedConfig:
         raise IftError("init: scratch needs a model config", "model.config",
                        "set model.config to inline sizes such as {model_type: llama, hidden_size: 64} or a config path")
     if not isinstance(spec, dict):
-        if _looks_local(spec) and not Path(spec).expanduser().exists():
+        if is_local_model(spec) and not Path(spec).expanduser().exists():
             raise IftError(f"config not found: {spec}", "model.config", "check the path, or give inline sizes")
-        with _hub_errors(spec, "model.config"):
+        with hub_errors(spec, "model.config"):
             return AutoConfig.from_pretrained(str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec,
                                               trust_remote_code=model.trust_remote_code)
     sizes = dict(spec)
@@ -75,9 +75,9 @@ def _scratch_base_config(model: ModelConfig) -> PretrainedConfig:
                        "fix the sizes (e.g. hidden_size divisible by num_attention_heads)") from None
 
 
-def _scratch_config(model: ModelConfig, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
+def scratch_config(model: ModelConfig, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The scratch config with vocabulary size and special-token ids taken from the tokenizer."""
-    config = _scratch_base_config(model)
+    config = scratch_base_config(model)
     old = {name: getattr(config, f"{name}_token_id", None) for name in ("pad", "bos", "eos")}
     new = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
     config.vocab_size = len(tok)
@@ -98,7 +98,7 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _config_dtype(config: PretrainedConfig) -> torch.dtype | None:
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
     """The checkpoint's dtype as a torch.dtype, None when the config names none (ift.estimate reads it by name)."""
     # transformers >= 5 keeps it in `dtype`; `torch_dtype` is only a deprecated alias of it (and logs so)
     value = getattr(config, "dtype", None)
@@ -107,10 +107,10 @@ def _config_dtype(config: PretrainedConfig) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
-def _torch_dtype(name: str, config: PretrainedConfig | None) -> torch.dtype:
+def resolve_dtype(name: str, config: PretrainedConfig | None) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
-    saved = _config_dtype(config) if config is not None else None
+    saved = checkpoint_dtype(config) if config is not None else None
     # auto = the checkpoint's own dtype (no silent up-cast of bf16 models, which CPUs run natively),
     # except float16 without an accelerator: CPU fp16 matmuls are slow or missing, and its small range
     # overflows without a loss scaler, so it loads as float32. No stated dtype (random init) = float32.

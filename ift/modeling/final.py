@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ift.errors import IftError
-from ift.modeling.adapters import _check_4bit, _peft_calls
-from ift.modeling.config import _pretrained_config, _torch_dtype
-from ift.modeling.gguf import resolve_model_path
-from ift.modeling.kind import _auto_class, model_kind
-from ift.modeling.loading import Loaded, _from_pretrained, _match_tokenizer
-from ift.modeling.tokenizer import _ensure_pad, _tokenizer
+from ift.modeling.adapters import check_4bit, peft_calls
+from ift.modeling.config import pretrained_config, resolve_dtype
+from ift.modeling.model_source import resolve_model_path
+from ift.modeling.kind import auto_model_class, model_kind
+from ift.modeling.loading import Loaded, load_pretrained, match_tokenizer
+from ift.modeling.tokenizer import ensure_pad, recipe_tokenizer
 from ift.recipe import AdapterConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -44,9 +44,9 @@ def load_final(final_dir: Path, model_cfg: ModelConfig, *, dtype: str | None = N
     config = AutoConfig.from_pretrained(final_dir, trust_remote_code=model_cfg.trust_remote_code)
     kind = model_kind(config, model_cfg.kind)
     tok = _final_tokenizer(final_dir, model_cfg, kind)
-    net = _auto_class(kind).from_pretrained(final_dir, config=config, dtype=_torch_dtype(merged_dtype, config),
+    net = auto_model_class(kind).from_pretrained(final_dir, config=config, dtype=resolve_dtype(merged_dtype, config),
                                             trust_remote_code=model_cfg.trust_remote_code)
-    _match_tokenizer(net, tok)
+    match_tokenizer(net, tok)
     net.eval()
     return Loaded(model=net, tokenizer=tok, kind=kind, source=str(final_dir))
 
@@ -57,16 +57,16 @@ def _load_adapter(final_dir: Path, model_cfg: ModelConfig, merged_dtype: str,
         raise IftError("this adapter was trained on a randomly initialised base whose weights were not saved",
                        str(final_dir), "train init: scratch models with adapter.method: none (full training)")
     source = resolve_model_path(model_cfg)
-    config = _pretrained_config(model_cfg, source)
+    config = pretrained_config(model_cfg, source)
     kind = model_kind(config, model_cfg.kind)
     tok = _final_tokenizer(final_dir, model_cfg, kind)
     four_bit = adapter is not None and adapter.method == "qlora"
     if four_bit:
-        _check_4bit(model_cfg)
-    base = _from_pretrained(model_cfg, adapter if four_bit else AdapterConfig(), source, config, kind,
-                            _torch_dtype(merged_dtype, config))
-    _match_tokenizer(base, tok)
-    with _peft_calls(four_bit=four_bit):
+        check_4bit(model_cfg)
+    base = load_pretrained(model_cfg, adapter if four_bit else AdapterConfig(), source, config, kind,
+                            resolve_dtype(merged_dtype, config))
+    match_tokenizer(base, tok)
+    with peft_calls(four_bit=four_bit):
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(base, str(final_dir), is_trainable=False)
@@ -79,6 +79,6 @@ def _final_tokenizer(final_dir: Path, model_cfg: ModelConfig, kind: Kind) -> Pre
 
     has_tokenizer = any((final_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = (AutoTokenizer.from_pretrained(final_dir, trust_remote_code=model_cfg.trust_remote_code)
-           if has_tokenizer else _tokenizer(model_cfg, None, kind))
-    _ensure_pad(tok, kind)
+           if has_tokenizer else recipe_tokenizer(model_cfg, None, kind))
+    ensure_pad(tok, kind)
     return tok

@@ -66,7 +66,7 @@ def model_kind(config: PretrainedConfig, forced: str = "auto") -> Kind:
                    "model.name_or_path", f"choose another model: {KINDS_HELP}")
 
 
-def _auto_class(kind: Kind):
+def auto_model_class(kind: Kind):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     return AutoModelForCausalLM if kind == "causal" else AutoModelForSeq2SeqLM

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from ift.errors import IftError
-from ift.modeling.adapters import _check_4bit, _keep_4bit_differentiable, _lora_config, _peft_calls
+from ift.modeling.adapters import count_parameters, check_4bit, keep_4bit_differentiable, lora_config, peft_calls
 from ift.modeling.compute import use_fast_dropout
-from ift.modeling.config import _pretrained_config, _scratch_config, _torch_dtype
-from ift.modeling.gguf import _say, resolve_model_path
-from ift.modeling.hub import _hub_errors
-from ift.modeling.kind import _auto_class, model_kind
-from ift.modeling.tokenizer import _ensure_pad, _tokenizer
+from ift.modeling.config import pretrained_config, scratch_config, resolve_dtype
+from ift.modeling.model_source import say_progress, resolve_model_path
+from ift.modeling.load_errors import hub_errors
+from ift.modeling.kind import auto_model_class, model_kind
+from ift.modeling.tokenizer import ensure_pad, recipe_tokenizer
 from ift.recipe import AdapterConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
     grow to the tokenizer, and under LoRA these rows train (peft's trainable tokens) while the rest stay frozen.
     """
     if adapter.method == "qlora":
-        _check_4bit(model)  # before any weights load
+        check_4bit(model)  # before any weights load
     _check_attention(model)
     if adapter.method == "lora" and model.init == "scratch":
         raise IftError("LoRA on a randomly initialised base: the base weights are never saved, so the adapter "
@@ -63,42 +63,42 @@ def load(model: ModelConfig, adapter: AdapterConfig, *, gradient_checkpointing: 
                        "use adapter.method: none (full training) for init: scratch")
     dtype_name = dtype_override or model.dtype
     if model.init == "scratch":
-        tok = tokenizer or _tokenizer(model, train_texts, kind=None)
-        config = _scratch_config(model, tok)
+        tok = tokenizer or recipe_tokenizer(model, train_texts, kind=None)
+        config = scratch_config(model, tok)
         kind = model_kind(config, model.kind)
-        _ensure_pad(tok, kind)
-        net = _auto_class(kind).from_config(config, dtype=_torch_dtype(dtype_name, None),
+        ensure_pad(tok, kind)
+        net = auto_model_class(kind).from_config(config, dtype=resolve_dtype(dtype_name, None),
                                             trust_remote_code=model.trust_remote_code, **_attention(model))
         net.eval()
         source = f"scratch:{config.model_type}"
     else:
         source = resolve_model_path(model)
-        config = _pretrained_config(model, source)
+        config = pretrained_config(model, source)
         kind = model_kind(config, model.kind)
-        tok = tokenizer or _tokenizer(model, None, kind)
-        _ensure_pad(tok, kind)
-        net = _from_pretrained(model, adapter, source, config, kind, _torch_dtype(dtype_name, config))
-    _match_tokenizer(net, tok)
+        tok = tokenizer or recipe_tokenizer(model, None, kind)
+        ensure_pad(tok, kind)
+        net = load_pretrained(model, adapter, source, config, kind, resolve_dtype(dtype_name, config))
+    match_tokenizer(net, tok)
     if adapter.method == "none":
         net.requires_grad_(True)  # full fine-tuning: every weight trains
     if adapter.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        _keep_4bit_differentiable(net)
+        keep_4bit_differentiable(net)
         # checkpointing is enabled below (non-reentrant), not by peft's deprecated-API path
         net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         _enable_checkpointing(net, adapter.method != "none")
     if adapter.method in ("lora", "qlora"):
-        with _peft_calls(four_bit=adapter.method == "qlora"):
+        with peft_calls(four_bit=adapter.method == "qlora"):
             from peft import get_peft_model
 
-            net = get_peft_model(net, _lora_config(adapter, kind, net, new_tokens))
+            net = get_peft_model(net, lora_config(adapter, kind, net, new_tokens))
         use_fast_dropout(net)  # masks 4x cheaper, one per shared input (ift/modeling/compute.py)
     return Loaded(model=net, tokenizer=tok, kind=kind, source=source)
 
 
-def _from_pretrained(model: ModelConfig, adapter: AdapterConfig, source: str, config: PretrainedConfig,
+def load_pretrained(model: ModelConfig, adapter: AdapterConfig, source: str, config: PretrainedConfig,
                      kind: Kind, dtype: torch.dtype) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": model.trust_remote_code,
                               **_attention(model)}
@@ -112,8 +112,8 @@ def _from_pretrained(model: ModelConfig, adapter: AdapterConfig, source: str, co
             bnb_4bit_use_double_quant=adapter.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, adapter.compute_dtype))
     key = "model.gguf_file" if model.gguf_file else "model.name_or_path"
-    with _hub_errors(model.name_or_path or source, key):
-        return _auto_class(kind).from_pretrained(source, **kwargs)
+    with hub_errors(model.name_or_path or source, key):
+        return auto_model_class(kind).from_pretrained(source, **kwargs)
 
 
 def _attention(model: ModelConfig) -> dict[str, str]:
@@ -133,7 +133,7 @@ def _check_attention(model: ModelConfig) -> None:
                            "use auto (sdpa, or eager where faster), sdpa or eager, or install flash-attn on a CUDA GPU")
 
 
-def _match_tokenizer(net: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+def match_tokenizer(net: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
     """Embeddings large enough for the tokenizer (a pad token may have been added); pad id known to the model."""
     embeddings = net.get_input_embeddings()
     if embeddings is not None and len(tok) > embeddings.num_embeddings:
@@ -147,7 +147,7 @@ def _match_tokenizer(net: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None
             net.resize_token_embeddings(len(tok))  # new rows drawn around the old rows' mean (mean_resizing)
         finally:
             hf_logging.set_verbosity(level)
-        _say(f"embeddings grown from {before:,} to {len(tok):,} rows for the tokenizer's added tokens "
+        say_progress(f"embeddings grown from {before:,} to {len(tok):,} rows for the tokenizer's added tokens "
              "(new rows start near the mean of the old ones)")
     if getattr(net.config, "pad_token_id", None) is None:
         net.config.pad_token_id = tok.pad_token_id
@@ -165,3 +165,31 @@ def _enable_checkpointing(net: PreTrainedModel, adapters: bool) -> None:
     net.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
     if adapters:
         net.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed blocks
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def describe(loaded: Loaded) -> str:
+    """One line for logs: source, kind, precision, adapter, total and trainable parameters."""
+    total, trainable = count_parameters(loaded.model)
+    net = loaded.model
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    precision = str(base.dtype).removeprefix("torch.")
+    if getattr(base, "is_loaded_in_4bit", False):
+        quant = getattr(getattr(base, "hf_quantizer", None), "quantization_config", None)
+        precision = f"4-bit {getattr(quant, 'bnb_4bit_quant_type', 'nf4').upper()} base"
+
+    adapter = "full fine-tuning"
+    peft_config = getattr(net, "peft_config", None)
+    if peft_config:
+        cfg = next(iter(peft_config.values()))
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(sorted(cfg.target_modules))
+        adapter = f"LoRA r={cfg.r} alpha={cfg.lora_alpha:g} on {targets}"
+    share = 100 * trainable / total if total else 0.0
+    return (f"{getattr(base.config, 'model_type', '?')} ({loaded.kind}) from {loaded.source} · {precision} · {adapter} · "
+            f"parameters: {_human(total)} total, {_human(trainable)} trainable ({share:.2f}%)")

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from ift.errors import IftError
-from ift.modeling.config import _pretrained_config, _scratch_base_config
-from ift.modeling.gguf import resolve_model_path
-from ift.modeling.hub import _hub_errors, _looks_local
+from ift.modeling.config import pretrained_config, scratch_base_config
+from ift.modeling.model_source import resolve_model_path
+from ift.modeling.load_errors import hub_errors, is_local_model
 from ift.modeling.kind import model_kind
 from ift.recipe import ModelConfig
 
@@ -22,10 +22,10 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # tokenizers trained for ini
 
 def load_tokenizer(model: ModelConfig, train_texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
     """The recipe's tokenizer, with a pad token; trained on `train_texts` for init: scratch without one."""
-    return _tokenizer(model, train_texts, kind=None)
+    return recipe_tokenizer(model, train_texts, kind=None)
 
 
-def _tokenizer(model: ModelConfig, train_texts: Iterable[str] | None, kind: Kind | None) -> PreTrainedTokenizerBase:
+def recipe_tokenizer(model: ModelConfig, train_texts: Iterable[str] | None, kind: Kind | None) -> PreTrainedTokenizerBase:
     if model.tokenizer:
         tok = _pretrained_tokenizer(model, model.tokenizer, "model.tokenizer")
     elif model.init == "scratch":
@@ -34,7 +34,7 @@ def _tokenizer(model: ModelConfig, train_texts: Iterable[str] | None, kind: Kind
         tok = _pretrained_tokenizer(model, model.name_or_path, "model.name_or_path")  # no weights needed
     else:
         tok = _pretrained_tokenizer(model, resolve_model_path(model), "model.name_or_path")
-    _ensure_pad(tok, kind or (lambda: resolve_kind(model)))
+    ensure_pad(tok, kind or (lambda: resolve_kind(model)))
     return tok
 
 
@@ -42,10 +42,10 @@ def _pretrained_tokenizer(model: ModelConfig, source: str, key: str) -> PreTrain
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()
-    if not path.exists() and _looks_local(source):
+    if not path.exists() and is_local_model(source):
         raise IftError(f"tokenizer folder not found: {source}", key, "check the path or give a Hub id")
     revision = model.revision if source == model.name_or_path else None
-    with _hub_errors(source, key):
+    with hub_errors(source, key):
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else source, revision=revision,
                                              trust_remote_code=model.trust_remote_code)
 
@@ -53,11 +53,11 @@ def _pretrained_tokenizer(model: ModelConfig, source: str, key: str) -> PreTrain
 def resolve_kind(model: ModelConfig) -> Kind:
     """The recipe model's kind from its config alone (no weights; a GGUF is converted/cached first)."""
     if model.init == "scratch":
-        return model_kind(_scratch_base_config(model), model.kind)
-    return model_kind(_pretrained_config(model, resolve_model_path(model)), model.kind)
+        return model_kind(scratch_base_config(model), model.kind)
+    return model_kind(pretrained_config(model, resolve_model_path(model)), model.kind)
 
 
-def _ensure_pad(tok: PreTrainedTokenizerBase, kind: Kind | Callable[[], Kind]) -> None:
+def ensure_pad(tok: PreTrainedTokenizerBase, kind: Kind | Callable[[], Kind]) -> None:
     """Give the tokenizer a pad token: eos for causal models (padding is masked out), else a new <pad>.
 
     `kind` may be a function, so the config is only read when a pad token is actually missing.

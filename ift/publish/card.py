@@ -23,6 +23,7 @@ from ift import atomic
 from ift.errors import IftError
 from ift.locations import looks_like_hub_id
 from ift.metrics import METRICS, SCORES, recorded_module_figures
+from ift.modeling.model_source import base_hub_id
 from ift.recipe import ALPACA_TEMPLATE, SPLITS, Recipe
 from ift.run import RunDir
 
@@ -103,7 +104,7 @@ class _Facts:
         leaks = report.get("leaks") if isinstance(report.get("leaks"), dict) else {}
         final = rd.final
         adapter = recipe.adapter.method != "none" and not merged
-        hub_id = base_hub_id(recipe)
+        hub_id = base_hub_id(recipe.model)
         return cls(
             run_dir=run_dir, recipe=recipe, merged=merged, adapter=adapter, repo_id=repo_id,
             name=(repo_id or "").split("/")[-1] or run_dir.resolve().name,
@@ -159,28 +160,6 @@ def _model_kind(final: Path, recipe: Recipe) -> str:
         return "seq2seq" if "SEQ_2_SEQ" in str(task).upper() else "causal"
     config = _read_json(final / "config.json")
     return "seq2seq" if config.get("is_encoder_decoder") else "causal"
-
-
-def base_hub_id(recipe: Recipe) -> str | None:
-    """The base model's Hub id: what others load the adapter onto (adapter config, card, snippets).
-
-    model.hub_id when set, else model.name_or_path when it is a Hub id, else for a GGUF base what the
-    file's metadata says (ift.modeling.gguf.gguf_hub_id); None when unknown (a local folder without hub_id).
-    """
-    m = recipe.model
-    if m.init != "pretrained":
-        return None
-    explicit = getattr(m, "hub_id", None)  # recipe key model.hub_id
-    if explicit:
-        return explicit
-    if m.gguf_file:  # name_or_path then names the GGUF's folder or repo, which transformers cannot load by id
-        from ift.modeling.gguf import _locate_gguf, gguf_hub_id
-
-        try:
-            return gguf_hub_id(_locate_gguf(m))
-        except (IftError, OSError):  # the file is gone or unreadable: the card still gets written
-            return None
-    return m.name_or_path if looks_like_hub_id(m.name_or_path, {".gguf"}) else None
 
 
 def _base_label(recipe: Recipe, hub_id: str | None = None) -> str:

@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 
 from ift import atomic
 from ift.errors import IftError
+from ift.modeling.model_source import base_hub_id
+from ift.run import RunDir
 from ift.publish.gguf import QUANTS, check_architecture, write_gguf
 from ift.publish.modelfile import modelfile_text
 
@@ -50,11 +52,11 @@ def export_gguf(run_dir: str | os.PathLike, *, quant: str = "f16", out: str | os
     if quant not in QUANTS:
         raise IftError(f"unknown quantization '{quant}'", "--quant", f"use one of: {', '.join(QUANTS)}")
     recipe = load_run_recipe(run_dir)
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     if not final.is_dir():
         raise IftError("the run has no final weights (final/ is missing)", str(final),
                        "let the training finish, or resume it: ift train RUN_DIR/recipe.yaml --resume")
-    out = Path(out) if out is not None else run_dir / "export" / f"{run_dir.resolve().name}-{quant}.gguf"
+    out = Path(out) if out is not None else RunDir(run_dir).exports / f"{run_dir.resolve().name}-{quant}.gguf"
     if out.suffix != ".gguf":
         raise IftError(f"the output file should end in .gguf: {out}", "--out", f"e.g. --out {out.with_suffix('.gguf')}")
     if out.is_dir():
@@ -69,7 +71,7 @@ def export_gguf(run_dir: str | os.PathLike, *, quant: str = "f16", out: str | os
     say(f"writing {out} ({quant})")
     arch, tensors = write_gguf(model, tokenizer, out, quant=quant, chat=fmt.chat_template,
                                pre=_base_pre_tokenizer(recipe), name=run_dir.resolve().name,
-                               base_hub_id=_base_hub_id(recipe), notes=notes)
+                               base_hub_id=base_hub_id(recipe.model), notes=notes)
     modelfile = out.parent / "Modelfile"
     atomic.write_text(modelfile, modelfile_text(out.name, tokenizer, fmt, notes))
     say(f"wrote {modelfile}")
@@ -78,15 +80,15 @@ def export_gguf(run_dir: str | os.PathLike, *, quant: str = "f16", out: str | os
 
 def _check_config(final: Path, recipe) -> None:
     """An unsupported architecture is refused from its config alone."""
-    from ift.modeling.config import _pretrained_config
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.config import pretrained_config
+    from ift.modeling.model_source import resolve_model_path
 
     if (final / "config.json").is_file():
         from transformers import AutoConfig
 
         config, where = AutoConfig.from_pretrained(final), str(final / "config.json")
     else:
-        config, where = _pretrained_config(recipe.model, resolve_model_path(recipe.model)), "model (recipe.yaml)"
+        config, where = pretrained_config(recipe.model, resolve_model_path(recipe.model)), "model (recipe.yaml)"
     check_architecture(config, where)
 
 
@@ -97,7 +99,7 @@ def merged_model(run_dir: Path, recipe) -> tuple[Any, Any, list[str]]:
     from ift.modeling.final import load_final
 
     notes: list[str] = []
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     try:
         loaded = load_final(final, recipe.model, dtype="float32")  # no adapter arg: never 4-bit
     except (RuntimeError, ValueError) as exc:
@@ -118,25 +120,12 @@ def _base_pre_tokenizer(recipe) -> str | None:
         return None
     import gguf
 
-    from ift.modeling.gguf import _locate_gguf
+    from ift.modeling.model_source import locate_gguf
 
     with contextlib.suppress(Exception):
-        value = gguf.GGUFReader(str(_locate_gguf(recipe.model))).fields.get("tokenizer.ggml.pre")
+        value = gguf.GGUFReader(str(locate_gguf(recipe.model))).fields.get("tokenizer.ggml.pre")
         return value.contents() if value is not None else None
     return None
-
-
-def _base_hub_id(recipe) -> str | None:
-    if recipe.model.hub_id:
-        return recipe.model.hub_id
-    if recipe.model.gguf_file:
-        from ift.modeling.gguf import _locate_gguf, gguf_hub_id
-
-        with contextlib.suppress(Exception):
-            return gguf_hub_id(_locate_gguf(recipe.model))
-        return None
-    name = recipe.model.name_or_path
-    return name if name and not Path(name).expanduser().exists() else None
 
 
 # ----------------------------------------------------------------------------------------------- checking
@@ -147,12 +136,12 @@ def read_back(path: str | os.PathLike, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ift.modeling.gguf import _dequantize_kwargs
+    from ift.modeling.model_source import dequantize_kwargs
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype),
-                                                 **_dequantize_kwargs())
+                                                 **dequantize_kwargs())
     model.eval()
     return model, tokenizer
 

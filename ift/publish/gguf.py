@@ -1,6 +1,6 @@
 """GGUF writing for `ift export`: tensors in llama.cpp's layout, the byte-level BPE vocabulary, metadata, stop tokens.
 
-The inverse of the GGUF -> transformers conversion `ift.modeling.gguf` relies on (transformers' GGUF reader):
+The inverse of the GGUF -> transformers conversion `ift.modeling.model_source` relies on (transformers' GGUF reader):
 
 - weights: the adapter merged into the unquantized float32 base (also for QLoRA runs, as `ift merge` does),
   tensor names through gguf's own name map (`gguf.get_tensor_name_map`), Llama-family Q/K rows permuted the
@@ -286,7 +286,7 @@ def detect_pre_tokenizer(tokenizer) -> str | None:
     return None
 
 
-def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
+def adds_special_token(tokenizer, token_id: int | None, first: bool) -> bool:
     """Whether the tokenizer adds this special token (BOS first / EOS last) to plain text by itself."""
     if token_id is None:
         return False
@@ -336,8 +336,8 @@ def _add_vocab(writer, tokenizer, config, vocab: _Vocab, rows: int, *, chat: boo
     turn_end = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(tokenizer, chat)]
     if turn_end and turn_end[0] != tokenizer.eos_token_id:
         special.special_token_ids["eot"] = turn_end[0]
-    special.add_special_token = {"bos": _adds(tokenizer, tokenizer.bos_token_id, True),
-                                 "eos": _adds(tokenizer, tokenizer.eos_token_id, False)}
+    special.add_special_token = {"bos": adds_special_token(tokenizer, tokenizer.bos_token_id, True),
+                                 "eos": adds_special_token(tokenizer, tokenizer.eos_token_id, False)}
     special.chat_template = tokenizer.chat_template if chat and getattr(tokenizer, "chat_template", None) \
         else BARE_CHAT_TEMPLATE
     if not special.merges:

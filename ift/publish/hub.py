@@ -58,12 +58,12 @@ def plan_upload(run_dir: Path, *, merge: bool) -> list[tuple[Path, str]]:
                "let the training finish, or resume it: ift train RUN_DIR/recipe.yaml --resume")
         raise IftError(f"no {'merged model' if merge else 'final weights'} to upload", str(weights), fix)
     files = _weight_files(weights)
-    card = weights / "README.md" if merge and (weights / "README.md").is_file() else run_dir / "README.md"
+    card = weights / "README.md" if merge and (weights / "README.md").is_file() else RunDir(run_dir).card
     if not card.is_file():
         raise IftError("the run has no model card (README.md)", str(run_dir),
                        "`ift push` writes it; from Python call ift.publish.card.write_model_card(run_dir, recipe)")
     plan = [(p, p.name) for p in files] + [(card, "README.md")]
-    plan += [(p, f"plots/{p.name}") for p in sorted((run_dir / "plots").glob("*.png"))]
+    plan += [(p, f"plots/{p.name}") for p in sorted(RunDir(run_dir).plots.glob("*.png"))]
     return plan
 
 
@@ -104,8 +104,8 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, merge: bool = Fa
         raise IftError("--out writes the files a push would upload, without uploading", str(out),
                        "add --dry-run, or drop --out to push to the Hub")
     recipe = recipe if recipe is not None else load_run_recipe(run_dir)
-    if merge and not has_adapter(run_dir / "final"):
-        raise IftError("--merge folds an adapter into its base, but final/ holds a full model", str(run_dir / "final"),
+    if merge and not has_adapter(RunDir(run_dir).final):
+        raise IftError("--merge folds an adapter into its base, but final/ holds a full model", str(RunDir(run_dir).final),
                        "push without --merge: the full model is uploaded as it is")
     if out is not None:
         _check_out(Path(out), run_dir)
@@ -163,7 +163,7 @@ def push_checkpoint(run_dir: Path, weights: Path, *, step: int, repo_id: str, pr
         raise IftError(f"no weights to push for checkpoint step {step}", str(weights),
                        "report it as an ift bug: training writes them before pushing")
     plan = [(p, p.name) for p in _weight_files(weights)]
-    card = run_dir / "README.md"
+    card = RunDir(run_dir).card
     if card.is_file():
         plan.append((card, "README.md"))
     if state is not None:
@@ -389,8 +389,8 @@ def _prepare(run_dir: Path, recipe: Recipe, repo_id: str, merge: bool, say: Call
     if merge:
         from ift.publish.merge import merge as merge_run
 
-        merged = run_dir / "merged"
-        if not _merge_is_current(run_dir / "final", merged):
+        merged = RunDir(run_dir).merged
+        if not _merge_is_current(RunDir(run_dir).final, merged):
             merge_run(run_dir, merged, report=say)
         write_model_card(run_dir, recipe, merged=True, repo_id=repo_id, path=merged / "README.md")
     elif not card_written:
@@ -405,11 +405,11 @@ def _adapter_base(run_dir: Path, recipe: Recipe, merge: bool, say: Callable[[str
     peft records the folder the base was loaded from, which for a GGUF base is ift's local cache
     (~/.cache/ift/gguf/<sha256>) and for a local base a path of this machine: nobody else can load that.
     """
-    if merge or not has_adapter(weights or run_dir / "final"):
+    if merge or not has_adapter(weights or RunDir(run_dir).final):
         return None
-    from ift.publish.card import base_hub_id
+    from ift.modeling.model_source import base_hub_id
 
-    found = base_hub_id(recipe)
+    found = base_hub_id(recipe.model)
     if found is None:
         if weights is None or str(run_dir) not in _WARNED_NO_BASE_ID:  # a training run's checkpoints: once
             say("warning: the base model has no known Hub id, so the adapter can only be loaded where its base "
@@ -429,7 +429,7 @@ _WARNED_NO_BASE_ID: set[str] = set()
 def _check_out(out: Path, run_dir: Path) -> None:
     """Refuse to replace a folder that is not an earlier copy of a push (a user's --out might be anything)."""
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents \
-            or run_dir.resolve() / "final" in (out.resolve(), *out.resolve().parents):
+            or RunDir(run_dir.resolve()).final in (out.resolve(), *out.resolve().parents):
         raise IftError("--out cannot be the run folder, final/ or a folder above them", str(out),
                        "choose a new folder for the copy")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "README.md").is_file())):

@@ -17,6 +17,7 @@ from typing import Callable
 
 from ift.errors import IftError
 from ift.recipe import Recipe
+from ift.run import RunDir
 
 Report = Callable[[str], None]
 # --dtype names -> torch dtype names; auto = the base checkpoint's own dtype
@@ -36,7 +37,7 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise IftError("run folder not found", str(run_dir), "give the training.output_dir of a finished run")
-    path = run_dir / "recipe.yaml"
+    path = RunDir(run_dir).recipe
     if not path.is_file():
         raise IftError("not a run folder: recipe.yaml is missing", str(run_dir),
                        "give the training.output_dir of a run (ift train writes recipe.yaml there)")
@@ -51,12 +52,12 @@ def merge(run_dir: Path, out: Path | None = None, *, dtype: str = "auto", report
     """
     say = report or (lambda _msg: None)
     run_dir = Path(run_dir)
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     if dtype not in DTYPES:
         raise IftError(f"unknown dtype '{dtype}'", "--dtype", f"use one of: {', '.join(DTYPES)}")
     recipe = load_run_recipe(run_dir)
     _check_final(final)
-    out = Path(out) if out is not None else run_dir / "merged"
+    out = Path(out) if out is not None else RunDir(run_dir).merged
     _check_out(out, final)
 
     dtype_name = _base_dtype(recipe) if DTYPES[dtype] == "auto" else DTYPES[dtype]
@@ -107,10 +108,10 @@ def _base_dtype(recipe: Recipe) -> str:
     """
     import torch
 
-    from ift.modeling.config import _config_dtype, _pretrained_config
-    from ift.modeling.gguf import resolve_model_path
+    from ift.modeling.config import checkpoint_dtype, pretrained_config
+    from ift.modeling.model_source import resolve_model_path
 
-    found = _config_dtype(_pretrained_config(recipe.model, resolve_model_path(recipe.model)))
+    found = checkpoint_dtype(pretrained_config(recipe.model, resolve_model_path(recipe.model)))
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(found, "float32")
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ift.errors import IftError
-from ift.publish.gguf import _adds, stop_tokens
+from ift.publish.gguf import adds_special_token, stop_tokens
 
 MARKERS = {"system": "\u27e6S\u27e7", "user1": "\u27e6U1\u27e7", "assistant": "\u27e6A1\u27e7",
            "user2": "\u27e6U2\u27e7"}  # text no chat template contains, to find where messages land
@@ -101,7 +101,7 @@ def ollama_template(tokenizer, fmt) -> tuple[str, list[str]]:
         comments.append("trained without a chat template: every message is one prompt, answered after a space")
         return prompt, comments
     pieces = chat_pieces(tokenizer)
-    bos = tokenizer.bos_token if _adds(tokenizer, tokenizer.bos_token_id, True) else None
+    bos = tokenizer.bos_token if adds_special_token(tokenizer, tokenizer.bos_token_id, True) else None
     strip = (lambda s: s[len(bos):] if s is not None and bos and s.startswith(bos) else s)  # noqa: E731
     system_ok, multi_ok = _verified_pieces(tokenizer, pieces)
     head, head_system = _go_literal(strip(pieces.head)), _go_literal(strip(pieces.head_system or ""))

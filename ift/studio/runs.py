@@ -40,8 +40,8 @@ def list_runs(root: Path) -> list[Path]:
     """Folders under `root` (and `root` itself) that hold a run's metrics.json."""
     if not root.is_dir():
         return []
-    found = [root] if (root / "metrics.json").is_file() else []
-    found += sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+    found = [root] if RunDir(root).metrics_file.is_file() else []
+    found += sorted(p for p in root.iterdir() if p.is_dir() and RunDir(p).metrics_file.is_file())
     return found
 
 
@@ -50,7 +50,7 @@ def open_run(path: str | Path) -> RunView:
     where = str(rd.path)
     if not rd.path.is_dir():
         raise IftError("run folder not found", where, "pick a folder a training run wrote (training.output_dir)")
-    if not rd.metrics_file.is_file() and not (rd.path / "predictions").is_dir():
+    if not rd.metrics_file.is_file() and not rd.predictions_dir.is_dir():
         raise IftError("not a run folder: no metrics.json and no predictions/", where,
                        "pick the folder a training run wrote (training.output_dir)")
     metrics = rd.metrics()  # an unreadable metrics.json is an IftError naming it
@@ -64,7 +64,7 @@ def open_run(path: str | Path) -> RunView:
         except IftError as err:
             comparisons[split] = err
     plots = sorted(p.name for p in rd.plots.glob("*.png")) if rd.plots.is_dir() else []
-    folder = rd.path / "predictions"
+    folder = rd.predictions_dir
     predictions = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
     recipe = rd.recipe.read_text(encoding="utf-8", errors="replace") if rd.recipe.is_file() else ""
     best = metrics.get("best") if isinstance(metrics.get("best"), dict) else None
@@ -81,7 +81,7 @@ def plot_path(run: str | Path, name: str) -> Path:
 
 
 def read_predictions(run: str | Path, name: str) -> list[dict]:
-    folder = Path(run).expanduser() / "predictions"
+    folder = RunDir(Path(run).expanduser()).predictions_dir
     files = {p.stem: p for p in folder.glob("*.jsonl")} if folder.is_dir() else {}
     if name not in files:
         raise IftError(f"no predictions {name!r} in the run", str(folder),

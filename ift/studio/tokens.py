@@ -12,6 +12,7 @@ from ift.data.reports import preview_rows
 from ift.errors import IftError
 from ift.modeling.tokenizer import load_tokenizer, resolve_kind
 from ift.recipe import DataConfig, ModelConfig, SourceConfig, load_recipe
+from ift.run import RunDir
 
 # data.chat_template values offered; "" keeps the recipe's (or auto without one)
 CHAT_CHOICES = ("", "auto", "none", "tokenizer", *CHAT_TEMPLATES)
@@ -53,9 +54,10 @@ def load_encoder(spec: TokenizerSpec) -> Encoder:
         raise IftError("no tokenizer given", "tokenizer", "type a run folder, a recipe, or a tokenizer folder")
     path = Path(source).expanduser()
     recipe = None
-    if path.is_dir() and (path / "recipe.yaml").is_file():  # a run folder: the tokenizer it trained with
-        recipe = load_recipe(path / "recipe.yaml")
-        folder = next((p for p in (path / "tokenizer", path / "final") if p.is_dir()), None)
+    run = RunDir(path)
+    if path.is_dir() and run.recipe.is_file():  # a run folder: the tokenizer it trained with
+        recipe = load_recipe(run.recipe)
+        folder = next((p for p in (run.tokenizer, run.final) if p.is_dir()), None)
         if folder is None:
             raise IftError("the run folder has neither tokenizer/ nor final/", source,
                            "pick a finished run, or give the recipe or a tokenizer folder")

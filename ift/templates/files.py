@@ -14,7 +14,7 @@ import yaml
 
 from ift import atomic
 from ift.errors import IftError
-from ift.templates.template import SEPARATOR, Template, TemplateMetadata, _display_path
+from ift.templates.template import SEPARATOR, Template, TemplateMetadata, display_path
 
 TEMPLATE_FILENAME = "templates.yaml"
 
@@ -97,7 +97,7 @@ def _subset(value: Any) -> str | None:
 def read_file(path: Path, key: str | None = None, source: str = "local") -> TemplateFile:
     """Parse a promptsource templates.yaml. `key` defaults to `dataset[/subset]` from the file.
     Raises IftError for unreadable files and YAML errors; per-template problems are collected."""
-    where = _display_path(path)
+    where = display_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -133,7 +133,7 @@ def read_file(path: Path, key: str | None = None, source: str = "local") -> Temp
 
 def _template_from_raw(entry_id: str, raw: Any, file: TemplateFile, source: str) -> Template | IftError:
     line = getattr(raw, "line", 0)
-    where = f"{_display_path(file.path)}:{line}" if line else _display_path(file.path)
+    where = f"{display_path(file.path)}:{line}" if line else display_path(file.path)
     if not isinstance(raw, dict):
         return IftError(f"entry {entry_id!r} is not a !Template mapping", where, "see docs/templates.md")
     name, jinja_text, choices = raw.get("name"), raw.get("jinja"), raw.get("answer_choices")
@@ -265,7 +265,7 @@ def add_template(dataset: str, name: str, jinja_text: str, answer_choices: str |
     if path.exists():
         existing = read_file(path, dataset)
         if any(t.name == tpl.name for t in existing.templates):
-            raise IftError(f"template {tpl.name!r} already exists for dataset {dataset!r}", _display_path(path),
+            raise IftError(f"template {tpl.name!r} already exists for dataset {dataset!r}", display_path(path),
                            "choose another --name")
         text = _append_entry(path.read_text(encoding="utf-8"), lambda indent: _dump_entry(tpl, indent))
     else:
@@ -295,7 +295,7 @@ def _check_written(text: str, path: Path, tpl: Template) -> None:
     data = yaml.load(text, Loader=_TemplateLoader)
     entry = (data or {}).get("templates", {}).get(tpl.id)
     if not entry or entry.get("jinja") != tpl.jinja or entry.get("answer_choices") != tpl.answer_choices_jinja:
-        raise IftError("internal check failed: the new entry does not read back unchanged", _display_path(path),
+        raise IftError("internal check failed: the new entry does not read back unchanged", display_path(path),
                        "please report this with the template text")
 
 
@@ -310,7 +310,7 @@ def save_template(path: str | Path, tpl: Template, dataset: str | None = None) -
     stays byte-for-byte as it was; the write is atomic, and the file is read back before it is written.
     Returns the template as read back from the file."""
     path = Path(path)
-    where = _display_path(path)
+    where = display_path(path)
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise IftError("a templates file ends in .yaml", where, "name a file like my_templates/<dataset>/templates.yaml")
     if not tpl.name.strip() or "\n" in tpl.name:

@@ -26,7 +26,7 @@ MAX_POWER_BITS = 100_000  # bits of an integer `a ** b`
 _PERCENT_SPEC_RE = re.compile(r"%[^a-zA-Z%]*")
 
 
-class _RenderState:
+class RenderState:
     """Per-render state the sandbox hooks read: the caller's row, the RNG, the range budget."""
 
     __slots__ = ("row", "rng", "range_left", "_owned")
@@ -42,7 +42,7 @@ class _RenderState:
         return id(obj) in self._owned
 
 
-_STATE: ContextVar[_RenderState | None] = ContextVar("ift_template_render", default=None)
+RENDER_STATE: ContextVar[RenderState | None] = ContextVar("ift_template_render", default=None)
 
 
 class TemplateLimitError(SecurityError):
@@ -85,7 +85,7 @@ def _caller_owned_ids(row: Mapping[str, Any] | None) -> set[int]:
 def _range(context: Any, *args: int) -> range:
     """range() with a budget shared by all calls of one render, so nested loops cannot explode."""
     result = range(*args)
-    state = _STATE.get()
+    state = RENDER_STATE.get()
     if state is not None:
         state.range_left -= len(result)
         if state.range_left < 0:
@@ -96,7 +96,7 @@ def _range(context: Any, *args: int) -> range:
 
 
 def _rng() -> Any:
-    state = _STATE.get()
+    state = RENDER_STATE.get()
     return state.rng if state is not None and state.rng is not None else random
 
 
@@ -195,7 +195,7 @@ class PromptSandbox(ImmutableSandboxedEnvironment):
         if attr.startswith("_") or jinja2.sandbox.is_internal_attribute(obj, attr):
             return False
         if modifies_known_mutable(obj, attr):
-            state = _STATE.get()
+            state = RENDER_STATE.get()
             return state is not None and not state.caller_owned(obj)
         return True
 

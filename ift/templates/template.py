@@ -14,7 +14,7 @@ from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 
 from ift.errors import IftError
-from ift.templates.sandbox import _STATE, ENV, MAX_SIZE, TemplateLimitError, _RenderState
+from ift.templates.sandbox import RENDER_STATE, ENV, MAX_SIZE, TemplateLimitError, RenderState
 
 # promptsource's constants: every `}}` becomes `| string | truncate(2048) }}`, and a `|||` inside
 # a row's string values is swapped for this marker so it cannot split prompt from target.
@@ -97,7 +97,7 @@ class Template:
         """`file:line` of the entry, or the reference for templates built in code."""
         if self.path is None:
             return self.ref
-        return f"{_display_path(self.path)}:{self.line}" if self.line else _display_path(self.path)
+        return f"{display_path(self.path)}:{self.line}" if self.line else display_path(self.path)
 
     def __repr__(self) -> str:
         return f"Template({self.ref!r}, id={self.id!r})"
@@ -135,8 +135,8 @@ class Template:
         source = self._source(part)
         if source is None:
             return False  # no answer choices
-        probe = _RenderState(None, _DrawProbe())
-        token = _STATE.set(probe)
+        probe = RenderState(None, _DrawProbe())
+        token = RENDER_STATE.set(probe)
         try:
             tree = ENV.parse(source)
             if part == "choices" and _plain_text(tree):  # "no ||| yes": no need to compile at all
@@ -146,7 +146,7 @@ class Template:
         except TemplateSyntaxError as err:
             raise self._syntax_error(err, part) from None
         finally:
-            _STATE.reset(token)
+            RENDER_STATE.reset(token)
         if probe.rng.draws:  # type: ignore[union-attr]
             return _RECOMPILE
         if part == "choices" and _is_constant(tree):  # e.g. "no ||| yes": render once
@@ -178,11 +178,11 @@ class Template:
     # -- rendering -----------------------------------------------------------------------------
     def answer_choices(self, row: Mapping[str, Any], *, rng: random.Random | None = None) -> list[str] | None:
         """The answer choices for `row` (promptsource's `get_answer_choices_list`), or None."""
-        token = _STATE.set(_RenderState(row, rng))
+        token = RENDER_STATE.set(RenderState(row, rng))
         try:
             return self._choices(_escape_pipe(row), None)
         finally:
-            _STATE.reset(token)
+            RENDER_STATE.reset(token)
 
     def apply(self, row: Mapping[str, Any], *, truncate: bool = True, rng: random.Random | None = None,
               index: int | None = None) -> list[str]:
@@ -191,12 +191,12 @@ class Template:
         if "answer_choices" in protected:
             raise self._error("the row has a column named 'answer_choices', which templates reserve",
                               index, "rename that column")
-        token = _STATE.set(_RenderState(row, rng))
+        token = RENDER_STATE.set(RenderState(row, rng))
         try:
             protected["answer_choices"] = self._choices(protected, index)
             text = self._render(self._get("truncated" if truncate else "jinja"), protected, index)
         finally:
-            _STATE.reset(token)
+            RENDER_STATE.reset(token)
         return [part.replace(PIPE_PROTECTOR, SEPARATOR).strip() for part in text.split(SEPARATOR)]
 
     def render(self, row: Mapping[str, Any], *, truncate: bool = True, rng: random.Random | None = None,
@@ -294,7 +294,7 @@ def _fix_for(err: BaseException) -> str:
     return "fix the template, or check that the row has the fields it uses (`ift templates validate REF --data ...`)"
 
 
-def _display_path(path: Path) -> str:
+def display_path(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:

@@ -17,8 +17,9 @@ import torch
 
 from ift import atomic
 from ift.errors import IftError
-from ift.modeling.hub import GGUF_EXAMPLE, _hub_errors, _looks_local
-from ift.modeling.kind import _auto_class, model_kind
+from ift.locations import looks_like_hub_id
+from ift.modeling.load_errors import GGUF_EXAMPLE, hub_errors, is_local_model
+from ift.modeling.kind import auto_model_class, model_kind
 from ift.recipe import ModelConfig
 
 CACHE_MARKER = "ift-gguf.json"  # written last inside a conversion: its presence means the folder is complete
@@ -35,7 +36,7 @@ def _cache_root(model: ModelConfig) -> Path:
 def resolve_model_path(model: ModelConfig) -> str:
     """The folder or Hub id to load from; a GGUF file becomes its (once converted) safetensors cache folder."""
     if model.gguf_file:
-        return str(_gguf_cache(_locate_gguf(model), model))
+        return str(_gguf_cache(locate_gguf(model), model))
     if not model.name_or_path:
         raise IftError("no model given", "model.name_or_path",
                        f"set model.name_or_path to a Hub id or local folder, or model.gguf_file (e.g. {GGUF_EXAMPLE})")
@@ -52,13 +53,13 @@ def resolve_model_path(model: ModelConfig) -> str:
         fix = (f"set model.gguf_file: {name} (and remove model.name_or_path)" if path.suffix == ".gguf"
                else "give the folder that holds config.json, not a file in it")
         raise IftError(f"'{name}' is a file, not a model folder", "model.name_or_path", fix)
-    if _looks_local(name):
+    if is_local_model(name):
         raise IftError(f"model folder not found: {name}", "model.name_or_path",
                        f"check the path, give a Hub id, or use model.gguf_file (e.g. {GGUF_EXAMPLE})")
     return name  # a Hub id: reachability is checked (and explained) when its config loads
 
 
-def _locate_gguf(model: ModelConfig) -> Path:
+def locate_gguf(model: ModelConfig) -> Path:
     """model.gguf_file as a local path: pkg:<package>/<file>, a path, or a file in model.name_or_path."""
     spec = model.gguf_file or ""
     if spec.startswith("pkg:"):
@@ -72,7 +73,7 @@ def _locate_gguf(model: ModelConfig) -> Path:
         return path
     if path.exists():
         raise IftError(f"'{spec}' is not a file", "model.gguf_file", "give the path of a .gguf file")
-    if model.name_or_path and not _looks_local(model.name_or_path) and not Path(model.name_or_path).exists():
+    if model.name_or_path and not is_local_model(model.name_or_path) and not Path(model.name_or_path).exists():
         return _hub_gguf(model)
     where = f" (looked in {model.name_or_path})" if model.name_or_path else ""
     raise IftError(f"GGUF file not found: {spec}{where}", "model.gguf_file",
@@ -116,7 +117,7 @@ def _package_folders(package: str) -> list[Path] | None:
 def _hub_gguf(model: ModelConfig) -> Path:
     from huggingface_hub import hf_hub_download
 
-    with _hub_errors(model.name_or_path or "", "model.name_or_path"):
+    with hub_errors(model.name_or_path or "", "model.name_or_path"):
         return Path(hf_hub_download(model.name_or_path, model.gguf_file, revision=model.revision))
 
 
@@ -248,11 +249,11 @@ def _gguf_cache(gguf: Path, model: ModelConfig) -> Path:
     return target
 
 
-def _say(text: str) -> None:
+def say_progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _dequantize_kwargs() -> dict[str, Any]:
+def dequantize_kwargs() -> dict[str, Any]:
     try:
         from transformers.utils.quantization_config import GgufConfig
     except ImportError:  # older transformers always de-quantize GGUF weights
@@ -266,19 +267,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     start = time.perf_counter()
     folder, name = str(gguf.parent), gguf.name
-    _say(f"Converting {name} to safetensors once (about half a minute for a 135M model; later loads use {out.parent})")
+    say_progress(f"Converting {name} to safetensors once (about half a minute for a 135M model; later loads use {out.parent})")
     try:
-        _say("  [1/4] reading the GGUF header (config)")
+        say_progress("  [1/4] reading the GGUF header (config)")
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
         kind = model_kind(config)
-        _say("  [2/4] rebuilding the tokenizer")
+        say_progress("  [2/4] rebuilding the tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        _say("  [3/4] de-quantizing the weights")
+        say_progress("  [3/4] de-quantizing the weights")
         # float32 holds the de-quantized GGUF values exactly; the recipe's model.dtype applies when the
         # cache is loaded. dequantize=True: plain dense layers (recent transformers may otherwise keep
         # packed GGUF blocks, which cannot be trained or saved as safetensors).
-        net = _auto_class(kind).from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32,
-                                                **_dequantize_kwargs())
+        net = auto_model_class(kind).from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32,
+                                                **dequantize_kwargs())
     except IftError:
         raise
     except (ValueError, NotImplementedError, KeyError, OSError) as exc:
@@ -292,11 +293,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             net.resize_token_embeddings(len(tokenizer))
-    _say("  [4/4] writing safetensors")
+    say_progress("  [4/4] writing safetensors")
     out.mkdir(parents=True)
     net.save_pretrained(out)
     tokenizer.save_pretrained(out)
     seconds = time.perf_counter() - start
     marker = {"source": str(gguf), "kind": kind, "model_type": config.model_type, "seconds": round(seconds, 1)}
     (out / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
-    _say(f"Converted {name} in {seconds:.0f} s")
+    say_progress(f"Converted {name} in {seconds:.0f} s")
+
+
+def base_hub_id(model: ModelConfig) -> str | None:
+    """The base model's Hub id: what others load an adapter onto (adapter config, card, snippets, GGUF metadata).
+
+    model.hub_id when set, else model.name_or_path when it is a Hub id, else for a GGUF base what the file's
+    metadata says (gguf_hub_id); None when unknown (a local folder without hub_id, a model from scratch)."""
+    if model.init != "pretrained":
+        return None
+    if model.hub_id:
+        return model.hub_id
+    if model.gguf_file:  # name_or_path then names the GGUF's folder or repo, which transformers cannot load by id
+        try:
+            return gguf_hub_id(locate_gguf(model))
+        except (IftError, OSError):  # the file is gone or unreadable: the card still gets written
+            return None
+    return model.name_or_path if looks_like_hub_id(model.name_or_path, {".gguf"}) else None

