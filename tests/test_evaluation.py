@@ -14,7 +14,7 @@ from conftest import build_tiny_llama, build_tiny_tokenizer
 import ift.evaluation.compare as compare
 import ift.evaluation.decoding as decoding
 import ift.evaluation.evaluate as ev
-import ift.evaluation.plumbing as plumbing
+import ift.evaluation.forward as forward
 import ift.evaluation.scoring as scoring
 import ift.evaluation.text_metrics as text_metrics
 from ift.data.encoding import common_prefix, encode_pairs
@@ -78,7 +78,7 @@ def test_scores_equal_naive_loop_at_any_batch_size(kind, prompt_set, tiny_tokeni
     prompts = PROMPT_SETS[prompt_set]
     if prompt_set == "shared_prefix":  # the shared-prefix path really runs
         ids = decoding._encode_prompts(tiny_tokenizer, kind, prompts, False)
-        assert common_prefix(ids) >= plumbing.MIN_SHARED_PREFIX
+        assert common_prefix(ids) >= forward.MIN_SHARED_PREFIX
     reference = naive_scores(model, tiny_tokenizer, kind, prompts)
     for batch_size in (1, 2, 7):
         scores = scoring.score_choices(model, tiny_tokenizer, kind, prompts, CHOICES, batch_size=batch_size)
@@ -100,7 +100,7 @@ def _tiny_mistral(tokenizer, window: int):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
-SLIDING_PREFILL = ("the shared-prefix prefill (plumbing._prefill) pads between the cached prefix and each prompt's "
+SLIDING_PREFILL = ("the shared-prefix prefill (forward.shared_prefill) pads between the cached prefix and each prompt's "
                    "own tokens, and a sliding window counts that padding as distance")
 CASES = [(case, path, prompt_set) for case, path in [
     ("llama_sdpa", "packed"), ("llama_eager", "packed"), ("llama_packing_off", "continued"),
@@ -511,7 +511,7 @@ def test_rouge_equals_the_former_evaluate_module(case):
     """Single and multiple references, stemming on and off, rougeLsum over newline sentences, empty texts: the
     same figures, to the last bit, as the evaluate module ift used to load."""
     preds, refs, stem, per_pair = EVALUATE_ROUGE[case]
-    assert text_metrics._rouge_per_pair(preds, refs, stem) == per_pair
+    assert text_metrics.rouge_per_pair(preds, refs, stem) == per_pair
     assert text_metrics.rouge(preds, refs, use_stemmer=stem) == EVALUATE_ROUGE_MEANS[case]
 
 

@@ -4,7 +4,7 @@ and the decoding engine that evaluation, `ift chat` and `ift generate` share.
 - evaluate: `evaluate` over a split's rows (sharded across processes), predictions, per-source / per-template summary.
 - scoring: rank classification, the log-likelihood of every answer choice given its prompt.
 - decoding: the one decoding engine, greedy generation for evaluation and sampled / streamed decoding.
-- plumbing: model plumbing scoring and decoding share (padding, batches, KV cache, the shared prefill).
+- forward: the forward passes scoring and decoding share (peft unwrapping, inference mode, padding, length batches, KV cache, the shared prefill).
 - classification: macro-F1, balanced accuracy, per-class figures and the confusion matrix of ranked choices.
 - modules: `evaluate` modules named in evaluation.metrics, loaded once, computed on the generated answers.
 - text_metrics: normalised exact match, ROUGE (rouge_score) and sentence splitting.

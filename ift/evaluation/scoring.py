@@ -23,9 +23,9 @@ from typing import Sequence
 
 from ift.data.encoding import common_prefix, encode_pairs, pad_id, pad_rows
 from ift.errors import IftError
-from ift.evaluation.plumbing import (MIN_SHARED_PREFIX, _accepts, _batches, _check_kind, _check_prompt, _device,
-                                     _inference, _prefill, _progress, _returned_cache, _select_cache, _unwrap,
-                                     _with_cache)
+from ift.evaluation.forward import (MIN_SHARED_PREFIX, accepts_argument, length_batches, check_kind, check_prompt, model_device,
+                                     inference_mode, shared_prefill, row_progress, returned_cache, select_cache_rows, unwrap_peft,
+                                     cache_argument)
 
 # Continuation rows per forward pass, as a multiple of the prompt batch: each row holds a copy of its
 # prompt's KV cache, so this bounds memory at a few times that of the prompt pass.
@@ -60,7 +60,7 @@ def _encode_choices(tokenizer, kind: str, prompts: Sequence[str], choices: Seque
             ids.append(cid)
             k += 1
         prompt_ids = pairs[k - len(cs)][0]  # a prompt's ids do not depend on the completion
-        _check_prompt(prompt_ids, i)
+        check_prompt(prompt_ids, i)
         out.append((prompt_ids, ids))
     return out
 
@@ -72,13 +72,13 @@ def score_choices(model, tokenizer, kind: str, prompts: list[str], choices: list
                   chat_template: bool = False, batch_size: int = 16,
                   desc: str | None = None) -> list[list[tuple[float, float]]]:
     """(summed log-prob, mean log-prob per token) of every choice given its prompt; independent of batch size."""
-    _check_kind(kind)
+    check_kind(kind)
     if len(prompts) != len(choices):
         raise IftError(f"{len(prompts)} prompts but {len(choices)} choice lists", None, "pass one list per prompt")
     _check_lm_head(model)
     encoded = _encode_choices(tokenizer, kind, prompts, choices, chat_template)
     pad = pad_id(tokenizer, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    with _inference(model), _progress(len(encoded), desc) as bar:
+    with inference_mode(model), row_progress(len(encoded), desc) as bar:
         if kind == "seq2seq":
             sums = _score_seq2seq(model, encoded, batch_size, pad, bar)
         else:
@@ -87,9 +87,9 @@ def score_choices(model, tokenizer, kind: str, prompts: list[str], choices: list
 
 
 def _score_causal(model, encoded, batch_size: int, pad: int, bar) -> list[list[float]]:
-    device = _device(model)
+    device = model_device(model)
     sums: list[list[float]] = [[0.0] * len(cs) for _, cs in encoded]
-    for idx in _batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
+    for idx in length_batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
         batch = [encoded[i] for i in idx]
         longest = max(len(p) + sum(len(c) - 1 for c in cs) for p, cs in batch)
         scored = (_score_packed(model, batch, pad, device) if packable(model, longest)
@@ -104,11 +104,11 @@ def packable(model, length: int) -> bool:
     """Whether a custom 4-D attention mask over rows of `length` positions means what the model's own mask would:
     transformers' code (not remote code), sdpa or eager attention (flash and flex take no such mask), full
     attention in every layer, or a sliding window no shorter than the rows."""
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     config = base.config
     if not type(base).__module__.startswith("transformers.") or config.is_encoder_decoder:
         return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or not _accepts(model, "position_ids"):
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or not accepts_argument(model, "position_ids"):
         return False
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= {"full_attention", "sliding_attention"}:  # linear, recurrent, chunked layers
@@ -130,8 +130,8 @@ def _score_packed(model, batch, pad: int, device) -> list[list[float]]:
         head = torch.tensor([list(batch[0][0][:shared])], device=device)
         out = model(input_ids=head, attention_mask=torch.ones_like(head),
                     position_ids=torch.arange(shared, device=device).unsqueeze(0), use_cache=True,
-                    **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}))
-        cache = _select_cache(_returned_cache(out), torch.zeros(n, dtype=torch.long, device=device))
+                    **({"logits_to_keep": 1} if accepts_argument(model, "logits_to_keep") else {}))
+        cache = select_cache_rows(returned_cache(out), torch.zeros(n, dtype=torch.long, device=device))
     else:
         shared = 0
     ids, pos, seg = [], [], []  # seg: -1 the prompt, j the j-th choice's tokens
@@ -152,14 +152,14 @@ def _score_packed(model, batch, pad: int, device) -> list[list[float]]:
             & ((segments[:, None, :] == -1) | (segments[:, None, :] == segments[:, :, None])))
     sees |= torch.eye(width, dtype=torch.bool)  # a padding row sees itself: no row of the softmax is empty
     sees = torch.cat([torch.ones((n, width, shared), dtype=torch.bool), sees], dim=2).unsqueeze(1)
-    if _unwrap(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
-        dtype = _unwrap(model).get_input_embeddings().weight.dtype
+    if unwrap_peft(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
+        dtype = unwrap_peft(model).get_input_embeddings().weight.dtype
         sees = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
     # the LM head runs on the last `keep` positions: every row's last prompt token and its choice tokens
     keep = max(1 + sum(len(c) - 1 for c in cs) for _, cs in batch)
-    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": keep} if accepts_argument(model, "logits_to_keep") else {}
     if cache is not None:
-        kwargs.update(_with_cache(model, cache))
+        kwargs.update(cache_argument(model, cache))
     out = model(input_ids=input_ids.to(device), attention_mask=sees.to(device), position_ids=positions.to(device),
                 use_cache=cache is not None, **kwargs)
     logp = out.logits[:, -keep:].float().log_softmax(-1)
@@ -185,7 +185,7 @@ def _score_packed(model, batch, pad: int, device) -> list[list[float]]:
 def _score_continued(model, batch, batch_size: int, pad: int, device) -> list[list[float]]:
     """The prompts prefilled with the KV cache on; choice tokens after the first continue from a copy of it."""
     sums: list[list[float]] = [[0.0] * len(cs) for _, cs in batch]
-    last, cache, mask = _prefill(model, [p for p, _ in batch], pad, device)
+    last, cache, mask = shared_prefill(model, [p for p, _ in batch], pad, device)
     first = last.log_softmax(-1)  # next-token distribution after each prompt
     items = [(b, j, c) for b, (_, cs) in enumerate(batch) for j, c in enumerate(cs)]
     for b, j, c in items:
@@ -212,7 +212,7 @@ def _continue_choices(model, cache, prompt_mask, chunk, pad: int, device):
     pos = start.unsqueeze(1) + torch.arange(cont_ids.shape[1]).unsqueeze(0)
     out = model(input_ids=cont_ids.to(device),
                 attention_mask=torch.cat([prompt_mask[rows], cont_mask], dim=1).to(device),
-                position_ids=pos.to(device), **_with_cache(model, _select_cache(cache, rows.to(device))),
+                position_ids=pos.to(device), **cache_argument(model, select_cache_rows(cache, rows.to(device))),
                 use_cache=True)
     return _choice_logprobs(out.logits, targets.to(device), tmask.to(device)).cpu()
 
@@ -221,12 +221,12 @@ def _score_seq2seq(model, encoded, batch_size: int, pad: int, bar) -> list[list[
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
-    device = _device(model)
-    config = _unwrap(model).config
+    device = model_device(model)
+    config = unwrap_peft(model).config
     start_id = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
     encoder = model.get_encoder()
     sums: list[list[float]] = [[0.0] * len(cs) for _, cs in encoded]
-    for idx in _batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
+    for idx in length_batches([len(p) for p, _ in encoded], batch_size, [bool(cs) for _, cs in encoded]):
         ids, mask = pad_rows([encoded[i][0] for i in idx], pad, left=False)
         hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         items = [(b, j, c) for b, i in enumerate(idx) for j, c in enumerate(encoded[i][1])]
@@ -258,9 +258,9 @@ def _choice_logprobs(logits, targets, mask):
 
 
 def _check_lm_head(model) -> None:
-    get = getattr(_unwrap(model), "get_output_embeddings", None)
+    get = getattr(unwrap_peft(model), "get_output_embeddings", None)
     if get is None or get() is None:
-        raise IftError(f"this model ({type(_unwrap(model)).__name__}) has no language-modelling head, so it cannot "
+        raise IftError(f"this model ({type(unwrap_peft(model)).__name__}) has no language-modelling head, so it cannot "
                        "score answer choices", None, "load it as …ForCausalLM / …ForConditionalGeneration")
 
 

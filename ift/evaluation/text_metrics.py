@@ -45,7 +45,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Seque
     Texts are put one sentence per line first (`split_sentences`), as the standard summarization scripts do:
     rouge_score's rougeLsum reads sentences from newlines, and without them it equals rougeL.
     """
-    per_pair = _rouge_per_pair(predictions, references, use_stemmer)
+    per_pair = rouge_per_pair(predictions, references, use_stemmer)
     return {k: sum(v) / len(v) for k, v in per_pair.items()}
 
 
@@ -80,7 +80,7 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def _rouge_per_pair(predictions: Sequence[str], references: Sequence[Any], use_stemmer: bool) -> dict[str, list[float]]:
+def rouge_per_pair(predictions: Sequence[str], references: Sequence[Any], use_stemmer: bool) -> dict[str, list[float]]:
     _check_pairs(predictions, references)
     # one sentence per line (for rougeLsum; the other types ignore line breaks)
     predictions = ["\n".join(split_sentences(p)) for p in predictions]

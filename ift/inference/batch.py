@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 from ift import atomic
 from ift.errors import IftError
-from ift.evaluation.decoding import Decoding, _context_limit, decode, text_of
+from ift.evaluation.decoding import Decoding, context_limit, decode, text_of
 from ift.inference.prompts import PromptRow
 from ift.inference.target import Target
 
@@ -21,7 +21,7 @@ def generate_rows(target: Target, rows: Sequence[PromptRow], decoding: Decoding,
 
     tok = target.tokenizer
     encoded = [target.format.encode(tok, r.messages, f"line {r.line}") for r in rows]
-    limit = _context_limit(target.model)
+    limit = context_limit(target.model)
     for r, ids in zip(rows, encoded):
         if limit is not None and len(ids) >= limit:
             raise IftError(f"the prompt is {len(ids)} tokens, the model's context is {limit}", f"line {r.line}",
@@ -35,7 +35,7 @@ def generate_rows(target: Target, rows: Sequence[PromptRow], decoding: Decoding,
 def _answer(record: dict, field_name: str, text: str, tools: bool) -> dict:
     """The record with the answer; reasoning apart (``reasoning``) and, when the prompt had tools, the calls the
     answer makes (``tool_calls``), the answer field keeping the reply's text without them."""
-    from ift.inference.tools import parse_reply
+    from ift.evaluation.tool_calls import parse_reply
 
     reply = parse_reply(text, bare_json=tools)
     if reply.reasoning is None and not reply.tool_calls:

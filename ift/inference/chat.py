@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TextIO
 
 from ift.errors import IftError
-from ift.evaluation.decoding import Decoding, _context_limit, decode, stop_ids, text_of
+from ift.evaluation.decoding import Decoding, context_limit, decode, stop_ids, text_of
 from ift.data.formats import THINK_CLOSE, THINK_OPEN
 from ift.inference.target import Target
-from ift.inference.tools import parse_reply
+from ift.evaluation.tool_calls import parse_reply
 
 
 # how the stream shows reasoning apart from the answer: the think tags are written as these labels
@@ -99,7 +99,7 @@ class ChatSession:
         notices: list[str] = []
         messages = self.messages(prompt, role)
         ids = fmt.encode(tok, messages)
-        limit = _context_limit(self.target.model)
+        limit = context_limit(self.target.model)
         # keep the newest turns when the conversation outgrows the context (room for one token at least)
         while limit is not None and len(ids) >= limit and len(self.history) >= 2:
             del self.history[:2]
