@@ -269,10 +269,7 @@ def add_template(dataset: str, name: str, jinja_text: str, answer_choices: str |
                            "choose another --name")
         text = _append_entry(path.read_text(encoding="utf-8"), lambda indent: _dump_entry(tpl, indent))
     else:
-        dataset_name, _, subset = dataset.partition("/")
-        header = yaml.safe_dump({"dataset": dataset_name}, default_flow_style=False)
-        header += yaml.safe_dump({"subset": subset}, default_flow_style=False) if subset else ""
-        text = header + "templates:\n" + _dump_entry(tpl, 2)
+        text = _new_file_text(dataset, tpl)
     _check_written(text, path, tpl)
     atomic.write_text(path, text)
     written = read_file(path, dataset)
@@ -283,6 +280,14 @@ def default_templates_dir() -> Path:
     """Where `ift templates new` writes: the repo's templates/ in a checkout, else ./templates."""
     repo = repo_templates_dir()
     return repo if repo.is_dir() else Path("templates")
+
+
+def _new_file_text(dataset: str, tpl: Template) -> str:
+    """A new templates.yaml holding `tpl`, with the `dataset`/`subset` header of `dataset` ("name[/subset]")."""
+    dataset_name, _, subset = dataset.partition("/")
+    header = yaml.safe_dump({"dataset": dataset_name}, default_flow_style=False)
+    header += yaml.safe_dump({"subset": subset}, default_flow_style=False) if subset else ""
+    return header + "templates:\n" + _dump_entry(tpl, 2)
 
 
 def _mentions_choices(jinja_text: str) -> bool:
@@ -335,10 +340,7 @@ def save_template(path: str | Path, tpl: Template, dataset: str | None = None) -
         key = (dataset or "").strip().strip("/")
         if not key or any(p in ("", ".", "..") for p in key.split("/")):
             raise IftError(f"bad dataset name {key!r} for a new templates file", where, "use `name` or `name/subset`")
-        dataset_name, _, subset = key.partition("/")
-        header = yaml.safe_dump({"dataset": dataset_name}, default_flow_style=False)
-        header += yaml.safe_dump({"subset": subset}, default_flow_style=False) if subset else ""
-        text = header + "templates:\n" + _dump_entry(tpl, 2)
+        text = _new_file_text(key, tpl)
     _check_written(text, path, tpl)
     atomic.write_text(path, text)
     return next(t for t in read_file(path).templates if t.id == tpl.id)
