@@ -3,7 +3,7 @@
     [out] = decode(model, tokenizer, "causal", [prompt_ids], Decoding(max_new_tokens=64))
     texts = generate(model, tokenizer, "causal", ["Headline: profits up. Sentiment:"], max_new_tokens=8)
 
-Decoding: ift's own KV-cache loop (`_prefill`: left padding, position ids from the mask, a prefix shared by the
+Decoding: ift's own KV-cache loop (`shared_prefill`: left padding, position ids from the mask, a prefix shared by the
 batch run once; finished rows leave the batch), with greedy picking or sampling (temperature, top-p) and a
 per-token callback for streaming. Measured against transformers' `generate` on the same batches
 (bench/eval_throughput.py --decode-paths, docs/benchmarks.md), it is faster and gives the same tokens, so it
@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 from ift.data.encoding import encode_pairs, pad_id, pad_rows
 from ift.errors import IftError
-from ift.evaluation.plumbing import (_batches, _check_kind, _check_prompt, _device, _inference,
-                                     _prefill, _progress, _returned_cache, _select_cache, _unwrap, _with_cache)
+from ift.evaluation.forward import (length_batches, check_kind, check_prompt, model_device, inference_mode,
+                                     shared_prefill, row_progress, returned_cache, select_cache_rows, unwrap_peft, cache_argument)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -77,7 +77,7 @@ def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], c
         if not isinstance(p, str):
             out[i] = history_ids(tokenizer, p)
     for i, p in enumerate(out):
-        _check_prompt(p, i)
+        check_prompt(p, i)
     return out
 
 
@@ -92,15 +92,15 @@ def generate(model, tokenizer, kind: str, prompts: list[str | list[dict]], *, ma
 def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str | list[dict]], *, max_new_tokens: int, batch_size: int,
                   chat_template: bool, desc: str | None = None) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS (if one came)."""
-    _check_kind(kind)
+    check_kind(kind)
     check_can_generate(model)
     encoded = _encode_prompts(tokenizer, kind, prompts, chat_template)
     eos = _eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, eos)
-    device = _device(model)
+    device = model_device(model)
     out: list[list[int]] = [[] for _ in prompts]
-    with _inference(model), _progress(len(prompts), desc) as bar:
-        for idx in _batches([len(p) for p in encoded], batch_size):
+    with inference_mode(model), row_progress(len(prompts), desc) as bar:
+        for idx in length_batches([len(p) for p in encoded], batch_size):
             batch = [encoded[i] for i in idx]
             if kind == "causal":
                 new = _greedy_causal(model, batch, max_new_tokens, eos, pad, device)
@@ -140,7 +140,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's (e.g. a chat template's end of turn)."""
     from ift.data.chat_templates import end_of_turn_token
     found: list[int] = []
-    gen_cfg = getattr(_unwrap(model), "generation_config", None)
+    gen_cfg = getattr(unwrap_peft(model), "generation_config", None)
     turn = end_of_turn_token(tokenizer)  # a chat template's end of turn, e.g. ChatML set on a base model
     turn_id = tokenizer.convert_tokens_to_ids(turn) if turn else None
     for source in (tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None), turn_id):
@@ -156,7 +156,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def _generation_config(model, max_new_tokens: int, eos: list[int], pad: int):
     from transformers import GenerationConfig
 
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
                   pad_token_id=pad, use_cache=True)
     start = getattr(base.config, "decoder_start_token_id", None)
@@ -166,7 +166,7 @@ def _generation_config(model, max_new_tokens: int, eos: list[int], pad: int):
 
 
 def check_can_generate(model) -> None:
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     can = getattr(base, "can_generate", None)
     if not hasattr(model, "generate") or (callable(can) and not can()):
         raise IftError(f"this model ({type(base).__name__}) cannot generate text", None,
@@ -193,10 +193,10 @@ def decode(model, tokenizer, kind: str, prompts: Sequence[Sequence[int]], decodi
     import torch
 
     check_can_generate(model)
-    _check_kind(kind)
+    check_kind(kind)
     eos = stop_ids(model, tokenizer)
     pad = pad_id(tokenizer, eos)
-    device = _device(model)
+    device = model_device(model)
     generator = None
     if not decoding.greedy:
         generator = torch.Generator()
@@ -204,10 +204,10 @@ def decode(model, tokenizer, kind: str, prompts: Sequence[Sequence[int]], decodi
             generator.seed()
         else:
             generator.manual_seed(decoding.seed)
-    limit = _context_limit(model)
+    limit = context_limit(model)
     out: list[Generation | None] = [None] * len(prompts)
-    with _inference(model):
-        for idx in _batches([len(p) for p in prompts], batch_size):
+    with inference_mode(model):
+        for idx in length_batches([len(p) for p in prompts], batch_size):
             batch = [list(prompts[i]) for i in idx]
             if kind == "causal":
                 budgets = [_budget(len(p), decoding.max_new_tokens, limit) for p in batch]
@@ -224,8 +224,8 @@ def decode(model, tokenizer, kind: str, prompts: Sequence[Sequence[int]], decodi
     return out  # type: ignore[return-value]
 
 
-def _context_limit(model) -> int | None:
-    value = getattr(_unwrap(model).config, "max_position_embeddings", None)
+def context_limit(model) -> int | None:
+    value = getattr(unwrap_peft(model).config, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
@@ -254,11 +254,11 @@ def _pick(logits, decoding: Decoding, generator):
 
 def _decode_causal(model, prompts: list[list[int]], budgets: list[int], decoding: Decoding, generator,
                    eos: list[int], pad: int, device, on_token) -> list[list[int]]:
-    """ift's KV-cache loop (`_prefill`, cache handling and stopping; evaluation's greedy decoding runs it too) with a
+    """ift's KV-cache loop (`shared_prefill`, cache handling and stopping; evaluation's greedy decoding runs it too) with a
     token picker and a callback; a row leaves the batch once it emits EOS or spends its budget."""
     import torch
 
-    logits, cache, mask = _prefill(model, prompts, pad, device)
+    logits, cache, mask = shared_prefill(model, prompts, pad, device)
     out: list[list[int]] = [[] for _ in prompts]
     alive = torch.arange(len(prompts))  # batch row -> prompt index
     pos = mask.sum(-1)  # the next token's position in each row
@@ -277,11 +277,11 @@ def _decode_causal(model, prompts: list[list[int]], budgets: list[int], decoding
         if not going.all():
             keep = going.nonzero().squeeze(1)
             alive, nxt, pos, mask, left = alive[keep], nxt[keep], pos[keep], mask[keep], left[keep]
-            cache = _select_cache(cache, keep.to(device))
+            cache = select_cache_rows(cache, keep.to(device))
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
         step = model(input_ids=nxt.unsqueeze(1).to(device), attention_mask=mask.to(device),
-                     position_ids=pos.unsqueeze(1).to(device), **_with_cache(model, cache), use_cache=True)
-        logits, cache, pos = step.logits[:, -1].float(), _returned_cache(step), pos + 1
+                     position_ids=pos.unsqueeze(1).to(device), **cache_argument(model, cache), use_cache=True)
+        logits, cache, pos = step.logits[:, -1].float(), returned_cache(step), pos + 1
     return out
 
 
@@ -292,7 +292,7 @@ def _decode_seq2seq(model, tokenizer, prompts: list[list[int]], decoding: Decodi
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     config = copy.deepcopy(base.generation_config)
     config.update(max_new_tokens=decoding.max_new_tokens, do_sample=not decoding.greedy, num_beams=1,
                   eos_token_id=eos, pad_token_id=pad, use_cache=True,

@@ -21,9 +21,9 @@ from ift.evaluation.classification import figures_of, row_labels
 from ift.evaluation.decoding import check_can_generate, generate
 from ift.metrics import FAMILIES, evaluate_modules
 from ift.evaluation.modules import load_modules, module_scores
-from ift.evaluation.plumbing import _check_kind
+from ift.evaluation.forward import check_kind
 from ift.evaluation.scoring import score_choices
-from ift.evaluation.text_metrics import ROUGE_KEYS, _rouge_per_pair, normalize_answer
+from ift.evaluation.text_metrics import ROUGE_KEYS, rouge_per_pair, normalize_answer
 from ift.recipe import EvaluationConfig
 
 KNOWN_METRICS = FAMILIES
@@ -37,7 +37,7 @@ def evaluate(model, tokenizer, kind: str, rows, cfg: EvaluationConfig, *, chat_t
     With an accelerator of several processes, each process scores a contiguous share of the rows and the
     predictions are gathered, so every process returns the same full result.
     """
-    _check_kind(kind)
+    check_kind(kind)
     rows = _as_rows(rows, limit, desc)
     _check_metrics(cfg)
     bs = batch_size or cfg.batch_size
@@ -172,7 +172,7 @@ def summarize(predictions: list[dict], cfg: EvaluationConfig) -> dict:
     if "rouge" in cfg.metrics:
         gen = [i for i, p in enumerate(predictions) if p["mode"] == "generate"]
         if gen:
-            pairs = _rouge_per_pair([predictions[i]["prediction"] for i in gen],
+            pairs = rouge_per_pair([predictions[i]["prediction"] for i in gen],
                                     [predictions[i]["target"] for i in gen], cfg.rouge_use_stemmer)
             rouge_of = {i: {k: pairs[k][n] for k in ROUGE_KEYS} for n, i in enumerate(gen)}
     labels_of = row_labels(predictions) if "accuracy" in cfg.metrics else {}
