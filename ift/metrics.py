@@ -36,7 +36,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "unweighted mean over the answer choices that are targets of each class's recall (ranked rows)"),
     Metric("exact_match", "Exact match", True, "accuracy",
            "normalised exact match of the greedy reply to a held-out conversation's last user turn, given the "
-           "history (conversational sources)"),
+           "history (conversational sources); where the reference reply calls tools, its calls must match too "
+           "(tool_call_exact_match), and reasoning is stripped before the answer is compared"),
+    Metric("tool_call_exact_match", "Tool-call exact match", True, "accuracy",
+           "the tool calls read back from the greedy reply (reasoning stripped; <tool_call> blocks or a bare JSON "
+           "call) equal the held-out reply's: the same calls, names and arguments compared as JSON, in any order "
+           "(conversations whose reference reply calls tools or that have tools; no call where none is due)"),
+    Metric("tool_argument_f1", "Tool-call argument F1", True, "accuracy",
+           "F1 over (function, argument, JSON value) triples of the greedy reply's calls against the held-out "
+           "reply's, averaged over the same rows (1 where neither calls)"),
     Metric("rouge1", "ROUGE-1", True, "rouge", "unigram overlap, mean F-measure (rouge_score)"),
     Metric("rouge2", "ROUGE-2", True, "rouge", "bigram overlap, mean F-measure (rouge_score)"),
     Metric("rougeL", "ROUGE-L", True, "rouge", "longest common subsequence, mean F-measure (rouge_score)"),

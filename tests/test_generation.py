@@ -477,39 +477,6 @@ def test_tools_file_is_read_and_checked(tmp_path):
         assert str(good) in str(err.value)
 
 
-@pytest.mark.parametrize("text, content, reasoning, calls", [
-    ('<think>\nneed it\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-     "", "need it", [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
-    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "",
-     None, [{"name": "get_weather", "arguments": {"city": "Paris"}}]),  # Llama-3.1's form
-    ("adding\n</think>\n\nIt is 4.", "It is 4.", "adding", []),  # the generation prompt opened the block
-    ("<tool_call>\n{broken</tool_call>", "", None, [{"name": None, "arguments": None, "text": "{broken"}]),
-    ("Plain answer.", "Plain answer.", None, []),
-])
-def test_replies_read_back_into_reasoning_answer_and_calls(text, content, reasoning, calls):
-    from ift.inference.tools import parse_reply
-
-    reply = parse_reply(text)
-    assert (reply.content, reply.reasoning, reply.tool_calls) == (content, reasoning, calls)
-    # a JSON answer is only a call where the prompt had tools
-    assert parse_reply('{"name": "x", "parameters": {}}', bare_json=False).tool_calls == []
-
-
-def test_call_exact_match_and_argument_f1():
-    from ift.inference.tools import argument_f1, calls_match
-
-    ref = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]
-    same = [{"name": "get_weather", "arguments": {"days": 2, "city": "Paris"}}]  # key order and form do not matter
-    assert calls_match(same, ref) and argument_f1(same, ref) == 1.0
-    wrong_value = [{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}]  # "2" is not 2 in JSON
-    assert not calls_match(wrong_value, ref) and argument_f1(wrong_value, ref) == pytest.approx(0.5)
-    extra = same + [{"name": "get_time", "arguments": {}}]
-    assert not calls_match(extra, ref) and argument_f1(extra, ref) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
-    assert not calls_match([], ref) and argument_f1([], ref) == 0.0
-    assert calls_match([], []) and argument_f1([], []) == 1.0
-    assert calls_match(same + ref, ref + same)  # the same calls in another order
-
-
 def test_tools_reach_the_prompt_and_answers_keep_calls_apart(tmp_path):
     from ift.inference.batch import _answer
     from ift.inference.prompts import PromptFormat

@@ -175,6 +175,10 @@ def load_model(recipe, run_dir: Path, tuned: bool):
     # a QLoRA adapter is evaluated on the 4-bit base it was trained on
     loaded = load_final(RunDir(run_dir).final, recipe.model, adapter=recipe.adapter) if tuned \
         else load(recipe.model, AdapterConfig())
+    if not tuned:  # the base answers in the chat template the run trained with (final/ keeps its own copy)
+        from ift.inference.target import apply_run_chat_template
+
+        apply_run_chat_template(loaded, recipe)
     _to_accelerator(loaded.model)
     return loaded
 

@@ -8,6 +8,7 @@ and the decoding engine that evaluation, `ift chat` and `ift generate` share.
 - classification: macro-F1, balanced accuracy, per-class figures and the confusion matrix of ranked choices.
 - modules: `evaluate` modules named in evaluation.metrics, loaded once, computed on the generated answers.
 - text_metrics: normalised exact match, ROUGE (rouge_score) and sentence splitting.
+- tool_calls: replies read back into reasoning, answer and tool calls; call exact match and argument F1.
 - benchmarks: lm-evaluation-harness tasks on the base and the fine-tuned model (evaluation.benchmarks).
 - compare: the base-vs-fine-tuned table of a run.
 

@@ -63,9 +63,11 @@ class Generation:
 # ---------------------------------------------------------------- greedy generation (evaluation)
 
 
-def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], chat_template: bool) -> list[list[int]]:
+def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], chat_template: bool,
+                    tools: Sequence[list[dict] | None] | None = None) -> list[list[int]]:
     """Prompt ids exactly as training put them before the completion. A prompt that is a list of messages is a
-    conversation's history: rendered in the tokenizer's chat template with the generation prompt."""
+    conversation's history: rendered in the tokenizer's chat template with the generation prompt, and with
+    `tools[i]` (its function schemas) where given, as inference renders a prompt with tools."""
     from ift.data.conversations import history_ids
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     pairs = encode_pairs(tokenizer, kind, [prompts[i] for i in texts], [""] * len(texts), chat_template=chat_template,
@@ -75,26 +77,29 @@ def _encode_prompts(tokenizer, kind: str, prompts: Sequence[str | list[dict]], c
         out[i] = p
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            out[i] = history_ids(tokenizer, p)
+            out[i] = history_ids(tokenizer, p, tools[i] if tools else None)
     for i, p in enumerate(out):
         check_prompt(p, i)
     return out
 
 
 def generate(model, tokenizer, kind: str, prompts: list[str | list[dict]], *, max_new_tokens: int, batch_size: int = 16,
-             chat_template: bool = False, desc: str | None = None) -> list[str]:
-    """Greedy continuations (new tokens only, special tokens skipped, stripped), batched with left padding."""
+             chat_template: bool = False, desc: str | None = None,
+             tools: Sequence[list[dict] | None] | None = None) -> list[str]:
+    """Greedy continuations (new tokens only, special tokens skipped, stripped), batched with left padding.
+    tools: per prompt, the function schemas a conversation's history is rendered with (None: none)."""
     ids = _generate_ids(model, tokenizer, kind, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        chat_template=chat_template, desc=desc)
+                        chat_template=chat_template, desc=desc, tools=tools)
     return [text_of(tokenizer, t) for t in ids]
 
 
 def _generate_ids(model, tokenizer, kind: str, prompts: Sequence[str | list[dict]], *, max_new_tokens: int, batch_size: int,
-                  chat_template: bool, desc: str | None = None) -> list[list[int]]:
+                  chat_template: bool, desc: str | None = None,
+                  tools: Sequence[list[dict] | None] | None = None) -> list[list[int]]:
     """New token ids per prompt, up to and including the first EOS (if one came)."""
     check_kind(kind)
     check_can_generate(model)
-    encoded = _encode_prompts(tokenizer, kind, prompts, chat_template)
+    encoded = _encode_prompts(tokenizer, kind, prompts, chat_template, tools)
     eos = _eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, eos)
     device = model_device(model)

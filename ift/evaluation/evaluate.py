@@ -1,11 +1,15 @@
 """Evaluation: rank-classification and exact-match accuracy, macro-F1 / balanced accuracy / per-class figures and
-the confusion matrix of ranked rows, ROUGE, per-source and per-template breakdowns.
+the confusion matrix of ranked rows, ROUGE, tool-call exact match and argument F1, per-source and per-template
+breakdowns.
 
 Serves the training loop (validation every eval_steps, test at the end) and `ift eval`.
 
 Token ids come from `ift.data.encoding`, so a prompt is scored exactly as training tokenized it. Rows with answer
 choices are ranked (`ift.evaluation.scoring`); the others are answered greedily (`ift.evaluation.decoding`) and
-scored by normalised exact match and ROUGE (`ift.evaluation.text_metrics`).
+scored by normalised exact match and ROUGE (`ift.evaluation.text_metrics`). A conversation with tool calls,
+reasoning or tools is answered from its whole history, rendered with its tools; the reply is read back
+(`ift.evaluation.tool_calls.parse_reply`: reasoning stripped, calls parsed) and its calls scored against the
+reference reply's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ift.evaluation.modules import load_modules, module_scores
 from ift.evaluation.forward import check_kind
 from ift.evaluation.scoring import score_choices
 from ift.evaluation.text_metrics import ROUGE_KEYS, rouge_per_pair, normalize_answer
+from ift.evaluation.tool_calls import argument_f1, calls_match, parse_reply, plain_call
 from ift.recipe import EvaluationConfig
 
 KNOWN_METRICS = FAMILIES
@@ -76,7 +81,7 @@ def _as_rows(rows, limit: int | None, desc: str) -> list[dict]:
         if missing:
             raise IftError(f"row {i} has no {', '.join(missing)}", desc,
                            "evaluation rows come from ift.data.prepare.build_splits (prompt, completion, choices, ...)")
-    if not any(_target(r) for r in out):
+    if not any(_has_target(r) for r in out):
         raise IftError(f"no row of the {desc} split has a target", None,
                        "evaluate a labeled split (test splits of some datasets, e.g. GLUE, are unlabeled)")
     return out
@@ -84,6 +89,25 @@ def _as_rows(rows, limit: int | None, desc: str) -> list[dict]:
 
 def _target(row: dict) -> str:
     return (row.get("completion") or "").strip()
+
+
+def _has_target(row: dict) -> bool:
+    """A reply to score: a target text, or the tool calls of a conversation's final reply."""
+    return bool(_target(row)) or bool(_reference_calls(row))
+
+
+def _conversation(row: dict) -> tuple[list[dict], list[dict] | None] | None:
+    """The whole conversation of a row with tool calls, tool ids, reasoning or tools (its `chat` column) and its
+    tools; None for plain {role, content} conversations and template rows."""
+    if not row.get("chat"):
+        return None
+    whole = json.loads(row["chat"])
+    return whole["messages"], whole.get("tools") or None
+
+
+def _reference_calls(row: dict) -> list[dict]:
+    conversation = _conversation(row)
+    return list(conversation[0][-1].get("tool_calls") or []) if conversation else []
 
 
 def _check_metrics(cfg: EvaluationConfig) -> None:
@@ -94,7 +118,7 @@ def _check_metrics(cfg: EvaluationConfig) -> None:
 def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, chat_template: bool,
              batch_size: int, desc: str | None, offset: int = 0) -> list[dict]:
     """One prediction dict per row with a target, in row order."""
-    rows = [r for r in rows if _target(r)]
+    rows = [r for r in rows if _has_target(r)]
     want_acc = "accuracy" in cfg.metrics
     # ROUGE and evaluate modules score generated text
     want_rouge = "rouge" in cfg.metrics or bool(evaluate_modules(cfg.metrics))
@@ -119,11 +143,14 @@ def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, ch
     if gen:
         texts = generate(model, tokenizer, kind, [_prompt(rows[i]) for i in gen],
                          max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, chat_template=chat_template,
-                         desc=f"{desc}: generate" if desc else None)
+                         desc=f"{desc}: generate" if desc else None, tools=[_tools(rows[i]) for i in gen])
         for i, text in zip(gen, texts):
             p = preds[i]
             p["prediction"], p["mode"] = text, "generate"
-            same = normalize_answer(text) == normalize_answer(p["target"])
+            if _conversation(rows[i]) is not None:
+                same = _score_reply(p, rows[i], text)
+            else:
+                same = normalize_answer(text) == normalize_answer(p["target"])
             if exact:
                 p["correct"] = same
             if rows[i].get("messages"):
@@ -131,8 +158,36 @@ def _predict(model, tokenizer, kind, rows: list[dict], cfg: EvaluationConfig, ch
     return preds
 
 
+def _tools(row: dict) -> list[dict] | None:
+    conversation = _conversation(row)
+    return conversation[1] if conversation else None
+
+
+def _score_reply(pred: dict, row: dict, text: str) -> bool:
+    """Read a reply to a conversation with calls, reasoning or tools back into its answer (reasoning stripped) and
+    calls; record them, and where the row is about tools (its reference reply calls, or it has tools) the call
+    exact match and argument F1. Whether the reply is right: the answer text and the calls."""
+    tools = _tools(row)
+    reference = [plain_call(c) for c in _reference_calls(row)]
+    reply = parse_reply(text, bare_json=bool(tools))
+    pred["answer"] = reply.content
+    if reply.reasoning is not None:
+        pred["reasoning"] = reply.reasoning
+    same = normalize_answer(reply.content) == normalize_answer(pred["target"])
+    if tools or reference:
+        pred["tool_calls"], pred["target_tool_calls"] = reply.tool_calls, reference
+        pred["tool_call_exact_match"] = calls_match(reply.tool_calls, reference)
+        pred["tool_argument_f1"] = argument_f1(reply.tool_calls, reference)
+        same = same and pred["tool_call_exact_match"]
+    return same
+
+
 def _prompt(row: dict) -> str | list[dict]:
-    """What the model answers: a template row's prompt, or a conversation's history up to its last user turn."""
+    """What the model answers: a template row's prompt, or a conversation's history up to its final reply (its
+    tool calls, tool results and reasoning included)."""
+    conversation = _conversation(row)
+    if conversation is not None:
+        return [dict(m) for m in conversation[0][:-1]]
     return [dict(m) for m in row["messages"][:-1]] if row.get("messages") else row["prompt"]
 
 
@@ -140,8 +195,10 @@ def _blank_prediction(row: dict) -> dict:
     out = {"prompt": row["prompt"], "target": row["completion"], "prediction": None, "correct": None,
            "correct_norm": None, "choice_scores": None, "mode": None,
            "source": row.get("source") or "", "template": row.get("template") or ""}
-    if row.get("messages"):  # the history the model answered, saved with the prediction
-        out["history"] = [dict(m) for m in row["messages"][:-1]]
+    if row.get("messages"):  # the history the model answered (and the tools it was given), saved with it
+        out["history"] = _prompt(row)
+        if _tools(row):
+            out["tools"] = _tools(row)
     return out
 
 
@@ -170,9 +227,9 @@ def summarize(predictions: list[dict], cfg: EvaluationConfig) -> dict:
     """Totals plus the same figures per source and per template."""
     rouge_of: dict[int, dict[str, float]] = {}
     if "rouge" in cfg.metrics:
-        gen = [i for i, p in enumerate(predictions) if p["mode"] == "generate"]
+        gen = [i for i, p in enumerate(predictions) if _scored_text(p)]
         if gen:
-            pairs = rouge_per_pair([predictions[i]["prediction"] for i in gen],
+            pairs = rouge_per_pair([_answer(predictions[i]) for i in gen],
                                     [predictions[i]["target"] for i in gen], cfg.rouge_use_stemmer)
             rouge_of = {i: {k: pairs[k][n] for k in ROUGE_KEYS} for n, i in enumerate(gen)}
     labels_of = row_labels(predictions) if "accuracy" in cfg.metrics else {}
@@ -200,14 +257,29 @@ def _figures(predictions: list[dict], idx: list[int], rouge_of: dict[int, dict[s
     exact = [predictions[i]["exact_match"] for i in idx if predictions[i].get("exact_match") is not None]
     if exact:
         out["exact_match"] = sum(exact) / len(exact)
+    for name in ("tool_call_exact_match", "tool_argument_f1"):
+        scored = [float(predictions[i][name]) for i in idx if predictions[i].get(name) is not None]
+        if scored:
+            out[name] = sum(scored) / len(scored)
     out.update(figures_of(labels_of, idx))  # macro-F1, balanced accuracy, per class, confusion matrix
     scored = [rouge_of[i] for i in idx if i in rouge_of]
     for k in ROUGE_KEYS if scored else ():
         out[k] = sum(s[k] for s in scored) / len(scored)
-    generated = [predictions[i] for i in idx if predictions[i]["mode"] == "generate"]
-    out.update(module_scores(modules, [p["prediction"] for p in generated], [p["target"] for p in generated]))
+    generated = [predictions[i] for i in idx if _scored_text(predictions[i])]
+    out.update(module_scores(modules, [_answer(p) for p in generated], [p["target"] for p in generated]))
     out["n"] = len(idx)
     return out
+
+
+def _scored_text(pred: dict) -> bool:
+    """A generated reply that text metrics (ROUGE, evaluate modules) score: its target has text (a reply that is
+    tool calls only is scored by the call figures)."""
+    return pred["mode"] == "generate" and bool(pred["target"].strip())
+
+
+def _answer(pred: dict) -> str:
+    """The text a generated reply is scored on: its answer without reasoning or calls where it was read back."""
+    return pred.get("answer", pred["prediction"])
 
 
 def write_predictions(path: str | Path, predictions: Iterable[dict]) -> None:

@@ -70,7 +70,7 @@ class Target:
                            "--raw): drop --system")
 
 
-def _run_chat_template(loaded: Any, recipe: Recipe) -> None:
+def apply_run_chat_template(loaded: Any, recipe: Recipe) -> None:
     """Give a run's base model the chat template the run trained with (a named template or .jinja file replaces the
     tokenizer's own, as training's setup did), so --base answers in the run's prompt format too."""
     from ift.data.chat_templates import setup_chat_tokenizer
@@ -104,7 +104,7 @@ def resolve_target(target: str | os.PathLike, *, base: bool = False, template: s
             label = f"model {path}"
         elif base:
             loaded = load(recipe.model, AdapterConfig())
-            _run_chat_template(loaded, recipe)
+            apply_run_chat_template(loaded, recipe)
             label = f"base model of run {run_dir}"
         else:
             final = RunDir(run_dir).final
