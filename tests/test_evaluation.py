@@ -559,6 +559,20 @@ def test_compare_table_adds_each_classs_f1_and_macro_f1():
     assert rows["per_class.positive.f1"]["base"] is None and rows["per_class.positive.f1"]["delta"] is None
 
 
+def test_compare_takes_ift_eval_records_where_the_run_computed_only_its_loss(tmp_path):
+    """A run trained with evaluation.metrics: [loss] has no scores of its own; `ift eval` records hold them."""
+    rd = RunDir(tmp_path)
+    rd.record_training(history=[], test={"loss": 0.3, "record": "train-fine-tuned-test-1"})
+    for model, value in (("base", 0.1), ("fine-tuned", 0.9)):
+        rd.add_evaluation(model=model, split="test", metrics={"tool_call_exact_match": value, "n": 80}, rows=80,
+                          limit=None, weights="w", dtype="float32", quantization=None, predictions=None, by="ift-eval")
+    base, tuned = compare.compare_sections(tmp_path, "test")
+    assert (base["tool_call_exact_match"], tuned["tool_call_exact_match"]) == (0.1, 0.9)
+    rd.record_training(history=[], test={"loss": 0.3, "accuracy": 0.5, "record": "train-fine-tuned-test-1"})
+    assert compare.compare_sections(tmp_path, "test")[1] == {"loss": 0.3, "accuracy": 0.5,
+                                                             "record": "train-fine-tuned-test-1"}
+
+
 # ---------------------------------------------------------------- CLI
 
 

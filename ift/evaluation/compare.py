@@ -50,8 +50,9 @@ def _class_f1(section: dict, label: str):
 
 
 def compare_sections(run_dir: Path, split: str, metrics: dict | None = None) -> tuple[dict, dict]:
-    """(base, fine-tuned) figures for a split: the training run's own, else the newest full `ift eval` record.
-    `metrics`: metrics.json's content as the caller holds it (else read)."""
+    """(base, fine-tuned) figures for a split: the training run's own where they hold a score (a run that computed
+    only its loss has none), else the newest full `ift eval` record. `metrics`: metrics.json's content as the
+    caller holds it (else read)."""
     from ift.run import RunDir
 
     rd = RunDir(run_dir)
@@ -62,13 +63,18 @@ def compare_sections(run_dir: Path, split: str, metrics: dict | None = None) -> 
     sides = []
     for model, own in (("base", (metrics.get("base") or {}).get(split)), ("fine-tuned", metrics.get(split))):
         record = rd.latest_evaluation(model, split)
-        figures = own or (record or {}).get("metrics")
+        figures = own if _scored(own) else (record or {}).get("metrics") or own
         if not figures:
             flag = " --base" if model == "base" else ""
             raise IftError(f"no {model} results for the {split} split", str(rd.metrics_file),
                            f"run `ift eval {run_dir}{flag} --split {split}` first")
         sides.append(figures)
     return sides[0], sides[1]
+
+
+def _scored(figures: dict | None) -> bool:
+    return isinstance(figures, dict) and (any(name in figures for name in SCORES)
+                                          or bool(recorded_module_figures(figures)))
 
 
 def print_compare(run_dir: Path, split: str, metrics: dict | None = None) -> None:
