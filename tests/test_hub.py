@@ -1250,6 +1250,32 @@ def test_push_dataset_card_for_hub_sources_and_no_leak_check(prepared):
     assert "Not run (`data.leak_check: false`)" in card.text
 
 
+def test_dataset_card_describes_the_chat_column_of_tool_calling_conversations(prepared, monkeypatch):
+    """The prepared splits of recipes/tool_calls.yaml hold each conversation whole in `chat`: the card says what it
+    holds and counts it per split; template rows have no such conversations, and their card shows no snippet."""
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    from ift.data.prepare import build_splits
+    from ift.publish.dataset_card import build_dataset_card
+    from ift.templates.library import TemplateLibrary
+
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tool_calls.yaml")
+    data = build_splits(recipe.data, TemplateLibrary())
+    text = DatasetCard(str(build_dataset_card(data, recipe, DATASET_ID))).text
+    counts = {split: sum(1 for c in data.splits[split]["chat"] if c) for split in ("train", "validation", "test")}
+    assert counts == {"train": 480, "validation": 40, "test": 80}
+    assert "- `chat`: a conversation with tool calls" in text and "(480 rows of train, 40 rows of validation, " \
+        "80 rows of test)" in text
+    whole = json.loads(data.splits["test"][0]["chat"])  # what the card says the column holds
+    call = whole["messages"][-1]["tool_calls"][0]["function"]
+    assert isinstance(call["arguments"], dict) and whole["tools"][0]["type"] == "function"
+    assert 'whole = json.loads(row["chat"])' in text
+    plain = DatasetCard(str(build_dataset_card(prepared[0], prepared[1], DATASET_ID))).text
+    assert "json.loads" not in plain and "rows of train)" not in plain
+
+
 def test_push_dataset_dry_run_lists_splits_and_card_without_network(prepared, install_hub, monkeypatch):
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)  # a dry run needs no token

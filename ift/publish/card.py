@@ -93,6 +93,10 @@ class _Facts:
     example: str | None  # a test prompt for the usage snippet
     license: str | None
     chat_setup: dict[str, Any]  # data_report.json's "chat": the chat template trained with, end of turn, added tokens
+    token_report: dict[str, Any]  # data_report.json's "tokens": rows, tokens, per-turn rows of each split
+    chat_template: str | None  # the template text saved with the run's tokenizer
+    template_tokens: dict[str, str]  # the special tokens a template may write (bos_token, eos_token)
+    source_columns: dict[str, list[str]]  # each source's columns, as the split report lists them
     has_loss_plot: bool
     other_plots: list[str] = field(default_factory=list)
 
@@ -117,6 +121,11 @@ class _Facts:
             example=_example_prompt(rd),
             license=_base_license(recipe),
             chat_setup=(data_report.get("chat") or {}),
+            token_report=data_report.get("tokens") if isinstance(data_report.get("tokens"), dict) else {},
+            chat_template=_saved_chat_template(rd),
+            template_tokens=_template_tokens(rd),
+            source_columns={name: list(info.get("columns") or []) for name, info in
+                            (report.get("sources") or {}).items() if isinstance(info, dict)},
             has_loss_plot=(rd.plots / "loss.png").exists(),
             other_plots=sorted(p.name for p in rd.plots.glob("*.png")
                                if p.name not in ("loss.png", "confusion_matrix.png")),  # the latter: in Results
@@ -149,6 +158,27 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise IftError(f"cannot read {path.name}: {exc}", str(path),
                        "restore the file or rerun the step that writes it") from None
     return data if isinstance(data, dict) else {}
+
+
+def _saved_chat_template(rd: RunDir) -> str | None:
+    """The chat template saved with the run's tokenizer (final/, else tokenizer/): a .jinja file or the
+    tokenizer_config.json entry."""
+    for folder in (rd.final, rd.tokenizer):
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        text = _read_json(folder / "tokenizer_config.json").get("chat_template")
+        if isinstance(text, str) and text:
+            return text
+    return None
+
+
+def _template_tokens(rd: RunDir) -> dict[str, str]:
+    for folder in (rd.final, rd.tokenizer):
+        config = _read_json(folder / "tokenizer_config.json")
+        if config:
+            return {k: config[k] for k in ("bos_token", "eos_token") if isinstance(config.get(k), str)}
+    return {}
 
 
 def _model_kind(final: Path, recipe: Recipe) -> str:
@@ -355,7 +385,7 @@ def _number(value: Any) -> float | None:
 
 
 def _body(f: _Facts) -> str:
-    parts = [f"# {f.name}\n", _summary(f), _base_section(f), _data_section(f), _templates_section(f),
+    parts = [f"# {f.name}\n", _summary(f), _base_section(f), _data_section(f), _chat_section(f), _templates_section(f),
              _results_section(f), _curves_section(f), _recipe_section(f), _use_section(f), _load_section(f)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
@@ -417,20 +447,106 @@ def _data_section(f: _Facts) -> str:
     if d.conversational:
         notes.append(f"Conversations up to {d.max_length} tokens (earliest exchanges dropped first); loss on "
                      + ("every assistant reply" if d.train_on == "all_assistant" else "the last assistant reply")
-                     + " and its end-of-turn token, never on system or user text.")
+                     + " (its tool calls included) and its end-of-turn token, never on system, user or tool text "
+                       "or the tools block.")
     if not d.conversational or any(s.get("templates") for s in f.sources):
         notes.append(f"Sequences up to {d.max_length} tokens; " + (
             "loss on every token." if d.train_on_prompt else "loss on the completion only (prompt masked)."))
-    chat = f.chat_setup
-    if f.chat and chat:
-        named = chat.get("chat_template")
-        what = {"auto": "the base tokenizer's own", "tokenizer": "the base tokenizer's own"}.get(
-            named, f"`{named}`")
-        notes.append(f"Chat template: {what}, saved with the tokenizer (serve with it)"
-                     + (f"; end of turn `{chat['end_of_turn']}`" if chat.get("end_of_turn") else "")
-                     + (f"; tokens added: {', '.join(f'`{t}`' for t in chat['added_tokens'])}"
-                        if chat.get("added_tokens") else "") + ".")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+# a request and its call, rendered by the run's chat template to show its tools block and call syntax
+EXAMPLE_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+EXAMPLE_CALL = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]
+
+
+def _chat_section(f: _Facts) -> str:
+    """The chat template trained with and, for conversations, the tool format, reasoning and per-turn rows."""
+    chat = f.chat_setup
+    if not (f.chat and chat):
+        return ""
+    d = f.recipe.data
+    named = chat.get("chat_template")
+    what = {"auto": "the base tokenizer's own", "tokenizer": "the base tokenizer's own"}.get(named, f"`{named}`")
+    lines = ["## Chat format\n",
+             f"- Chat template: {what}, saved with the tokenizer (serve with it)"
+             + (f"; end of turn `{chat['end_of_turn']}`" if chat.get("end_of_turn") else "")
+             + (f"; tokens added: {', '.join(f'`{t}`' for t in chat['added_tokens'])}"
+                if chat.get("added_tokens") else "") + "."]
+    if not d.conversational:
+        return "\n".join(lines) + "\n"
+    tools = _tool_origins(f)
+    example = _tool_example(f.chat_template, f.template_tokens) if tools else None
+    if tools:
+        lines.append(f"- Tools: each conversation's function schemas ({' and '.join(tools)}) were handed to the chat "
+                     "template, and the assistant's calls trained as the template writes them"
+                     + (": a request with one schema and its call render as\n" if example else
+                        " (the saved template could not render an example here)."))
+        if example:
+            lines.append(_indented(_fenced(example.rstrip("\n"), "text")))
+    if d.train_on_reasoning:
+        lines.append("- Reasoning, where a reply has it (`reasoning_content`, or a reply that starts with "
+                     "`<think>…</think>`), carried loss with the answer and calls (`data.train_on_reasoning: true`).")
+    else:
+        lines.append("- Reasoning carried no loss: each reply's loss starts after its `</think>`, on the answer and "
+                     "calls only (`data.train_on_reasoning: false`).")
+    extra = _turn_rows(f.token_report)
+    if extra:
+        lines.append(f"- Each assistant turn was trained in the context the template gives it at inference (it "
+                     f"renders earlier turns differently once later ones follow): {extra} training rows beyond one "
+                     "per conversation.")
+    else:
+        lines.append("- One training row per conversation (the template renders earlier turns the same whatever "
+                     "follows them).")
+    return "\n".join(lines) + "\n"
+
+
+def _tool_origins(f: _Facts) -> list[str]:
+    """Where the conversations' tools came from (a source's `tools:` list, a `tools` column); also tools where the
+    run's figures score tool calls."""
+    from ift.data.formats import TOOLS_COLUMN
+
+    found = []
+    for s in f.recipe.data.sources:
+        name = s.name or Path(s.path).stem
+        columns = f.source_columns.get(name) or []
+        if s.tools:
+            found.append(f"source `{name}`'s `tools:` list")
+        if TOOLS_COLUMN in columns:
+            found.append(f"the `{TOOLS_COLUMN}` column of `{name}`")
+    scored = any("tool_call_exact_match" in (section or {})
+                 for section in (f.metrics.get("test"), f.metrics.get("validation")))
+    return found or (["the rows' own"] if scored else [])
+
+
+def _tool_example(template: str | None, tokens: dict[str, str]) -> str | None:
+    """EXAMPLE_CALL with EXAMPLE_TOOLS rendered by `template` (transformers' own renderer, as apply_chat_template
+    renders); None where it cannot."""
+    if not template or "tools" not in template:
+        return None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template(conversations=[EXAMPLE_CALL], tools=EXAMPLE_TOOLS, chat_template=template,
+                                            **tokens)
+    except Exception:  # a template that needs what an example cannot give must not stop the card
+        return None
+    return rendered[0] if rendered and "get_weather" in rendered[0] else None
+
+
+def _indented(block: str) -> str:
+    """A fenced block inside a list item."""
+    return "\n".join(("  " + line) if line else line for line in block.rstrip("\n").split("\n")) + "\n"
+
+
+def _turn_rows(token_report: dict[str, Any]) -> int:
+    train = token_report.get("train") if isinstance(token_report.get("train"), dict) else {}
+    rows = train.get("turn_rows")
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) else 0
 
 
 def _templates_section(f: _Facts) -> str:
@@ -440,7 +556,7 @@ def _templates_section(f: _Facts) -> str:
         if conversations:
             return ("## Prompt templates\n\nNo promptsource templates: the sources are conversations ("
                     + ", ".join(f"`{n}`" for n in conversations) + "), rendered in the chat template named under "
-                    "Training data.\n")
+                    "Chat format.\n")
         return "## Prompt templates\n\nNo templates: the sources were used as raw text.\n"
     lines = ["## Prompt templates\n",
              "Rows were turned into prompt/completion pairs with these promptsource-format templates "
@@ -627,7 +743,14 @@ def _use_section(f: _Facts) -> str:
 def _load_section(f: _Facts) -> str:
     prompt = repr(f.example or "Your prompt, written like the templates above.")
     decode = ("outputs[0]" if f.kind == "seq2seq" else "outputs[0][inputs['input_ids'].shape[1]:]")
-    if f.chat:  # the model was trained on prompts inside the chat template: prompt it the same way
+    if f.chat and f.recipe.data.conversational and _tool_origins(f):  # trained with tools: hand them over
+        encode = (f"messages = [{{\"role\": \"user\", \"content\": {prompt}}}]\n"
+                  f"tools = {json.dumps(EXAMPLE_TOOLS)}  # your function schemas\n"
+                  "text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, "
+                  "add_generation_prompt=True)\n"
+                  "# the chat template writes its own special tokens\n"
+                  "inputs = tokenizer(text, return_tensors=\"pt\", add_special_tokens=False)\n")
+    elif f.chat:  # the model was trained on prompts inside the chat template: prompt it the same way
         encode = (f"messages = [{{\"role\": \"user\", \"content\": {prompt}}}]\n"
                   "text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
                   "# the chat template writes its own special tokens\n"

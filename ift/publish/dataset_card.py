@@ -21,12 +21,18 @@ from ift.recipe import SPLITS, Recipe
 CARD_TAGS = ["ift", "instruction-tuning"]
 # the columns ift.data.prepare writes, in the order the card explains them
 COLUMNS = {
-    "prompt": "the templated input (a conversation's last user turn)",
-    "completion": "the target the model is trained to produce (a conversation's final reply)",
+    "prompt": "the templated input (a conversation's last user or tool turn)",
+    "completion": "the target the model is trained to produce (a conversation's final reply, its text: a reply "
+                  "of tool calls only has none, its calls are in `chat`)",
     "choices": "the answer choices of the row's template (rank-classification accuracy), or null",
     "source": "the name of the source the row came from (`data.sources[].name`)",
     "template": "the template reference that rendered the row (empty for raw text, `(format)` for conversations)",
-    "messages": "a conversational row's whole conversation ({role, content} turns; empty for template rows)",
+    "messages": "a conversational row's whole conversation ({role, content} turns, tool calls and reasoning "
+                "left out; empty for template rows)",
+    "chat": "a conversation with tool calls, tool results' ids, reasoning or function schemas, whole: JSON text "
+            "`{\"messages\": [...], \"tools\": [...]}` whose messages keep `tool_calls` (arguments as JSON objects), "
+            "`tool_call_id` and `reasoning_content` (what the chat template was given in training); empty for plain "
+            "{role, content} conversations and template rows",
     "label": "the source's label column, when it has one",
 }
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -65,6 +71,9 @@ class _Facts:
         splits = prepared.splits
         self.rows = {s: len(splits[s]) if s in splits else 0 for s in SPLITS}
         self.columns = list(splits["train"].column_names) if "train" in splits else []
+        # rows whose whole conversation (calls, reasoning, tools) is in the `chat` column, per split
+        self.chat_rows = {s: sum(1 for c in splits[s]["chat"] if c) if s in splits and "chat" in
+                          splits[s].column_names else 0 for s in SPLITS}
         self.total_rows = sum(self.rows.values())
         self.pretty_name = repo_id.split("/")[-1]
         report_sources = self.report.get("sources") if isinstance(self.report.get("sources"), dict) else {}
@@ -273,14 +282,23 @@ def _templates_section(f: _Facts) -> str:
 
 def _columns_section(f: _Facts) -> str:
     lines = ["## Columns\n"]
-    lines += [f"- `{c}`: {COLUMNS.get(c, 'a column of the source')}" for c in f.columns]
+    for c in f.columns:
+        line = f"- `{c}`: {COLUMNS.get(c, 'a column of the source')}"
+        if c == "chat" and any(f.chat_rows.values()):
+            line += " (" + ", ".join(f"{f.chat_rows[s]:,} rows of {s}" for s in SPLITS) + ")"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def _use_section(f: _Facts) -> str:
-    return ("## Use\n\n```python\nfrom datasets import load_dataset\n\n"
+    chat = ""
+    if f.chat_rows["train"]:  # conversations with calls, reasoning or tools: whole in `chat`
+        chat = ('\nrow = next(r for r in ds["train"] if r["chat"])  # a conversation with calls, reasoning or tools\n'
+                'whole = json.loads(row["chat"])  # {"messages": [...], "tools": [...]}: both go to the chat '
+                'template\n')
+    return ("## Use\n\n```python\n" + ("import json\n\n" if chat else "") + "from datasets import load_dataset\n\n"
             f'ds = load_dataset("{f.repo_id}")\n'
-            'print(ds["train"][0]["prompt"], ds["train"][0]["completion"])\n```\n')
+            'print(ds["train"][0]["prompt"], ds["train"][0]["completion"])\n' + chat + "```\n")
 
 
 def _recipe_section(f: _Facts) -> str:
