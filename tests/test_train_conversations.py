@@ -101,3 +101,57 @@ def test_resume_with_added_chat_tokens_ends_exact(tmp_path):
     ma, mb = (json.loads((r / "metrics.json").read_text())["test"] for r in (a, b))
     assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
     assert torch.isfinite(torch.tensor(ma["loss"]))
+
+
+def test_a_tool_calling_run_scores_its_calls_and_chooses_the_best_checkpoint_by_them(tmp_path, capsys):
+    """Validation and test score the held-out calls (tool_call_exact_match chooses the checkpoint), the base is
+    scored on the same rows in the run's chat template — by training and by `ift eval --base` alike — and the card
+    states the tool format."""
+    from test_tool_calls import PARIS, ROME, TEMPLATE, _calls, _row, _user
+
+    from ift.cli import main as cli_main
+
+    tmp_path.mkdir(exist_ok=True)
+    data = tmp_path / "weather"
+    data.mkdir()
+    cities = ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Baku", "Doha", "Riga"]
+    splits = {"train": [_row(_user(f"Weather in {c}?"), _calls({**PARIS, "arguments": {"city": c, "unit": "celsius"}}))
+                        for c in cities * 2],
+              "validation": [_row(_user("Weather in Paris?"), _calls(PARIS))],
+              "test": [_row(_user("Weather in Rome?"), _calls(ROME)),
+                       _row(_user("Hi"), {"role": "assistant", "content": "Hello"}, tools=False)]}
+    for split, rows in splits.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tools.jinja").write_text(TEMPLATE)
+    recipe = {
+        "model": {"name_or_path": str(tiny_base(tmp_path)), "dtype": "float32"},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"sources": [{"path": str(data), "format": "messages"}], "chat_template": str(tmp_path / "tools.jinja"),
+                 "max_length": 128, "leak_check": False},
+        "training": {"output_dir": str(tmp_path / "run"), "seed": 3, "max_steps": 4, "per_device_train_batch_size": 8,
+                     "learning_rate": 5e-3, "report_to": ["none"], "eval_steps": 2, "save_steps": 2,
+                     "metric_for_best_model": "tool_call_exact_match", "greater_is_better": True},
+        "evaluation": {"metrics": ["loss", "accuracy"], "max_new_tokens": 6, "compare_base": True},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = run_train(tmp_path / "recipe.yaml")
+    metrics = json.loads((run / "metrics.json").read_text())
+    validations = [h["validation"] for h in metrics["history"] if "validation" in h]
+    assert validations and all("tool_call_exact_match" in v and "tool_argument_f1" in v for v in validations)
+    assert metrics["best"]["value"] in [v["tool_call_exact_match"] for v in validations]
+    for section in (metrics["test"], metrics["base"]["test"]):
+        assert {"tool_call_exact_match", "tool_argument_f1", "exact_match"} <= set(section)
+        assert section["n"] == 2
+    preds = [json.loads(line) for line in (run / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert preds[0]["target_tool_calls"] == [ROME] and "tool_calls" in preds[0] and "tool_calls" not in preds[1]
+    card = (run / "README.md").read_text()
+    assert "## Chat format" in card and "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": " \
+        "\"Paris\"}}</tool_call>" in card and "| Tool-call exact match |" in card
+    # `ift eval --base` gives the base the run's chat template (the tiny base tokenizer has none of its own)
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "--base"]) == 0
+    records = json.loads((run / "metrics.json").read_text())["evaluations"]
+    again = [json.loads(line) for line in (run / records[-1]["predictions"]).read_text().splitlines()]
+    base = [json.loads(line) for line in (run / "predictions" / "base-test.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in again] == [p["prediction"] for p in base]
+    assert records[-1]["metrics"]["tool_call_exact_match"] == metrics["base"]["test"]["tool_call_exact_match"]
