@@ -8,7 +8,7 @@ offers two of them, the one the request needs and another, in a random order; ea
 a user request phrased from a few patterns with slot values drawn from word lists, and the assistant's call with
 the arguments the request states. A third of the training rows go on: the tool's result and the assistant's answer
 from it. Validation and test rows end with the call; the test rows are the held-out prompts whose calls are scored
-(call exact match, argument F1: `ift.inference.tools`).
+(call exact match, argument F1: `ift eval`, through `ift.evaluation.tool_calls`).
 """
 
 from __future__ import annotations
