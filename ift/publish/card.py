@@ -385,8 +385,9 @@ def _number(value: Any) -> float | None:
 
 
 def _body(f: _Facts) -> str:
-    parts = [f"# {f.name}\n", _summary(f), _base_section(f), _data_section(f), _chat_section(f), _templates_section(f),
-             _results_section(f), _curves_section(f), _recipe_section(f), _use_section(f), _load_section(f)]
+    parts = [f"# {f.name}\n", _summary(f), _base_section(f), _data_section(f), _chat_section(f),
+             _templates_section(f), _results_section(f), _curves_section(f), _recipe_section(f), _use_section(f),
+             _load_section(f)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -500,8 +501,8 @@ def _chat_section(f: _Facts) -> str:
                      f"renders earlier turns differently once later ones follow): {extra} training rows beyond one "
                      "per conversation.")
     else:
-        lines.append("- One training row per conversation (the template renders earlier turns the same whatever "
-                     "follows them).")
+        lines.append("- One training row per conversation: no assistant turn needed a row of its own (each renders "
+                     "the same once later turns follow, or the conversation has one reply).")
     return "\n".join(lines) + "\n"
 
 
