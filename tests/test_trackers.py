@@ -68,14 +68,6 @@ def test_tensorboard_gets_loss_learning_rate_and_grad_norm_every_logged_step(tmp
 
 # ------------------------------------------------------------------ offline and local stores, read back
 
-def clearml_offline(tmp: Path) -> dict[str, str]:
-    conf = tmp / "clearml.conf"
-    # requirements from `pip freeze` (ClearML's own analysis of every module the run imported takes minutes in an
-    # environment this size) and reports from a thread (its forked reporter was seen to hang at exit)
-    conf.write_text("sdk { development { detect_with_pip_freeze: true, report_use_subprocess: false } }\n")
-    return {"CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(tmp / "clearml"), "CLEARML_CONFIG_FILE": str(conf)}
-
-
 # the user's environment for each tracker's offline or local mode (store under `tmp`)
 OFFLINE = {
     # mlflow-skinny has no database store; MLflow 3 keeps its file store behind an opt-in
@@ -83,7 +75,6 @@ OFFLINE = {
     "wandb": lambda tmp: {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"},
     "trackio": lambda tmp: {"TRACKIO_DIR": str(tmp / "trackio")},
     "comet_ml": lambda tmp: {"COMET_START_ONLINE": "false", "COMET_OFFLINE_DIRECTORY": str(tmp / "comet")},
-    "clearml": clearml_offline,
 }
 
 
@@ -157,19 +148,7 @@ def read_comet(tmp: Path) -> dict:
     return {"name": name, "tags": set(experiment["tags"]), "series": series}
 
 
-def read_clearml(tmp: Path) -> dict:
-    [session] = [p for p in (tmp / "clearml" / "offline").iterdir() if p.is_dir()]
-    task = json.loads((session / "task.json").read_text())
-    series: dict = {key: {} for key in SERIES}
-    for line in (session / "metrics.jsonl").read_text().splitlines():
-        for event in json.loads(line):
-            if event.get("type") == "training_stats_scalar" and event["metric"] in series:
-                series[event["metric"]][event["iter"]] = event["value"]
-    return {"name": task["name"], "tags": set(task["tags"]), "series": series}
-
-
-READERS = {"mlflow": read_mlflow, "wandb": read_wandb, "trackio": read_trackio, "comet_ml": read_comet,
-           "clearml": read_clearml}
+READERS = {"mlflow": read_mlflow, "wandb": read_wandb, "trackio": read_trackio, "comet_ml": read_comet}
 
 
 @pytest.mark.slow
