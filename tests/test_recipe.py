@@ -84,7 +84,8 @@ BAD = [
      "training.warmup_steps / training.warmup_ratio"),
     ("best metric not computed", merged(training__metric_for_best_model="rouge1"),
      "'rouge1' is not among the computed metrics ({f}: training.metric_for_best_model) — use one of "
-     "['accuracy', 'accuracy_norm', 'balanced_accuracy', 'exact_match', 'loss', 'macro_f1'] or add it to evaluation.metrics"),
+     "['accuracy', 'accuracy_norm', 'balanced_accuracy', 'exact_match', 'loss', 'macro_f1', 'tool_argument_f1', "
+     "'tool_call_exact_match'] or add it to evaluation.metrics"),
     ("push without repo", merged(hub__push=True),
      "hub.push is true but no repo id is given ({f}: hub.repo_id) — set hub.repo_id: your-name/model-name"),
     ("secret in recipe", merged(hub__token="hf_abc"),
