@@ -1,7 +1,7 @@
 """Evaluation throughput on SmolLM2-135M-Instruct (CPU): each figure against its naive counterpart, in one run.
 
-1. Rank classification, examples/s: `ift.evaluation.scoring.score_choices` (each prompt encoded once, batched, choices
-   continue from the prompt's KV cache) against a loop that scores one choice per forward pass (prompt + choice,
+1. Rank classification, examples/s: `ift.evaluation.scoring.score_choices` (each prompt run once, batched, its choices
+   scored in the same forward pass) against a loop that scores one choice per forward pass (prompt + choice,
    LM head on the choice positions only — a fair, not a strawman, baseline).
 2. Greedy generation, new tokens/s: `ift.evaluation.decoding.generate` batched (left padding, KV cache) against the same
    function one prompt at a time. The outputs must be identical.
