@@ -105,11 +105,11 @@ class FineTune:
         self.prepared = self._setup_data()
         self.tokenizer, self.chat = self._setup_tokenizer()
         self.loaded = self._setup_model()
-        self.tokens, self.train_dl, self.val_dl = self._setup_data_loaders()
+        loss_model = CompletionLoss(self.loaded.model, self.kind, fused_loss=self.recipe.model.liger is True)
+        self.tokens, self.train_dl, self.val_dl = self._setup_data_loaders(loss_model)
         optimizer = adamw(param_groups(self.loaded.model, self.t.weight_decay), self.t, self.accelerator)
         self.loss_model, self.optimizer, self.train_dl, self.val_dl = self.accelerator.prepare(
-            CompletionLoss(self.loaded.model, self.kind, fused_loss=self.recipe.model.liger is True), optimizer,
-            self.train_dl, self.val_dl)
+            loss_model, optimizer, self.train_dl, self.val_dl)
         self.scheduler = self._setup_schedule()
         self.progress = self._setup_progress()
         self._setup_outputs()
@@ -166,7 +166,7 @@ class FineTune:
             f"({100 * trainable / max(total, 1):.2f}%)")
         return loaded
 
-    def _setup_data_loaders(self):
+    def _setup_data_loaders(self, loss_model: CompletionLoss):
         """Tokens of every split; the training and validation loaders."""
         t, acc = self.t, self.accelerator
         with acc.main_process_first():
@@ -174,7 +174,7 @@ class FineTune:
         loaders = training_loaders(tokens, self.tokenizer, self.kind, self.recipe.data, t, acc.device.type)
         self.collator = loaders.eval_collator
         if acc.device.type == "cpu" and not self.recipe.data.packing:  # the peak first; later batches reuse it
-            largest_batch_first(CompletionLoss(self.loaded.model, self.kind),
+            largest_batch_first(loss_model,
                                 longest_batch(tokens["train"], t.per_device_train_batch_size, loaders.train_collator),
                                 acc.autocast())
         return tokens, loaders.train, loaders.validation

@@ -172,7 +172,8 @@ def check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
     if overwrite:
         return
     # only a finished run or a complete checkpoint count: a save killed before its rename leaves step-N.tmp
-    if RunDir(run_dir).final.exists() or RunDir(run_dir).checkpoint_steps():
+    rd = RunDir(run_dir)
+    if rd.final.exists() or rd.checkpoint_steps():
         raise IftError(f"{run_dir} already holds a run", "training.output_dir",
                        "continue it with --resume, choose another output_dir, or set training.overwrite_output_dir: true")
 
